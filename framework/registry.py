@@ -158,10 +158,24 @@ def _import_value(value: str) -> Any:
     return obj
 
 
+def _accepted_params(factory: Any) -> tuple[dict[str, inspect.Parameter], bool]:
+    """Keyword parameters a factory accepts; a class forwarding ``**kwargs`` to its base is followed up the MRO."""
+    classes = [c for c in factory.__mro__ if "__init__" in vars(c)] if inspect.isclass(factory) else []
+    functions = [c.__init__ for c in classes] or [factory]
+    params: dict[str, inspect.Parameter] = {}
+    for fn in functions:
+        own = inspect.signature(fn).parameters
+        params.update({n: p for n, p in own.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in params})
+        if not any(p.kind is p.VAR_KEYWORD for p in own.values()):
+            return params, False
+        if fn is getattr(object, "__init__", None) or getattr(fn, "__qualname__", "") in ("Module.__init__", "object.__init__"):
+            break
+    return params, not classes  # a plain function with **kwargs takes anything
+
+
 def call_with_options(factory: Any, what: str, options: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
     """Call ``factory(**context_it_accepts, **options)``; an unknown option is a clear error."""
-    params = inspect.signature(factory).parameters
-    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    params, takes_any = _accepted_params(factory)
     valid = [n for n, p in params.items() if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in context]
     unknown = [k for k in options if k not in params and not takes_any]
     if unknown:

@@ -1,0 +1,36 @@
+# The two set-up commands (README): `make train` and `make test`. Both create .venv and
+# install lowbit on first use (again only when pyproject.toml changes), so each is idempotent.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lowbit-installed
+RECIPE ?= bf16_llm
+ARGS ?=
+
+.PHONY: setup train test test-all lint format clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+train: $(STAMP)
+	$(BIN)/train recipe=$(RECIPE) $(ARGS)
+
+test: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/pytest $(ARGS)
+
+test-all: $(STAMP)
+	WANDB_MODE=disabled $(BIN)/pytest -m 'not gpu or gpu' $(ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: $(STAMP)
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,24 @@
+"""Checkpoint on Ctrl-C: an interrupted run leaves a ``last.ckpt`` that ``resume=`` continues."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+
+__all__ = ["SaveOnInterrupt"]
+
+
+class SaveOnInterrupt(L.Callback):
+    """On KeyboardInterrupt, write ``<dirpath>/last.ckpt`` from the last completed optimizer step.
+
+    Lightning's own ``OnExceptionCheckpoint`` deletes its file again at teardown; this one keeps it.
+    """
+
+    def __init__(self, dirpath: str | Path) -> None:
+        self.path = Path(dirpath) / "last.ckpt"
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            trainer.save_checkpoint(self.path)
+            print(f"\ninterrupted at step {trainer.global_step}; checkpoint: {self.path}")

@@ -1,0 +1,43 @@
+"""Throughput (tokens or samples per second) and peak memory, logged every training step."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+
+import lightning as L
+import torch
+
+__all__ = ["Throughput", "peak_memory_mb"]
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak CUDA memory allocated on ``device``, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+class Throughput(L.Callback):
+    """Logs ``perf/{unit}_per_s`` (the first input's numel, or its batch size) and ``perf/peak_mem_mb``.
+
+    The clock runs from batch start to batch end: forward, backward and optimizer step.
+    """
+
+    def __init__(self, unit: str = "tokens") -> None:
+        if unit not in ("tokens", "samples"):
+            raise ValueError(f"unit must be 'tokens' or 'samples', got {unit!r}")
+        self.unit = unit
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        seconds = time.perf_counter() - self._start
+        first = batch[0] if isinstance(batch, (tuple, list)) else batch
+        count = first.numel() if self.unit == "tokens" else first.shape[0]
+        pl_module.log(f"perf/{self.unit}_per_s", count / max(seconds, 1e-9))
+        pl_module.log("perf/peak_mem_mb", peak_memory_mb(pl_module.device))

@@ -1,0 +1,142 @@
+"""Byte-level text corpora cached as memory-mapped uint8 arrays.
+
+The default corpus is the Python standard library of the running interpreter: every ``.py``
+file under ``sysconfig``'s stdlib path (site-packages excluded), in sorted relative-path order,
+each followed by a NUL separator. A file goes to validation when a hash of its relative path
+says so, so the split is deterministic and independent of which other files exist.
+
+The cache (``<cache_dir>/<key>/{train,val}.bin`` and ``meta.json`` with sizes and SHA-256)
+is rebuilt when missing or when its bytes do not match the recorded checksum.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sysconfig
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from lowbit.errors import LowbitError
+
+__all__ = ["Corpus", "cache_root", "load_corpus", "stdlib_files", "text_files", "unigram_bits_per_byte"]
+
+_SEPARATOR = b"\0"
+_TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".json", ".csv", ".tex", ".html", ".xml", ".yaml", ".yml", ".c", ".h")
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """Train and validation bytes (read-only memmaps) and where they live."""
+
+    train: np.ndarray
+    val: np.ndarray
+    root: Path
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """``cache_dir``, else ``$LOWBIT_CACHE``, else ``~/.cache/lowbit``."""
+    if cache_dir:
+        return Path(cache_dir).expanduser()
+    return Path(os.environ.get("LOWBIT_CACHE", Path.home() / ".cache" / "lowbit")).expanduser()
+
+
+def stdlib_files() -> tuple[Path, list[Path]]:
+    """The stdlib's ``.py`` files, sorted by relative path (site-packages and caches excluded)."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = [
+        p
+        for p in root.rglob("*.py")
+        if "site-packages" not in p.parts and "__pycache__" not in p.parts and p.is_file()
+    ]
+    return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
+
+
+def text_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
+    """One text file, or every text file under a folder, sorted by relative path."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise LowbitError(f"data.path '{path}' does not exist; give a text file or a folder of text files")
+    if p.is_file():
+        return p.parent, [p]
+    files = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES), key=lambda f: f.relative_to(p).as_posix())
+    if not files:
+        raise LowbitError(f"data.path '{path}' holds no text files (suffixes {', '.join(_TEXT_SUFFIXES)})")
+    return p, files
+
+
+def _is_val(rel: str, val_fraction: float) -> bool:
+    # a stable hash of the path decides the split, so adding a file never reshuffles the others
+    h = int.from_bytes(hashlib.sha1(rel.encode()).digest()[:8], "little")
+    return (h % 1_000_000) < val_fraction * 1_000_000
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _cache_key(root: Path, files: list[Path], val_fraction: float) -> str:
+    listing = hashlib.sha1()
+    listing.update(f"{root}|{val_fraction}".encode())
+    for f in files:
+        st = f.stat()
+        listing.update(f"{f.relative_to(root).as_posix()}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return listing.hexdigest()[:16]
+
+
+def _cache_is_valid(folder: Path) -> bool:
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        return all(
+            (folder / f"{split}.bin").stat().st_size == meta[split]["bytes"] and _sha256(folder / f"{split}.bin") == meta[split]["sha256"]
+            for split in ("train", "val")
+        )
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _build(folder: Path, root: Path, files: list[Path], val_fraction: float) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    parts: dict[str, list[bytes]] = {"train": [], "val": []}
+    for f in files:
+        rel = f.relative_to(root).as_posix()
+        split = "val" if len(files) > 1 and _is_val(rel, val_fraction) else "train"
+        parts[split].append(f.read_bytes() + _SEPARATOR)
+    if len(files) == 1:  # a single file: the last val_fraction of its bytes is validation
+        data = parts["train"][0]
+        cut = int(len(data) * (1 - val_fraction))
+        parts = {"train": [data[:cut]], "val": [data[cut:]]}
+    meta = {"root": str(root), "files": len(files)}
+    for split, chunks in parts.items():
+        tmp = folder / f"{split}.bin.tmp"
+        tmp.write_bytes(b"".join(chunks))
+        os.replace(tmp, folder / f"{split}.bin")  # atomic: a crash never leaves a half file
+        meta[split] = {"bytes": (folder / f"{split}.bin").stat().st_size, "sha256": _sha256(folder / f"{split}.bin")}
+    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+
+
+def load_corpus(root: Path, files: list[Path], val_fraction: float = 0.05, cache_dir: str | os.PathLike | None = None) -> Corpus:
+    """Memory-map the cached corpus for these files, building or repairing the cache first."""
+    if not 0 < val_fraction < 1:
+        raise LowbitError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
+    folder = cache_root(cache_dir) / "corpus" / _cache_key(root, files, val_fraction)
+    if not _cache_is_valid(folder):
+        _build(folder, root, files, val_fraction)
+    train = np.memmap(folder / "train.bin", dtype=np.uint8, mode="r")
+    val = np.memmap(folder / "val.bin", dtype=np.uint8, mode="r")
+    return Corpus(train=train, val=val, root=folder)
+
+
+def unigram_bits_per_byte(train: np.ndarray, val: np.ndarray) -> float:
+    """Cross-entropy of val under train's byte frequencies (add-one smoothed), in bits per byte."""
+    counts = np.bincount(np.asarray(train), minlength=256).astype(np.float64) + 1.0
+    log_p = np.log2(counts / counts.sum())
+    val_counts = np.bincount(np.asarray(val), minlength=256).astype(np.float64)
+    return float(-(val_counts * log_p).sum() / val_counts.sum())

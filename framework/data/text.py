@@ -1,0 +1,154 @@
+"""Byte-level language-modelling data: the embedded stdlib corpus, or any text file or folder.
+
+Training batches are a pure function of (seed, sample index): sample ``i`` is the window at a
+pseudo-random offset drawn from ``np.random.default_rng([seed, i])``. The loader starts at the
+sample after the last one the restored trainer consumed, so a resumed run sees exactly the
+batches an uninterrupted run would have. Validation is a fixed set of evenly spaced windows.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from lowbit.data.corpus import Corpus, load_corpus, stdlib_files, text_files, unigram_bits_per_byte
+from lowbit.errors import LowbitError
+
+__all__ = ["ByteWindows", "RandomWindows", "StdlibText", "TextFiles"]
+
+
+class RandomWindows(Dataset):
+    """Sample ``i`` → (x, y) windows of ``seq_len`` bytes, y shifted by one, offset seeded by (seed, i)."""
+
+    def __init__(self, data: np.ndarray, seq_len: int, seed: int) -> None:
+        self.data, self.seq_len, self.seed = data, seq_len, seed
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = int(np.random.default_rng([self.seed, i]).integers(0, len(self.data) - self.seq_len - 1))
+        chunk = torch.from_numpy(self.data[offset : offset + self.seq_len + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class ByteWindows(Dataset):
+    """``count`` evenly spaced, fixed (x, y) windows (validation)."""
+
+    def __init__(self, data: np.ndarray, seq_len: int, count: int) -> None:
+        span = len(data) - seq_len - 1
+        self.data, self.seq_len = data, seq_len
+        self.offsets = np.linspace(0, span, num=min(count, max(span, 1)), dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        offset = int(self.offsets[i])
+        chunk = torch.from_numpy(self.data[offset : offset + self.seq_len + 1].astype(np.int64))
+        return chunk[:-1], chunk[1:]
+
+
+class _CountFrom(Sampler[int]):
+    """Endless sample indices ``start·world + rank, (start+1)·world + rank, ...``."""
+
+    def __init__(self, start: int, rank: int = 0, world: int = 1) -> None:
+        self.start, self.rank, self.world = start, rank, world
+
+    def __iter__(self) -> Iterator[int]:
+        i = self.start
+        while True:
+            yield i * self.world + self.rank
+            i += 1
+
+
+class _ByteLM(L.LightningDataModule):
+    """Shared machinery: corpus loading, resumable training stream, validation windows."""
+
+    vocab_size = 256
+
+    def __init__(
+        self,
+        *,
+        seq_len: int = 256,
+        batch_size: int = 16,
+        val_windows: int = 128,
+        val_batch_size: int | None = None,
+        val_fraction: float = 0.05,
+        cache_dir: str | None = None,
+        seed: int = 1337,
+        num_workers: int = 0,
+    ) -> None:
+        super().__init__()
+        if seq_len < 1 or batch_size < 1:
+            raise LowbitError(f"data.seq_len and data.batch_size must be >= 1, got {seq_len} and {batch_size}")
+        self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
+        self.val_windows, self.val_batch_size = val_windows, val_batch_size or batch_size
+        self.val_fraction, self.cache_dir, self.num_workers = val_fraction, cache_dir, num_workers
+        self._corpus: Corpus | None = None
+
+    @abc.abstractmethod
+    def _files(self) -> tuple[Path, list[Path]]:
+        """(root, files) of the text this data module reads."""
+
+    @property
+    def corpus(self) -> Corpus:
+        if self._corpus is None:
+            root, files = self._files()
+            corpus = load_corpus(root, files, self.val_fraction, self.cache_dir)
+            for split in ("train", "val"):
+                if len(getattr(corpus, split)) < self.seq_len + 2:
+                    raise LowbitError(f"the {split} split has {len(getattr(corpus, split))} bytes, fewer than data.seq_len+2 = {self.seq_len + 2}; use more text or a shorter seq_len")
+            self._corpus = corpus
+        return self._corpus
+
+    def prepare_data(self) -> None:
+        self.corpus  # noqa: B018 — build the cache once, before any loader needs it
+
+    def unigram_bits_per_byte(self) -> float:
+        """The unigram baseline every model must beat: val cross-entropy under train byte frequencies."""
+        return unigram_bits_per_byte(self.corpus.train, self.corpus.val)
+
+    def _samples_consumed(self) -> int:
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return trainer.global_step * trainer.accumulate_grad_batches * self.batch_size
+
+    def train_dataloader(self) -> DataLoader:
+        trainer = getattr(self, "trainer", None)
+        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+        sampler = _CountFrom(self._samples_consumed(), rank, world)
+        dataset = RandomWindows(self.corpus.train, self.seq_len, self.seed)
+        return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        dataset = ByteWindows(self.corpus.val, self.seq_len, self.val_windows)
+        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+
+
+class StdlibText(_ByteLM):
+    """The embedded default: the running interpreter's standard-library sources, as bytes."""
+
+    lowbit_plugin_api = 1
+
+    def _files(self) -> tuple[Path, list[Path]]:
+        return stdlib_files()
+
+
+class TextFiles(_ByteLM):
+    """Any text file, or a folder of text files (``data=text data.path=...``)."""
+
+    lowbit_plugin_api = 1
+
+    def __init__(self, *, path: str, **kwargs) -> None:
+        text_files(path)  # a missing path is a clear error at build time, not mid-run
+        super().__init__(**kwargs)
+        self.path = os.fspath(path)
+
+    def _files(self) -> tuple[Path, list[Path]]:
+        return text_files(self.path)

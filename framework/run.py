@@ -1,0 +1,196 @@
+"""Build a run from a composed config and train it: the body of ``train recipe=...``.
+
+Every object is built by registry name (precision, data, model) or by ``_target_`` (task).
+The resolved config is saved as ``<run_dir>/config.yaml`` and logged to every logger.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from lowbit.config import Composed, plain, to_yaml
+from lowbit.errors import LowbitError
+from lowbit.registry import call_with_options, registry
+
+__all__ = ["RunResult", "build", "resolve_checkpoint", "train"]
+
+
+@dataclass
+class RunResult:
+    """What a finished run reports: its directory, final validation metrics and the baseline."""
+
+    run_dir: Path
+    metrics: dict[str, float] = field(default_factory=dict)
+    baseline_bpb: float | None = None
+
+
+@dataclass
+class Built:
+    """Everything a run needs, built but not yet started."""
+
+    task: Any
+    data: Any
+    precision: Any
+    trainer_kwargs: dict[str, Any]
+
+
+def _device_type(trainer_cfg: dict[str, Any]) -> str:
+    import torch
+
+    accelerator = str(trainer_cfg.get("accelerator", "auto"))
+    if accelerator in ("gpu", "cuda"):
+        if not torch.cuda.is_available():
+            raise LowbitError(f"trainer.accelerator={accelerator} but no CUDA device is visible; use trainer.accelerator=cpu or auto")
+        return "cuda"
+    if accelerator == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return accelerator
+
+
+def _run_dir(cfg: DictConfig, recipe: str | None) -> Path:
+    if cfg.run_dir:
+        path = Path(cfg.run_dir)
+    else:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        path = Path("runs") / (recipe or "default") / stamp
+        n = 1
+        while path.exists():  # two runs in the same second (sweeps) get their own folders
+            path = path.with_name(f"{stamp}-{n}")
+            n += 1
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def resolve_checkpoint(resume: str) -> str:
+    """A checkpoint file, or a run directory whose ``checkpoints/last.ckpt`` to use."""
+    path = Path(resume).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise LowbitError(f"resume={resume}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt")
+    return str(path)
+
+
+def _build_target(node: dict[str, Any], what: str, **context: Any) -> Any:
+    from hydra.utils import get_object
+
+    options = dict(node)
+    target = options.pop("_target_", None)
+    if target is None:
+        raise LowbitError(f"{what} config needs a _target_ (a dotted path to a class)")
+    try:
+        factory = get_object(target)
+    except Exception as err:
+        raise LowbitError(f"{what}._target_ '{target}' cannot be imported: {err}") from err
+    return call_with_options(factory, f"{what} '{target}'", options, context)
+
+
+def build(cfg: DictConfig) -> Built:
+    """Build precision, data, model and task from a composed config (nothing runs yet)."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise LowbitError(f"{missing[0]} has no value; set it on the command line: {missing[0]}=...")
+    trainer_cfg = plain(cfg.trainer)
+    device_type = _device_type(trainer_cfg)
+    precision = registry.build("precision", plain(cfg.precision), device_type=device_type)
+    data = registry.build("data", plain(cfg.data), seed=int(cfg.seed))
+    model = registry.build("models", plain(cfg.model), posenc=plain(cfg.posenc))
+    task = _build_target(
+        plain(cfg.task),
+        "task",
+        model=model,
+        optimizer=plain(cfg.optimizer),
+        scheduler=plain(cfg.scheduler),
+        max_steps=int(trainer_cfg["max_steps"]),
+    )
+    return Built(task=task, data=data, precision=precision, trainer_kwargs=trainer_cfg)
+
+
+def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from lowbit.callbacks.checkpoint import SaveOnInterrupt
+    from lowbit.callbacks.throughput import Throughput
+
+    every = int(cfg.checkpoint.every_n_steps)
+    callbacks = [
+        # last.ckpt every N steps; step-N.ckpt files too when checkpoint.keep_all
+        ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step-{step}",
+            every_n_train_steps=every,
+            save_top_k=-1 if cfg.checkpoint.get("keep_all", False) else 0,
+            save_last=True,
+            auto_insert_metric_name=False,
+        ),
+        SaveOnInterrupt(ckpt_dir),  # Ctrl-C leaves a usable last.ckpt
+        Throughput("tokens"),
+    ]
+    if cfg.checkpoint.save_best:
+        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False))
+    return callbacks
+
+
+def _seed(seed: int) -> None:
+    from lightning.pytorch import seed_everything
+
+    seed_everything(seed, workers=True, verbose=False)
+
+
+def train(composed: Composed, echo=print) -> RunResult:
+    """Train one composed config to the end (or Ctrl-C); print and return the final metrics."""
+    import lightning as L
+    import torch
+
+    cfg = composed.cfg
+    _seed(int(cfg.seed))
+    built = build(cfg)
+    run_dir = _run_dir(cfg, composed.recipe)
+    resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    hparams = {**plain(cfg), "recipe": composed.recipe, "choices": composed.choices}
+
+    from lowbit.logging import build_loggers
+
+    loggers = build_loggers(plain(cfg.logger), run_dir, run_dir.name, composed.recipe or "default", hparams)
+    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir.mkdir(exist_ok=True)
+    baseline = built.data.unigram_bits_per_byte() if hasattr(built.data, "unigram_bits_per_byte") else None
+    n_params = sum(p.numel() for p in built.task.parameters())
+    echo(f"recipe: {composed.recipe or '(none)'} | run dir: {run_dir}")
+    echo(f"precision: {getattr(built.precision, 'description', type(built.precision).__name__)}")
+    echo(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters | torch threads: {torch.get_num_threads()}")
+    if baseline is not None:
+        echo(f"unigram baseline: {baseline:.4f} bits/byte on the validation split")
+
+    trainer = L.Trainer(
+        **built.trainer_kwargs,
+        plugins=[built.precision],
+        logger=loggers,
+        callbacks=_callbacks(cfg, ckpt_dir),
+        default_root_dir=str(run_dir),
+        check_val_every_n_epoch=None,  # validation by steps: the training stream is endless
+        max_epochs=-1,
+    )
+    result = RunResult(run_dir=run_dir, baseline_bpb=baseline)
+    try:
+        trainer.fit(built.task, datamodule=built.data, ckpt_path=resume)
+    except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown (SaveOnInterrupt has saved)
+        echo(f"resume with: train {' '.join(composed.overrides)} resume={ckpt_dir / 'last.ckpt'}")
+        raise
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state, whatever the save interval
+    metrics = trainer.validate(built.task, datamodule=built.data, verbose=False)[0]
+    result.metrics = {k: float(v) for k, v in metrics.items()}
+    bpb = result.metrics.get("val/bpb")
+    if bpb is not None and baseline:
+        gain = 1 - bpb / baseline
+        echo(f"val bits/byte: {bpb:.4f} | unigram baseline: {baseline:.4f} | {100 * gain:.1f}% below the baseline")
+    elif result.metrics:
+        echo("val: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if math.isfinite(v)))
+    return result

@@ -1,0 +1,66 @@
+"""Causal language modelling: next-token cross-entropy, bits per byte and perplexity."""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from lowbit.tasks.optim import build_optimizer, warmup_cosine
+
+__all__ = ["CausalLM"]
+
+
+class CausalLM(L.LightningModule):
+    """Train any ``(B, T) → (B, T, V)`` model on next-token prediction.
+
+    Logged: ``train/loss``, ``train/bpb``, ``lr``; ``val/loss``, ``val/bpb`` (loss / ln 2: tokens are
+    bytes) and ``val/ppl`` (torchmetrics ``Perplexity``).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], max_steps: int) -> None:
+        super().__init__()
+        self.model = model
+        self.optimizer_cfg, self.scheduler_cfg, self.max_steps = dict(optimizer), dict(scheduler), max_steps
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity()
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch  # (B, T) each
+        loss = self._loss(self(x), y)
+        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/bpb", loss / math.log(2))
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x).float()
+        self.val_loss.update(self._loss(logits, y), weight=y.numel())
+        self.val_ppl.update(logits, y)
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.log_dict({"val/loss": loss, "val/bpb": loss / math.log(2), "val/ppl": self.val_ppl.compute()}, prog_bar=True)
+        self.val_loss.reset()
+        self.val_ppl.reset()
+
+    def configure_optimizers(self):
+        optimizer = build_optimizer(self.model.named_parameters(), **self.optimizer_cfg)
+        schedule = functools.partial(warmup_cosine, total_steps=self.max_steps, **self.scheduler_cfg)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
