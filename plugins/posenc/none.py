@@ -10,3 +10,6 @@ class NoPE(PositionalEncoding):
 
     lowbit_plugin_api = 1
     pos_dims = (1, 2)
+
+    def __init__(self) -> None:
+        super().__init__()
