@@ -160,7 +160,7 @@ def _check_types(cfg: DictConfig, overrides: Sequence[str], groups: set[str]) ->
         if default is None or value is None:
             continue
         if not _same_kind(default, value):
-            what = _TYPE_NAMES.get(type(default), type(default).__name__)
+            what = _TYPE_NAMES.get(type(default), "a list" if isinstance(default, ListConfig) else "a mapping")
             raise LowbitError(f"{o.key_or_group} must be {what} (default {default!r}), got {value!r}")
 
 

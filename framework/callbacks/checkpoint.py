@@ -20,5 +20,13 @@ class SaveOnInterrupt(L.Callback):
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt):
-            trainer.save_checkpoint(self.path)
+            # Lightning adds one to its logging step counter on restore, because its own checkpoints
+            # are written at batch end, before that counter moves; mirror that state here so a
+            # resumed run logs its first step under the right number.
+            loop = trainer.fit_loop.epoch_loop
+            loop._batches_that_stepped -= 1
+            try:
+                trainer.save_checkpoint(self.path)
+            finally:
+                loop._batches_that_stepped += 1
             print(f"\ninterrupted at step {trainer.global_step}; checkpoint: {self.path}")

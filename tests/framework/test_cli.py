@@ -1,0 +1,73 @@
+"""The command line: one-line errors with exit code 2, listings, --cfg, sweeps."""
+
+import pytest
+
+from lowbit.cli import main, train_main
+
+
+def _run(fn, argv, capsys):
+    code = fn(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["recipe=nvfp5_llm"], "error: unknown recipe 'nvfp5_llm'; valid: "),
+        (["trainer.max_stepz=3"], "error: unknown config key 'trainer.max_stepz'"),
+        (["trainer.max_steps=three"], "error: trainer.max_steps must be an integer"),
+        (["posenc=none", "posenc.name=nope", "debug=smoke"], "error: unknown posenc 'nope'; installed: "),
+        (["data=text", "debug=smoke"], "error: data.path has no value; set it on the command line: data.path=..."),
+        (["data=text", "data.path=/no/such/file.txt", "debug=smoke"], "error: data.path '/no/such/file.txt' does not exist"),
+        (["resume=/no/such.ckpt", "debug=smoke"], "error: resume=/no/such.ckpt: no checkpoint at /no/such.ckpt"),
+        (["--fast"], "error: unknown flag '--fast'"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, expected, capsys, tmp_path):
+    code, out, err = _run(train_main, [*argv, f"run_dir={tmp_path}"], capsys)
+    assert code == 2
+    assert err.startswith(expected), err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_verbose_shows_the_traceback():
+    from lowbit.errors import LowbitError
+
+    with pytest.raises(LowbitError):
+        train_main(["recipe=nvfp5_llm", "--verbose"])
+
+
+def test_lowbit_plugins_lists_groups(capsys):
+    code, out, _ = _run(main, ["plugins"], capsys)
+    assert code == 0
+    header, *rows = out.splitlines()
+    assert header.split() == ["group", "name", "distribution", "version", "status"]
+    gpt = next(r.split() for r in rows if r.split()[:2] == ["models", "gpt"])
+    assert gpt[2:] == ["lowbit", "0.1.0", "ok"]
+
+
+def test_lowbit_recipes_lists_descriptions(capsys):
+    code, out, _ = _run(main, ["recipes"], capsys)
+    assert code == 0
+    assert any(line.startswith("bf16_llm") and "BF16 baseline" in line for line in out.splitlines())
+
+
+def test_unknown_command_and_bench(capsys):
+    assert _run(main, ["fly"], capsys)[0] == 2
+    code, _, err = _run(main, ["bench", "warp"], capsys)
+    assert code == 2 and err.startswith("error: unknown bench 'warp'; valid: ")
+
+
+def test_cfg_prints_the_composed_config(capsys):
+    code, out, _ = _run(train_main, ["--cfg", "recipe=bf16_llm", "trainer.max_steps=11"], capsys)
+    assert code == 0 and "max_steps: 11" in out and "max_len: 128" in out  # interpolations resolved
+
+
+def test_multirun_trains_one_job_per_value(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # each job makes its own runs/default/<time> folder here
+    code, out, _ = _run(train_main, ["-m", "debug=smoke", "posenc=none", "seed=1,2", "trainer.max_steps=1"], capsys)
+    assert code == 0
+    assert "[job 1/2] debug=smoke posenc=none seed=1 trainer.max_steps=1" in out
+    assert "[job 2/2] debug=smoke posenc=none seed=2 trainer.max_steps=1" in out
+    assert len(list((tmp_path / "runs" / "default").iterdir())) == 2

@@ -1,0 +1,84 @@
+"""Running: saved config, checkpoints, exact resume on CPU, Ctrl-C, precision across runs."""
+
+import csv
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lowbit.config import compose
+from lowbit.run import train
+
+SMOKE = ["debug=smoke", "posenc=none", "logger=csv"]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+def test_run_saves_resolved_config_and_checkpoints(tmp_path):
+    result = train(compose([*SMOKE, f"run_dir={tmp_path}"]), echo=lambda *_: None)
+    text = (tmp_path / "config.yaml").read_text()
+    assert "max_len: 32" in text and "${" not in text  # resolved
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
+    assert set(result.metrics) >= {"val/loss", "val/bpb", "val/ppl"}
+    assert result.metrics["val/bpb"] == pytest.approx(result.metrics["val/loss"] / torch.log(torch.tensor(2.0)).item(), rel=1e-5)
+    assert result.metrics["val/ppl"] == pytest.approx(torch.exp(torch.tensor(result.metrics["val/loss"])).item(), rel=1e-4)
+    assert 3.0 < result.baseline_bpb < 8.0  # Python source: ~4.7 bits; 8 bits is the uniform-bytes bound
+    ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert ckpt["global_step"] == 3
+
+
+def test_resume_reproduces_every_later_loss_exactly(tmp_path):
+    common = [*SMOKE, "trainer.max_steps=6", "checkpoint.every_n_steps=3", "+checkpoint.keep_all=true", "trainer.val_check_interval=100"]
+    train(compose([*common, f"run_dir={tmp_path / 'full'}"]), echo=lambda *_: None)
+    full = _losses(tmp_path / "full")
+    assert sorted(full) == [0, 1, 2, 3, 4, 5]
+    step3 = tmp_path / "full" / "checkpoints" / "step-3.ckpt"
+    train(compose([*common, f"run_dir={tmp_path / 'resumed'}", f"resume={step3}"]), echo=lambda *_: None)
+    resumed = _losses(tmp_path / "resumed")
+    assert sorted(resumed) == [3, 4, 5]
+    for step in (3, 4, 5):
+        assert resumed[step] == full[step], f"step {step}: {resumed[step]} != {full[step]}"
+
+
+class _CtrlC(L.Callback):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            raise KeyboardInterrupt
+
+
+def test_ctrl_c_leaves_a_usable_last_checkpoint(tmp_path, monkeypatch):
+    import lowbit.run as run
+
+    original = run._callbacks
+    monkeypatch.setattr(run, "_callbacks", lambda cfg, d: [*original(cfg, d), _CtrlC()])
+    common = [*SMOKE, "trainer.max_steps=5", "checkpoint.every_n_steps=100"]
+    with pytest.raises(SystemExit):
+        train(compose([*common, f"run_dir={tmp_path / 'a'}"]), echo=lambda *_: None)
+    last = tmp_path / "a" / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=False)["global_step"] == 2
+    monkeypatch.setattr(run, "_callbacks", original)
+    result = train(compose([*common, f"run_dir={tmp_path / 'b'}", f"resume={tmp_path / 'a'}"]), echo=lambda *_: None)
+    train(compose([*common, f"run_dir={tmp_path / 'full'}"]), echo=lambda *_: None)
+    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "b")
+    assert sorted(resumed) == [2, 3, 4]
+    assert all(resumed[s] == full[s] for s in (2, 3, 4))
+    assert torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+
+
+def test_adamw8bit_trains(tmp_path):
+    result = train(compose([*SMOKE, "optimizer=adamw8bit", f"run_dir={tmp_path}"]), echo=lambda *_: None)
+    assert result.metrics["val/loss"] > 0
+
+
+def test_output_names_precision_and_baseline(tmp_path):
+    lines = []
+    result = train(compose([*SMOKE, f"run_dir={tmp_path}"]), echo=lines.append)
+    text = "\n".join(lines)
+    assert "precision: " in text and ("FP32 on cpu" in text or "BF16 autocast on cpu" in text)
+    assert f"unigram baseline: {result.baseline_bpb:.4f}" in text
+    assert f"val bits/byte: {result.metrics['val/bpb']:.4f}" in text
