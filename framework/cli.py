@@ -91,7 +91,11 @@ def _recipes(argv: list[str]) -> int:
 def _benches() -> dict[str, str]:
     import lowbit.bench
 
-    return {m.name: f"lowbit.bench.{m.name}" for m in pkgutil.iter_modules(lowbit.bench.__path__) if not m.name.startswith("_")}
+    return {
+        m.name: f"lowbit.bench.{m.name}"
+        for m in pkgutil.iter_modules(lowbit.bench.__path__)
+        if not m.name.startswith("_")
+    }
 
 
 def _bench(argv: list[str]) -> int:

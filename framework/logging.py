@@ -38,7 +38,9 @@ def wandb_mode() -> str:
     return "online" if _has_credentials() and _reachable(_WANDB_HOST) else "offline"
 
 
-def build_loggers(logger_cfg: dict[str, Any], run_dir: Path, run_name: str, group: str, hparams: dict[str, Any]) -> list:
+def build_loggers(
+    logger_cfg: dict[str, Any], run_dir: Path, run_name: str, group: str, hparams: dict[str, Any]
+) -> list:
     """CSV always (``run_dir/csv/metrics.csv``); W&B when ``logger.wandb`` is true."""
     from lightning.pytorch.loggers import CSVLogger
 

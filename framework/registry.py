@@ -165,10 +165,19 @@ def _accepted_params(factory: Any) -> tuple[dict[str, inspect.Parameter], bool]:
     params: dict[str, inspect.Parameter] = {}
     for fn in functions:
         own = inspect.signature(fn).parameters
-        params.update({n: p for n, p in own.items() if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in params})
+        params.update(
+            {
+                n: p
+                for n, p in own.items()
+                if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in params
+            }
+        )
         if not any(p.kind is p.VAR_KEYWORD for p in own.values()):
             return params, False
-        if fn is getattr(object, "__init__", None) or getattr(fn, "__qualname__", "") in ("Module.__init__", "object.__init__"):
+        if fn is getattr(object, "__init__", None) or getattr(fn, "__qualname__", "") in (
+            "Module.__init__",
+            "object.__init__",
+        ):
             break
     return params, not classes  # a plain function with **kwargs takes anything
 
@@ -182,7 +191,11 @@ def call_with_options(factory: Any, what: str, options: Mapping[str, Any], conte
         raise LowbitError(f"{what} has no option '{unknown[0]}'; valid: {', '.join(valid) or 'none'}")
     kwargs = {k: v for k, v in context.items() if k in params or takes_any}
     kwargs.update(options)
-    missing = [n for n, p in params.items() if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in kwargs]
+    missing = [
+        n
+        for n, p in params.items()
+        if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and n not in kwargs
+    ]
     if missing:
         raise LowbitError(f"{what} needs option '{missing[0]}'")
     return factory(**kwargs)

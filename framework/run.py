@@ -46,7 +46,9 @@ def _device_type(trainer_cfg: dict[str, Any]) -> str:
     accelerator = str(trainer_cfg.get("accelerator", "auto"))
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
-            raise LowbitError(f"trainer.accelerator={accelerator} but no CUDA device is visible; use trainer.accelerator=cpu or auto")
+            raise LowbitError(
+                f"trainer.accelerator={accelerator} but no CUDA device is visible; use trainer.accelerator=cpu or auto"
+            )
         return "cuda"
     if accelerator == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -73,7 +75,9 @@ def resolve_checkpoint(resume: str) -> str:
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
     if not path.is_file():
-        raise LowbitError(f"resume={resume}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt")
+        raise LowbitError(
+            f"resume={resume}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt"
+        )
     return str(path)
 
 
@@ -133,7 +137,16 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
         Throughput("tokens"),
     ]
     if cfg.checkpoint.save_best:
-        callbacks.append(ModelCheckpoint(dirpath=ckpt_dir, filename="best", monitor="val/loss", mode="min", save_top_k=1, auto_insert_metric_name=False))
+        callbacks.append(
+            ModelCheckpoint(
+                dirpath=ckpt_dir,
+                filename="best",
+                monitor="val/loss",
+                mode="min",
+                save_top_k=1,
+                auto_insert_metric_name=False,
+            )
+        )
     return callbacks
 
 

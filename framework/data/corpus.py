@@ -48,9 +48,7 @@ def stdlib_files() -> tuple[Path, list[Path]]:
     """The stdlib's ``.py`` files, sorted by relative path (site-packages and caches excluded)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [
-        p
-        for p in root.rglob("*.py")
-        if "site-packages" not in p.parts and "__pycache__" not in p.parts and p.is_file()
+        p for p in root.rglob("*.py") if "site-packages" not in p.parts and "__pycache__" not in p.parts and p.is_file()
     ]
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
@@ -62,7 +60,10 @@ def text_files(path: str | os.PathLike) -> tuple[Path, list[Path]]:
         raise LowbitError(f"data.path '{path}' does not exist; give a text file or a folder of text files")
     if p.is_file():
         return p.parent, [p]
-    files = sorted((f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES), key=lambda f: f.relative_to(p).as_posix())
+    files = sorted(
+        (f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in _TEXT_SUFFIXES),
+        key=lambda f: f.relative_to(p).as_posix(),
+    )
     if not files:
         raise LowbitError(f"data.path '{path}' holds no text files (suffixes {', '.join(_TEXT_SUFFIXES)})")
     return p, files
@@ -95,7 +96,8 @@ def _cache_is_valid(folder: Path) -> bool:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         return all(
-            (folder / f"{split}.bin").stat().st_size == meta[split]["bytes"] and _sha256(folder / f"{split}.bin") == meta[split]["sha256"]
+            (folder / f"{split}.bin").stat().st_size == meta[split]["bytes"]
+            and _sha256(folder / f"{split}.bin") == meta[split]["sha256"]
             for split in ("train", "val")
         )
     except (OSError, ValueError, KeyError):
@@ -122,7 +124,9 @@ def _build(folder: Path, root: Path, files: list[Path], val_fraction: float) -> 
     (folder / "meta.json").write_text(json.dumps(meta, indent=1))
 
 
-def load_corpus(root: Path, files: list[Path], val_fraction: float = 0.05, cache_dir: str | os.PathLike | None = None) -> Corpus:
+def load_corpus(
+    root: Path, files: list[Path], val_fraction: float = 0.05, cache_dir: str | os.PathLike | None = None
+) -> Corpus:
     """Memory-map the cached corpus for these files, building or repairing the cache first."""
     if not 0 < val_fraction < 1:
         raise LowbitError(f"data.val_fraction must be in (0, 1), got {val_fraction}")

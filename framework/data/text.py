@@ -102,7 +102,9 @@ class _ByteLM(L.LightningDataModule):
             corpus = load_corpus(root, files, self.val_fraction, self.cache_dir)
             for split in ("train", "val"):
                 if len(getattr(corpus, split)) < self.seq_len + 2:
-                    raise LowbitError(f"the {split} split has {len(getattr(corpus, split))} bytes, fewer than data.seq_len+2 = {self.seq_len + 2}; use more text or a shorter seq_len")
+                    raise LowbitError(
+                        f"the {split} split has {len(getattr(corpus, split))} bytes, fewer than data.seq_len+2 = {self.seq_len + 2}; use more text or a shorter seq_len"
+                    )
             self._corpus = corpus
         return self._corpus
 

@@ -53,9 +53,13 @@ class GPT(nn.Module):
         if dim % n_heads:
             raise LowbitError(f"model.dim {dim} is not divisible by model.n_heads {n_heads}; pick dim = k·n_heads")
         self.max_len = max_len
-        self.posenc = registry.build("posenc", posenc, dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_len=max_len, grid=None)
+        self.posenc = registry.build(
+            "posenc", posenc, dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_len=max_len, grid=None
+        )
         if 1 not in self.posenc.pos_dims:
-            raise LowbitError(f"positional encoding {type(self.posenc).__name__} is 2-D only; a GPT needs a 1-D encoding")
+            raise LowbitError(
+                f"positional encoding {type(self.posenc).__name__} is 2-D only; a GPT needs a 1-D encoding"
+            )
         self.tok_emb = nn.Embedding(vocab_size, dim)
         self.trunk = Transformer(dim, n_layers, n_heads, mlp_ratio, bias)
         self.lm_head = nn.Linear(dim, vocab_size, bias=False)

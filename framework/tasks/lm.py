@@ -26,7 +26,9 @@ class CausalLM(L.LightningModule):
     bytes) and ``val/ppl`` (torchmetrics ``Perplexity``).
     """
 
-    def __init__(self, model: nn.Module, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], max_steps: int) -> None:
+    def __init__(
+        self, model: nn.Module, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], max_steps: int
+    ) -> None:
         super().__init__()
         self.model = model
         self.optimizer_cfg, self.scheduler_cfg, self.max_steps = dict(optimizer), dict(scheduler), max_steps
@@ -55,7 +57,9 @@ class CausalLM(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
-        self.log_dict({"val/loss": loss, "val/bpb": loss / math.log(2), "val/ppl": self.val_ppl.compute()}, prog_bar=True)
+        self.log_dict(
+            {"val/loss": loss, "val/bpb": loss / math.log(2), "val/ppl": self.val_ppl.compute()}, prog_bar=True
+        )
         self.val_loss.reset()
         self.val_ppl.reset()
 

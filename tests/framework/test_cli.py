@@ -19,7 +19,10 @@ def _run(fn, argv, capsys):
         (["trainer.max_steps=three"], "error: trainer.max_steps must be an integer"),
         (["posenc=none", "posenc.name=nope", "debug=smoke"], "error: unknown posenc 'nope'; installed: "),
         (["data=text", "debug=smoke"], "error: data.path has no value; set it on the command line: data.path=..."),
-        (["data=text", "data.path=/no/such/file.txt", "debug=smoke"], "error: data.path '/no/such/file.txt' does not exist"),
+        (
+            ["data=text", "data.path=/no/such/file.txt", "debug=smoke"],
+            "error: data.path '/no/such/file.txt' does not exist",
+        ),
         (["resume=/no/such.ckpt", "debug=smoke"], "error: resume=/no/such.ckpt: no checkpoint at /no/such.ckpt"),
         (["--fast"], "error: unknown flag '--fast'"),
     ],

@@ -8,7 +8,9 @@ from lowbit.errors import LowbitError
 
 
 def test_recipe_and_overrides_compose():
-    c = compose(["recipe=bf16_llm", "trainer.max_steps=7", "+logger.tags=[ablation]", "~checkpoint.save_best", "posenc=none"])
+    c = compose(
+        ["recipe=bf16_llm", "trainer.max_steps=7", "+logger.tags=[ablation]", "~checkpoint.save_best", "posenc=none"]
+    )
     assert c.recipe == "bf16_llm" and c.choices["posenc"] == "none"
     assert c.cfg.trainer.max_steps == 7
     assert list(c.cfg.logger.tags) == ["bf16", "llm", "ablation"] or list(c.cfg.logger.tags) == ["ablation"]

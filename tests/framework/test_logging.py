@@ -29,7 +29,9 @@ def test_offline_when_service_unreachable(monkeypatch):
 def test_offline_wandb_run_is_written_locally(monkeypatch, tmp_path):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    loggers = lg.build_loggers({"wandb": True, "project": "lowbit-test", "tags": ["t"]}, tmp_path, "run", "grp", {"seed": 1})
+    loggers = lg.build_loggers(
+        {"wandb": True, "project": "lowbit-test", "tags": ["t"]}, tmp_path, "run", "grp", {"seed": 1}
+    )
     csv, wandb_logger = loggers
     wandb_logger.log_metrics({"train/loss": 1.5}, step=0)
     wandb_logger.experiment.finish()

@@ -43,7 +43,18 @@ def _install(tmp: Path, name: str, files: dict[str, str], entry_points: str) -> 
         },
     )
     site = tmp / "site"
-    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--target", str(site), str(src)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "--quiet",
+        "--no-deps",
+        "--no-build-isolation",
+        "--target",
+        str(site),
+        str(src),
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return site
 
@@ -164,7 +175,10 @@ def test_broken_plugin_names_itself_and_breaks_nothing_else(third_party):
     assert "posenc plugin 'broken' (lowbit-broken 0.3.1) failed to import" in msg
     assert "No module named 'not_a_real_module_xyz'" in msg and "\n" not in msg
     assert registry.load("posenc", "fancy") is not None  # the good one still loads
-    with pytest.raises(LowbitError, match=rf"'future' \(lowbit-broken 0.3.1\) targets plugin API 99; this lowbit provides plugin API {PLUGIN_API}"):
+    with pytest.raises(
+        LowbitError,
+        match=rf"'future' \(lowbit-broken 0.3.1\) targets plugin API 99; this lowbit provides plugin API {PLUGIN_API}",
+    ):
         registry.load("posenc", "future")
     status = {(i.group, i.name): i.status for i in registry.status()}
     assert status[("posenc", "fancy")] == "ok"
@@ -176,7 +190,11 @@ def test_recipe_selects_third_party_plugin_by_name(third_party):
     from lowbit.config import compose, list_recipes
     from lowbit.run import build
 
-    assert ("fancy_llm", "a third party's GPT with its own positional encoding", "lowbit_fancy.recipes") in list_recipes()
+    assert (
+        "fancy_llm",
+        "a third party's GPT with its own positional encoding",
+        "lowbit_fancy.recipes",
+    ) in list_recipes()
     composed = compose(["recipe=fancy_llm", "debug=smoke"])
     assert composed.cfg.posenc.name == "fancy" and composed.cfg.posenc.gain == 2.0
     model = build(composed.cfg).task.model
@@ -187,11 +205,16 @@ def test_third_party_recipe_trains_from_the_console_script(third_party, tmp_path
     env = {"PYTHONPATH": str(third_party), "WANDB_MODE": "disabled", "PATH": str(VENV_BIN)}
     run = subprocess.run(
         [str(VENV_BIN / "train"), "recipe=fancy_llm", "debug=smoke", f"run_dir={tmp_path / 'run'}"],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "recipe: fancy_llm" in run.stdout
     assert "name: fancy" in (tmp_path / "run" / "config.yaml").read_text()
-    listing = subprocess.run([str(VENV_BIN / "lowbit"), "plugins"], env=env, capture_output=True, text=True, timeout=120)
+    listing = subprocess.run(
+        [str(VENV_BIN / "lowbit"), "plugins"], env=env, capture_output=True, text=True, timeout=120
+    )
     line = next(row for row in listing.stdout.splitlines() if row.split()[:2] == ["posenc", "broken"])
     assert "lowbit-broken" in line and "0.3.1" in line and "error: ModuleNotFoundError" in line

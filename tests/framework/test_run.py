@@ -25,15 +25,25 @@ def test_run_saves_resolved_config_and_checkpoints(tmp_path):
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert (tmp_path / "checkpoints" / "best.ckpt").is_file()
     assert set(result.metrics) >= {"val/loss", "val/bpb", "val/ppl"}
-    assert result.metrics["val/bpb"] == pytest.approx(result.metrics["val/loss"] / torch.log(torch.tensor(2.0)).item(), rel=1e-5)
-    assert result.metrics["val/ppl"] == pytest.approx(torch.exp(torch.tensor(result.metrics["val/loss"])).item(), rel=1e-4)
+    assert result.metrics["val/bpb"] == pytest.approx(
+        result.metrics["val/loss"] / torch.log(torch.tensor(2.0)).item(), rel=1e-5
+    )
+    assert result.metrics["val/ppl"] == pytest.approx(
+        torch.exp(torch.tensor(result.metrics["val/loss"])).item(), rel=1e-4
+    )
     assert 3.0 < result.baseline_bpb < 8.0  # Python source: ~4.7 bits; 8 bits is the uniform-bytes bound
     ckpt = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
     assert ckpt["global_step"] == 3
 
 
 def test_resume_reproduces_every_later_loss_exactly(tmp_path):
-    common = [*SMOKE, "trainer.max_steps=6", "checkpoint.every_n_steps=3", "+checkpoint.keep_all=true", "trainer.val_check_interval=100"]
+    common = [
+        *SMOKE,
+        "trainer.max_steps=6",
+        "checkpoint.every_n_steps=3",
+        "+checkpoint.keep_all=true",
+        "trainer.val_check_interval=100",
+    ]
     train(compose([*common, f"run_dir={tmp_path / 'full'}"]), echo=lambda *_: None)
     full = _losses(tmp_path / "full")
     assert sorted(full) == [0, 1, 2, 3, 4, 5]

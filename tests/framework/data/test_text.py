@@ -11,7 +11,15 @@ from lowbit.errors import LowbitError
 def data(tmp_path):
     path = tmp_path / "t.txt"
     path.write_bytes(bytes(range(256)) * 40)
-    return TextFiles(path=str(path), seq_len=16, batch_size=4, val_windows=5, val_fraction=0.1, cache_dir=str(tmp_path / "cache"), seed=3)
+    return TextFiles(
+        path=str(path),
+        seq_len=16,
+        batch_size=4,
+        val_windows=5,
+        val_fraction=0.1,
+        cache_dir=str(tmp_path / "cache"),
+        seed=3,
+    )
 
 
 def test_windows_are_shifted_by_one_and_seeded(data):

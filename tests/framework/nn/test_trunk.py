@@ -65,7 +65,9 @@ def test_attention_matches_naive_reference(causal, with_bias):
     pe = _LinearBias() if with_bias else PositionalEncoding()
     bias = pe.bias(pos, pos)
     mask = attention_mask(bias, causal, 6, 6)
-    torch.testing.assert_close(attn(x, pos, pe, mask, causal), _naive_attention(attn, x, bias, causal), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        attn(x, pos, pe, mask, causal), _naive_attention(attn, x, bias, causal), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_attention_mask_folds_causal_into_bias():

@@ -14,7 +14,9 @@ def test_warmup_then_cosine_values():
     assert warmup_cosine(0, 10, 110) == pytest.approx(0.1)
     assert warmup_cosine(9, 10, 110) == pytest.approx(1.0)
     assert warmup_cosine(10, 10, 110) == pytest.approx(1.0)
-    assert warmup_cosine(60, 10, 110, min_lr_ratio=0.1) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert warmup_cosine(60, 10, 110, min_lr_ratio=0.1) == pytest.approx(
+        0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5))
+    )
     assert warmup_cosine(110, 10, 110, min_lr_ratio=0.1) == pytest.approx(0.1)
     assert warmup_cosine(500, 10, 110, min_lr_ratio=0.1) == pytest.approx(0.1)
 
