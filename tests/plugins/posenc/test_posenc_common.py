@@ -1,0 +1,149 @@
+"""Every registered positional encoding: attention forward/backward, state dict, longer and 2-D evaluation, GPT, YAML."""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from omegaconf import OmegaConf
+from torch import nn
+
+import lowbit.recipes
+from lowbit.nn.posenc import PositionalEncoding, positions_1d, positions_2d
+from lowbit.registry import registry
+
+NAMES = registry.names("posenc")
+CONTEXT = {"dim": 32, "n_heads": 4, "head_dim": 8, "max_len": 16}
+CONTEXT_KEYS = ("dim", "n_heads", "head_dim", "max_len", "grid")
+
+
+def _build(name: str, grid: tuple[int, int] | None = None, seed: int = 0) -> PositionalEncoding:
+    """Build by name as a trunk would; image encodings get causal=false when they take it."""
+    torch.manual_seed(seed)
+    takes_causal = "causal" in inspect.signature(registry.load("posenc", name)).parameters
+    options = {"causal": False} if grid is not None and takes_causal else {}
+    return registry.build("posenc", {"name": name, **options}, **CONTEXT, grid=grid)
+
+
+def _attend(pe: PositionalEncoding, x: torch.Tensor, pos: torch.Tensor, qkv: nn.Linear, causal: bool) -> torch.Tensor:
+    """A minimal multi-head attention driven through the protocol: embed, rotate, bias, SDPA."""
+    B, T, C = x.shape
+    nh = CONTEXT["n_heads"]
+    x = pe.embed(x, pos)  # (B, T, C)
+    q, k, v = (t.view(B, T, nh, C // nh).transpose(1, 2) for t in qkv(x).split(C, dim=2))  # (B, nh, T, hs)
+    q, k = pe.rotate(q, k, pos)
+    bias = pe.bias(pos, pos)  # (nh, T, T) or None
+    if bias is None:
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    else:
+        if causal:
+            bias = bias.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))
+    return y.transpose(1, 2).reshape(B, T, C)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_forward_backward_state_dict_and_longer_text(name):
+    pe = _build(name)
+    assert 1 in pe.pos_dims and pe.lowbit_plugin_api == 1
+    torch.manual_seed(1)
+    qkv = nn.Linear(32, 96)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    y = _attend(pe, x, positions_1d(16), qkv, causal=True)
+    assert y.shape == (2, 16, 32) and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    for pname, p in pe.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+
+    # state-dict round trip: a differently seeded copy loaded from it gives the same outputs
+    other = _build(name, seed=123)
+    other.load_state_dict(pe.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            _attend(other, x, positions_1d(16), qkv, True), _attend(pe, x, positions_1d(16), qkv, True), rtol=0, atol=0
+        )
+
+    # evaluation at 2.5× the training length
+    pe.eval()
+    with torch.inference_mode():
+        long = _attend(pe, torch.randn(1, 40, 32), positions_1d(40), qkv, causal=True)
+    assert long.shape == (1, 40, 32) and torch.isfinite(long).all()
+    # ... and training again afterwards (nothing built under inference_mode leaks into autograd)
+    pe.train()
+    _attend(pe, x, positions_1d(16), qkv, causal=True).sum().backward()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_image_grids_train_and_evaluate_larger(name):
+    pe = _build(name, grid=(4, 4))
+    if 2 not in pe.pos_dims:
+        with pytest.raises(Exception, match="takes 1-D positions, got 2-D"):
+            _attend(pe, torch.randn(1, 16, 32), positions_2d(4, 4), nn.Linear(32, 96), causal=False)
+        return
+    torch.manual_seed(2)
+    qkv = nn.Linear(32, 96)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    y = _attend(pe, x, positions_2d(4, 4), qkv, causal=False)
+    assert torch.isfinite(y).all()
+    y.square().mean().backward()
+    for pname, p in pe.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    if name != "none":  # positions matter: shuffling the tokens' grid positions changes the output
+        swapped = positions_2d(4, 4)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
+        with torch.no_grad():
+            assert not torch.allclose(_attend(pe, x, swapped, qkv, False), y)
+    with torch.no_grad():
+        big = _attend(pe, torch.randn(1, 30, 32), positions_2d(6, 5), qkv, causal=False)
+    assert big.shape == (1, 30, 32) and torch.isfinite(big).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_gpt_trains_and_evaluates_longer(name):
+    from lowbit.models.gpt import GPT
+
+    torch.manual_seed(3)
+    model = GPT(vocab_size=256, dim=32, n_layers=2, n_heads=4, max_len=16, posenc={"name": name})
+    idx = torch.randint(0, 256, (2, 16))
+    logits = model(idx)
+    assert logits.shape == (2, 16, 256)
+    F.cross_entropy(logits.flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    for pname, p in model.posenc.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+    model.eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.randint(0, 256, (1, 40)))).all()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_component_yaml_lists_every_option_with_its_default(name):
+    path = Path(lowbit.recipes.__file__).parent / "posenc" / f"{name}.yaml"
+    config = OmegaConf.to_container(OmegaConf.load(path))
+    assert config.pop("name") == name
+    params = inspect.signature(registry.load("posenc", name)).parameters
+    defaults = {k: p.default for k, p in params.items() if k not in CONTEXT_KEYS}
+    assert config == defaults
+    text = path.read_text().splitlines()
+    for key in config:  # one comment line above each option
+        line = next(i for i, s in enumerate(text) if s.startswith(f"{key}:"))
+        assert text[line - 1].startswith("#"), key
+    registry.build("posenc", {"name": name, **config}, **CONTEXT, grid=None)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("name", NAMES)
+def test_tiny_gpt_on_cuda_under_bf16_autocast(name):
+    from lowbit.models.gpt import GPT
+
+    model = GPT(vocab_size=256, dim=32, n_layers=2, n_heads=4, max_len=16, posenc={"name": name}).cuda()
+    idx = torch.randint(0, 256, (2, 16), device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        logits = model(idx)
+    F.cross_entropy(logits.float().flatten(0, 1), idx.roll(-1, 1).flatten()).backward()
+    assert torch.isfinite(logits).all()
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        assert torch.isfinite(model(torch.randint(0, 256, (1, 40), device="cuda"))).all()
