@@ -30,6 +30,7 @@ __all__ = ["SOLVERS", "SolverResult", "anderson", "broyden", "fixed_point", "get
 _REL_EPS = 1e-9  # keeps rel_res finite where f(z) = 0
 _GRAM_FLOOR = 1e-150  # keeps λ s > 0 for a sample that is exactly at its fixed point (G = 0)
 _MAX_ANDERSON_COEFF = 1e6  # Σ|α| beyond this is a (near-)singular mixing system, not extrapolation
+_MAX_KKT_COND = 1e12  # 2-norm condition of the normalised KKT system; float64 keeps ~4 digits beyond it
 
 
 @dataclass
@@ -157,12 +158,16 @@ def _anderson_steps(g: Callable, z0: torch.Tensor, tracker: _Tracker, m: int, la
         G = F[:, :n] - X[:, :n]  # (B, n, D)
         gram = torch.bmm(G, G.transpose(1, 2)).double()  # (B, n, n)
         scale = gram.diagonal(dim1=1, dim2=2).mean(dim=1).clamp_min(_GRAM_FLOOR)[:, None, None]  # (B, 1, 1)
-        H[:, 1 : n + 1, 1 : n + 1] = gram + lam * scale * eye[:n, :n]
-        sol, info = torch.linalg.solve_ex(H[:, : n + 1, : n + 1], rhs[:, : n + 1])
+        # GGᵀ/s: the same α (ν scales by 1/s), and a KKT matrix whose conditioning is scale-free
+        H[:, 1 : n + 1, 1 : n + 1] = gram / scale + lam * eye[:n, :n]
+        kkt = H[:, : n + 1, : n + 1]
+        sol, info = torch.linalg.solve_ex(kkt, rhs[:, : n + 1])
         alpha = sol[:, 1 : n + 1, 0]  # (B, n)
-        # singular: an exact zero pivot, or coefficients that are not finite or explode
+        # singular: an exact zero pivot, a numerically rank-deficient system (rounding can hide an
+        # exact singularity from LU), or coefficients that are not finite or explode
         coeff = alpha.abs().sum(dim=1).nan_to_num(nan=float("inf"))  # (B,)
-        if bool(((info != 0) | (coeff > _MAX_ANDERSON_COEFF)).any()):
+        cond = torch.linalg.cond(kkt).nan_to_num(nan=float("inf"))  # (B,)
+        if bool(((info != 0) | (coeff > _MAX_ANDERSON_COEFF) | (cond > _MAX_KKT_COND)).any()):
             return "singular"
         alpha = alpha.to(z0.dtype)[:, None]  # (B, 1, n)
         x_new = beta * torch.bmm(alpha, F[:, :n])[:, 0]  # (B, D)
