@@ -1,0 +1,178 @@
+"""quantize / dequantize / fake_quantize / requantize: API, errors, and properties (hypothesis)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from lowbit.errors import LowbitError
+from lowbit.numerics import (
+    QTensor,
+    QuantSpec,
+    dequantize,
+    fake_quantize,
+    get_format,
+    preset_names,
+    quantize,
+    requantize,
+)
+
+MX_PRESETS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4"]
+
+
+def _matrices(cols=64, max_rows=4):
+    """float32 (rows, cols) arrays over a wide dynamic range, each row with its own magnitude."""
+    values = hnp.arrays(
+        np.float32,
+        st.tuples(st.integers(1, max_rows), st.just(cols)),
+        elements=st.floats(-4.0, 4.0, width=32, allow_nan=False, allow_infinity=False),
+    )
+    exponents = st.lists(st.integers(-40, 40), min_size=max_rows, max_size=max_rows)
+    return st.builds(lambda a, e: torch.from_numpy(a) * torch.exp2(torch.tensor(e[: a.shape[0]]).float())[:, None], values, exponents)
+
+
+PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize("preset", MX_PRESETS)
+@PROPERTY
+@given(x=_matrices())
+def test_mx_fake_quantize_is_idempotent(preset, x):
+    once = fake_quantize(x, preset)
+    assert torch.equal(fake_quantize(once, preset), once)
+
+
+def _half_ulp(values: torch.Tensor, fmt) -> torch.Tensor:
+    """Half the spacing of the format's grid at |values| (float64)."""
+    mag = values.abs().double()
+    binade = torch.floor(torch.log2(torch.clamp(mag, min=fmt.min_normal)))
+    return 0.5 * torch.exp2(binade - fmt.mbits)
+
+
+@pytest.mark.parametrize("preset", MX_PRESETS + ["nvfp4", "nvfp4_2d", "fp8_e4m3_tensor", "fp8_e5m2_tensor"])
+@PROPERTY
+@given(x=_matrices(cols=64, max_rows=16))
+def test_rne_error_is_at_most_half_an_ulp_times_the_scale(preset, x):
+    spec = QuantSpec.preset(preset)
+    if spec.block == (16, 16):
+        x = x.repeat(16 // x.shape[0] + 1, 1)[:16]
+    q = quantize(x, spec)
+    fmt = get_format(spec.element)
+    rows, nb = q.codes.shape[0], q.scales.shape[-1]
+    scale = q.scales.double()
+    if spec.block == (16, 16):
+        scale = scale.repeat_interleave(16, dim=0)
+    elem_scale = scale.repeat_interleave(64 // nb, dim=-1) if nb > 1 else scale.expand(rows, 64)
+    if q.global_scale is not None:
+        elem_scale = elem_scale * q.global_scale.double()
+    scaled = x.double() / elem_scale
+    inside = (scaled.abs() <= fmt.max) & (elem_scale > 0)
+    err = (dequantize(q).double() - x.double()).abs()
+    bound = _half_ulp(scaled, fmt) * elem_scale
+    # 1e-6 relative slack: NVFP4 and FP32 scales multiply by a rounded float32 reciprocal
+    assert torch.all(err[inside] <= bound[inside] * (1 + 1e-6) + 1e-45)
+
+
+@PROPERTY
+@given(x=_matrices(cols=64, max_rows=16))
+def test_nvfp4_is_a_projection_onto_its_own_grid(x):
+    """NVFP4 fake-quantization is idempotent only up to float32 rounding (see the next test);
+    what holds exactly: re-encoding fq(x) with q's own scales gives q back. Codes can differ only
+    in blocks whose E4M3 scale underflowed to 0, where TE's encode factor FLT_MAX saturates the
+    codes of non-zero x (they decode to 0 either way)."""
+    q = quantize(x, "nvfp4")
+    again = requantize(dequantize(q), q)
+    live = (q.scales > 0).repeat_interleave(16, dim=-1)
+    same = (again.codes == q.codes) | (((again.codes & 7) == 0) & ((q.codes & 7) == 0))  # +-0 alike
+    assert torch.all(same[live])
+    assert torch.equal(dequantize(again), dequantize(q))
+
+
+def test_nvfp4_fake_quantize_is_idempotent_only_up_to_rounding():
+    # the tensor amax 36.09169 decodes to 6 * 448 * (1/g) = 36.091694 (one float32 ulp up): the
+    # second pass has a different global scale, so the other block's values move by an ulp
+    x = torch.tensor([[36.09169006347656] + [1.0] * 15, [7.0] * 16])
+    once = fake_quantize(x, "nvfp4")
+    twice = fake_quantize(once, "nvfp4")
+    assert once[0, 0].item() == 36.09169387817383
+    assert not torch.equal(twice, once)
+    assert torch.allclose(twice, once, rtol=2**-22, atol=0)
+
+
+@pytest.mark.parametrize("preset", sorted(preset_names()))
+def test_every_preset_round_trips_shapes_and_dtypes(preset):
+    x = torch.randn(2, 32, 64, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        q = quantize(x.to(dtype), preset)
+        assert isinstance(q, QTensor) and q.codes.shape == x.shape and q.shape == (2, 32, 64) and q.dtype == dtype
+        assert q.codes.dtype == (torch.int8 if preset.startswith("int") else torch.uint8)
+        y = dequantize(q)
+        assert y.dtype == dtype and y.shape == x.shape
+        assert torch.equal(q.dequantize(torch.float32), dequantize(q, torch.float32))
+    bf16 = x.to(torch.bfloat16)
+    assert torch.equal(quantize(bf16, preset).codes, quantize(bf16.float(), preset).codes)  # computed in float32
+
+
+def test_non_contiguous_input():
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(fake_quantize(x.t(), "mxfp4"), fake_quantize(x.t().contiguous(), "mxfp4"))
+
+
+def test_stochastic_rounding_in_quantize_is_reproducible():
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
+    spec = QuantSpec.preset("mxfp4").replace(rounding="sr")
+    a, b = quantize(x, spec, seed=1), quantize(x, spec, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a.codes, b.codes) and not torch.equal(a.codes, quantize(x, spec, seed=2).codes)
+    with pytest.raises(LowbitError, match="either generator or seed"):
+        quantize(x, spec, seed=1, generator=torch.Generator())
+
+
+def test_storage_bits():
+    q = quantize(torch.randn(4, 64), "mxfp4")
+    assert q.storage_bits() == 256 * 4 + 8 * 8
+    assert quantize(torch.randn(4, 64), "nvfp4").storage_bits() == 256 * 4 + 16 * 8 + 32
+
+
+@pytest.mark.parametrize(
+    "x,message",
+    [
+        (torch.arange(32), "needs a floating-point tensor .* got torch.int64"),
+        (torch.ones(32, dtype=torch.bool), "got torch.bool"),
+        (torch.ones(32, dtype=torch.complex64), "got torch.complex64"),
+        (torch.ones(0, 32), r"needs a non-empty tensor, got shape \(0, 32\)"),
+        ([1.0, 2.0], "needs a torch.Tensor, got list"),
+    ],
+)
+def test_bad_inputs_are_clear_errors(x, message):
+    with pytest.raises(LowbitError, match=message):
+        quantize(x, "mxfp4")
+
+
+def test_bad_arguments_are_clear_errors():
+    x = torch.randn(4, 32)
+    with pytest.raises(LowbitError, match="unknown quantization preset 'mxfp3'"):
+        quantize(x, "mxfp3")
+    with pytest.raises(LowbitError, match="amax/scale overrides need block='tensor' or global_scale"):
+        quantize(x, "mxfp4", amax=1.0)
+    with pytest.raises(LowbitError, match="scale override needs block='tensor' with scale_format='fp32'"):
+        quantize(x, "nvfp4", scale=1.0)
+    with pytest.raises(LowbitError, match="dequantize needs a QTensor"):
+        dequantize(x)
+    with pytest.raises(LowbitError, match=r"requantize needs x of shape \(4, 32\)"):
+        requantize(torch.randn(4, 64), quantize(x, "mxfp4"))
+
+
+def test_zero_dim_tensor_with_tensor_scale():
+    q = quantize(torch.tensor(3.0), "fp8_e4m3_tensor")
+    assert q.codes.shape == () and dequantize(q).item() == 3.0
+
+
+def test_nan_and_inf_in_fp8_tensor_scaling():
+    x = torch.tensor([[1.0, math.nan, -2.0, math.inf]])
+    y = fake_quantize(x, "fp8_e4m3_tensor")
+    assert y[0, 0].item() == 1.0 and math.isnan(y[0, 1].item()) and y[0, 2].item() == -2.0
+    assert y[0, 3].item() == 448.0  # non-finite amax -> scale 1; Inf saturates
