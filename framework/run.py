@@ -113,7 +113,20 @@ def build(cfg: DictConfig) -> Built:
         scheduler=plain(cfg.scheduler),
         max_steps=int(trainer_cfg["max_steps"]),
     )
+    _check_strategy(precision, trainer_cfg)
+    precision.convert_module(task)  # now, so a bad layer shape is reported before training; Lightning's call is a no-op
     return Built(task=task, data=data, precision=precision, trainer_kwargs=trainer_cfg)
+
+
+_QUANT_STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device")
+
+
+def _check_strategy(precision: Any, trainer_cfg: dict[str, Any]) -> None:
+    """Quantized precision plugins convert modules before sharding; strategies that wrap the model's
+    layers themselves (DeepSpeed, FSDP1) would bypass QuantLinear."""
+    strategy = str(trainer_cfg.get("strategy", "auto"))
+    if getattr(precision, "recipe", None) is not None and strategy not in _QUANT_STRATEGIES:
+        raise LowbitError(f"precision '{precision.name}' does not work with trainer.strategy={strategy}; use one of {', '.join(_QUANT_STRATEGIES)}")
 
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
