@@ -126,13 +126,16 @@ def _check_strategy(precision: Any, trainer_cfg: dict[str, Any]) -> None:
     layers themselves (DeepSpeed, FSDP1) would bypass QuantLinear."""
     strategy = str(trainer_cfg.get("strategy", "auto"))
     if getattr(precision, "recipe", None) is not None and strategy not in _QUANT_STRATEGIES:
-        raise LowbitError(f"precision '{precision.name}' does not work with trainer.strategy={strategy}; use one of {', '.join(_QUANT_STRATEGIES)}")
+        raise LowbitError(
+            f"precision '{precision.name}' does not work with trainer.strategy={strategy}; use one of {', '.join(_QUANT_STRATEGIES)}"
+        )
 
 
 def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lowbit.callbacks.checkpoint import SaveOnInterrupt
+    from lowbit.callbacks.health import QuantHealth, StopOnNonFinite
     from lowbit.callbacks.throughput import Throughput
 
     every = int(cfg.checkpoint.every_n_steps)
@@ -147,6 +150,8 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
             auto_insert_metric_name=False,
         ),
         SaveOnInterrupt(ckpt_dir),  # Ctrl-C leaves a usable last.ckpt
+        QuantHealth(int(cfg.health.every_n_steps), path=ckpt_dir.parent / "health.csv"),
+        StopOnNonFinite(ckpt_dir / "last.ckpt"),  # a NaN never reaches the weights or a checkpoint
         Throughput("tokens"),
     ]
     if cfg.checkpoint.save_best:

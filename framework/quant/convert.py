@@ -1,10 +1,11 @@
 """Swap ``nn.Linear`` layers for ``QuantLinear`` in place, by fully-qualified-name rules.
 
-Kept in high precision: layers matching a ``keep`` glob (``lm_head``, ``trunk.blocks.0.*``,
-``*.head``), the last N (or the last fraction) of the model's transformer blocks, and layers
-whose shapes do not divide by the recipe's block sizes (listed in one warning). Works on any
-``nn.Module`` — lowbit's models and stock timm models alike — and converts nothing that is
-already a QuantLinear, so running it twice is harmless.
+Kept in high precision: layers matching a ``keep`` glob (``lm_head``, ``trunk.blocks.0.*``; a
+glob matches the fully-qualified name or any dotted suffix of it), the last N (or the last
+fraction) of the model's transformer blocks, and layers whose shapes do not divide by the
+recipe's block sizes (listed in one warning). Works on any ``nn.Module`` — lowbit's models and
+stock timm models alike — and converts nothing that is already a QuantLinear, so running it
+twice is harmless.
 """
 
 from __future__ import annotations
@@ -41,9 +42,9 @@ def block_prefixes(module: nn.Module) -> list[str]:
     """
     best: tuple[int, str] | None = None
     for name, child in module.named_modules():
-        if isinstance(child, (nn.ModuleList, nn.Sequential)) and re.search(r"(^|\.)(blocks|layers)$", name):
-            if best is None or len(child) > best[0]:
-                best = (len(child), name)
+        is_block_list = isinstance(child, (nn.ModuleList, nn.Sequential)) and re.search(r"(^|\.)(blocks|layers)$", name)
+        if is_block_list and (best is None or len(child) > best[0]):
+            best = (len(child), name)
     if best is None:
         return []
     return [f"{best[1]}.{i}" for i in range(best[0])]
@@ -58,6 +59,12 @@ def _last_blocks(prefixes: Sequence[str], keep_last_blocks: int | float) -> list
     else:
         count = int(keep_last_blocks)
     return list(prefixes[n - min(count, n) :]) if count else []
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """A glob matches a module's fully-qualified name or any dotted suffix of it, so ``lm_head``
+    finds ``model.lm_head`` when the converter runs on a LightningModule that wraps the model."""
+    return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
 
 
 def convert_linears(
@@ -78,7 +85,7 @@ def convert_linears(
     for name, child in module.named_modules():
         if not isinstance(child, nn.Linear) or isinstance(child, QuantLinear):
             continue
-        if any(fnmatch.fnmatchcase(name, pattern) for pattern in keep) or any(name.startswith(p + ".") for p in kept_blocks):
+        if any(_matches(name, pattern) for pattern in keep) or any(name.startswith(p + ".") for p in kept_blocks):
             report.kept.append(name)
         elif child.in_features % multiples["in"] or child.out_features % multiples["out"]:
             report.misfit.append(f"{name} ({child.out_features}x{child.in_features})")

@@ -59,7 +59,9 @@ class _QuantLinearFn(torch.autograd.Function):
     """y = Q(x)·Q(W)ᵀ + b; dx = Q(dy)·Q(Wᵀ)ᵀ; dW = Q(dyᵀ)·Q(xᵀ)ᵀ — each Q blocked along its contraction."""
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear) -> torch.Tensor:
+    def forward(
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear
+    ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         tokens = layer.token_multiple
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
@@ -101,7 +103,17 @@ class QuantLinear(nn.Linear):
     (the health callback turns it on every N steps).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, recipe: GemmRecipe, backend: str = "auto", device=None, dtype=None) -> None:
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        recipe: GemmRecipe,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self._setup(recipe, backend)
 
@@ -120,7 +132,9 @@ class QuantLinear(nn.Linear):
             raise LowbitError(f"unknown QuantLinear backend '{backend}'; valid: {', '.join(BACKENDS)}")
         if backend == "triton":
             # the slot the kernels work fills; until then 'auto' means emulate everywhere
-            raise LowbitError("QuantLinear backend 'triton' is not available: lowbit.kernels has no GEMM kernels yet; use auto or emulate")
+            raise LowbitError(
+                "QuantLinear backend 'triton' is not available: lowbit.kernels has no GEMM kernels yet; use auto or emulate"
+            )
         multiples = recipe.multiples()
         for dim, size in (("in", self.in_features), ("out", self.out_features)):
             if size % multiples[dim]:

@@ -52,7 +52,9 @@ class QuantPrecision(AutocastPrecision):
         super().__init__(device_type=device_type, mode=mode)
         self.recipe = recipe if isinstance(recipe, GemmRecipe) else GemmRecipe.from_dict(recipe)
         if not self.recipe.quantized:
-            raise LowbitError(f"precision '{self.name}' quantizes no operand; use precision=bf16 for a high-precision run")
+            raise LowbitError(
+                f"precision '{self.name}' quantizes no operand; use precision=bf16 for a high-precision run"
+            )
         self.keep, self.keep_last_blocks, self.backend = list(keep), keep_last_blocks, backend
         self.delayed_scaling = dict(delayed_scaling) if delayed_scaling else None
         self.report = ConversionReport()
@@ -68,7 +70,9 @@ class QuantPrecision(AutocastPrecision):
         return f"{self.name}: {len(r.converted)} of {total} Linear layers quantized, {self.compute}"
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        report = convert_linears(module, self.recipe, keep=self.keep, keep_last_blocks=self.keep_last_blocks, backend=self.backend)
+        report = convert_linears(
+            module, self.recipe, keep=self.keep, keep_last_blocks=self.keep_last_blocks, backend=self.backend
+        )
         if report.converted or not self.report.converted:  # a second call (validate after fit) finds nothing new
             self.report = report
         self._layers = quant_layers(module)
@@ -81,7 +85,11 @@ class QuantPrecision(AutocastPrecision):
 
     # ---- scaling state -------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        scaling = {name: {op: s.state_dict() for op, s in layer.scaling_state.items()} for name, layer in self._layers.items() if layer.scaling_state}
+        scaling = {
+            name: {op: s.state_dict() for op, s in layer.scaling_state.items()}
+            for name, layer in self._layers.items()
+            if layer.scaling_state
+        }
         return {"recipe": self.recipe.to_dict(), "scaling": scaling}
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
@@ -119,4 +127,11 @@ class GemmPrecision(QuantPrecision):
     ) -> None:
         given = {"fprop": fprop, "dgrad": dgrad, "wgrad": wgrad}
         recipe = {g: dict(self.defaults.get(g, {}) if v is None else v) for g, v in given.items()}
-        super().__init__(recipe=recipe, keep=keep, keep_last_blocks=keep_last_blocks, backend=backend, device_type=device_type, mode=mode)
+        super().__init__(
+            recipe=recipe,
+            keep=keep,
+            keep_last_blocks=keep_last_blocks,
+            backend=backend,
+            device_type=device_type,
+            mode=mode,
+        )

@@ -38,9 +38,12 @@ def _spec_or_none(value: Any, where: str) -> QuantSpec | None:
         raise LowbitError(f"{where}: {err}") from err
 
 
-def _rht_size(value: Any, where: str) -> int:
+def _rht_size(value: Any, size: Any, where: str) -> int:
+    """``rht``: true/false (size from ``rht_size``) or a size directly; 0 means off."""
+    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 2 and size & (size - 1) == 0):
+        raise LowbitError(f"{where}.rht_size must be a power of two >= 2 such as 16, got {size!r}")
     if value is True:
-        return DEFAULT_RHT_SIZE
+        return size
     if value is None or value is False:
         return 0
     if isinstance(value, int) and value >= 0 and (value == 0 or value & (value - 1) == 0):
@@ -74,8 +77,9 @@ class GemmRecipe:
     """Specs for fprop (x, w), dgrad (dy, w) and wgrad (dy, x); see the module docstring.
 
     Built from YAML with ``GemmRecipe.from_dict({"fprop": {"x": "nvfp4", "w": "nvfp4_2d"},
-    "wgrad": {"dy": {"preset": "nvfp4", "rounding": "sr"}, "x": "nvfp4", "rht": 16}, ...})``:
-    each operand is a preset name, a QuantSpec mapping, or null (high precision).
+    "wgrad": {"dy": {"preset": "nvfp4", "rounding": "sr"}, "x": "nvfp4", "rht": True}, ...})``:
+    each operand is a preset name, a QuantSpec mapping, or null (high precision); ``rht`` is
+    true/false with its size in ``rht_size`` (default 16), or a size directly.
     """
 
     fprop: GemmSpecs = GemmSpecs(None, None)
@@ -92,14 +96,14 @@ class GemmRecipe:
         for gemm in GEMMS:
             node = dict(d.get(gemm) or {})
             a_name, b_name = OPERANDS[gemm]
-            valid = (a_name, b_name, "rht", "rht_seed")
+            valid = (a_name, b_name, "rht", "rht_size", "rht_seed")
             bad = [k for k in node if k not in valid]
             if bad:
                 raise LowbitError(f"precision.{gemm} has no key '{bad[0]}'; valid: {', '.join(valid)}")
             gemms[gemm] = GemmSpecs(
                 _spec_or_none(node.get(a_name), f"precision.{gemm}.{a_name}"),
                 _spec_or_none(node.get(b_name), f"precision.{gemm}.{b_name}"),
-                _rht_size(node.get("rht", 0), f"precision.{gemm}"),
+                _rht_size(node.get("rht", 0), node.get("rht_size", DEFAULT_RHT_SIZE), f"precision.{gemm}"),
                 int(node.get("rht_seed", 0)),
             )
         return cls(**gemms)
@@ -112,7 +116,8 @@ class GemmRecipe:
             out[gemm] = {
                 a_name: None if specs.a is None else specs.a.to_dict(),
                 b_name: None if specs.b is None else specs.b.to_dict(),
-                "rht": specs.rht,
+                "rht": bool(specs.rht),
+                "rht_size": specs.rht or DEFAULT_RHT_SIZE,
                 "rht_seed": specs.rht_seed,
             }
         return out

@@ -1,0 +1,194 @@
+"""``lowbit bench quality``: the same small GPT, the same tokens and seed, under each precision
+recipe and the NVFP4 ablations; final validation loss and its gap to BF16, and loss curves.
+
+What the papers report, and so what a run should show: FP8 ≈ BF16 (Micikevicius et al. 2022);
+NVFP4 with 2-D weights, stochastic rounding and the RHT within about 1-2% of BF16, each
+ablation wider (NVIDIA 2025, §4); MXFP4 with SR and RHT close to BF16 and naive MXFP4 (RNE, no
+RHT) worse (Tseng et al. 2025). Small CPU runs are noisy: ``--seeds`` repeats every variant and
+the table gives the spread, so an ordering inside it is not read as a result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as dt
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lowbit.bench._report import device_name, markdown_table
+
+__all__ = ["VARIANTS", "Variant", "main", "run"]
+
+_MX4_RNE = "{preset: mxfp4}"
+_NV_RNE = "{preset: nvfp4}"
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named precision configuration: config overrides on top of the base recipe."""
+
+    name: str
+    description: str
+    overrides: tuple[str, ...]
+
+
+VARIANTS = {
+    v.name: v
+    for v in (
+        Variant("bf16", "BF16 (FP32 on CPUs without fast BF16)", ("precision=bf16",)),
+        Variant("fp8", "FP8 hybrid, current scaling", ("precision=fp8",)),
+        Variant(
+            "mxfp4_naive",
+            "MXFP4 all GEMMs, RNE, no RHT",
+            (
+                "precision=mxfp4",
+                f"precision.dgrad.dy={_MX4_RNE}",
+                f"precision.wgrad.dy={_MX4_RNE}",
+                "precision.dgrad.rht=false",
+                "precision.wgrad.rht=false",
+            ),
+        ),
+        Variant("mxfp4", "MXFP4 all GEMMs, SR + RHT on backward", ("precision=mxfp4",)),
+        Variant("nvfp4", "NVFP4 full recipe", ("precision=nvfp4",)),
+        Variant("nvfp4_no_rht", "NVFP4 without the wgrad RHT", ("precision=nvfp4", "precision.wgrad.rht=false")),
+        Variant(
+            "nvfp4_no_sr",
+            "NVFP4 with RNE gradients",
+            ("precision=nvfp4", f"precision.dgrad.dy={_NV_RNE}", f"precision.wgrad.dy={_NV_RNE}"),
+        ),
+        Variant(
+            "nvfp4_1d_w",
+            "NVFP4 with 1x16 weight blocks",
+            ("precision=nvfp4", f"precision.fprop.w={_NV_RNE}", f"precision.dgrad.w={_NV_RNE}"),
+        ),
+        Variant(
+            "nvfp4_all",
+            "NVFP4 in every layer (no BF16 blocks or head)",
+            ("precision=nvfp4", "precision.keep=[]", "precision.keep_last_blocks=0.0"),
+        ),
+    )
+}
+
+
+@dataclass
+class Outcome:
+    """Final validation losses (one per seed) and the run directories of a variant."""
+
+    variant: Variant
+    val_loss: list[float] = field(default_factory=list)
+    run_dirs: list[Path] = field(default_factory=list)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.val_loss)
+
+    @property
+    def spread(self) -> float:
+        return statistics.stdev(self.val_loss) if len(self.val_loss) > 1 else 0.0
+
+
+def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], echo=print) -> list[Outcome]:
+    """Train every variant with every seed; runs go to ``out/<variant>-s<seed>``."""
+    from lowbit.config import compose
+    from lowbit.run import train
+
+    outcomes = []
+    for v in variants:
+        outcome = Outcome(v)
+        for seed in seeds:
+            run_dir = out / f"{v.name}-s{seed}"
+            overrides = [*base, *v.overrides, f"seed={seed}", "logger=csv", f"run_dir={run_dir}"]
+            echo(f"[{v.name} seed {seed}] train {' '.join(overrides)}")
+            result = train(compose(overrides), echo=lambda *_: None)
+            outcome.val_loss.append(result.metrics["val/loss"])
+            outcome.run_dirs.append(run_dir)
+            echo(f"[{v.name} seed {seed}] val/loss {outcome.val_loss[-1]:.4f}")
+        outcomes.append(outcome)
+    return outcomes
+
+
+def table(outcomes: list[Outcome]) -> str:
+    """Markdown: mean final val loss (± std over seeds) and the relative gap to the first variant."""
+    base = outcomes[0]
+    rows = []
+    for o in outcomes:
+        gap = (o.mean - base.mean) / base.mean
+        spread = f" ± {o.spread:.4f}" if len(o.val_loss) > 1 else ""
+        rows.append([f"`{o.variant.name}`", o.variant.description, f"{o.mean:.4f}{spread}", f"{gap:+.2%}"])
+    return markdown_table(["variant", "what", "val loss", f"gap to {base.variant.name}"], rows)
+
+
+def _train_losses(run_dir: Path) -> tuple[list[int], list[float]]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
+    return [s for s, _ in rows], [loss for _, loss in rows]
+
+
+def plot(outcomes: list[Outcome], path: Path, smoothing: float = 0.95) -> None:
+    """Training loss (EMA-smoothed, first seed) of every variant, and each one's gap to the first."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    curves = {}
+    for o in outcomes:
+        steps, losses = _train_losses(o.run_dirs[0])
+        smooth, ema = [], losses[0]
+        for loss in losses:
+            ema = smoothing * ema + (1 - smoothing) * loss
+            smooth.append(ema)
+        curves[o.variant.name] = (steps, smooth)
+        ax.plot(steps, smooth, label=o.variant.name, lw=1.2)
+    ax.set(xlabel="step", ylabel="train loss (EMA)", title="training loss", yscale="log")
+    ax.legend(fontsize=8)
+    base_steps, base_loss = curves[outcomes[0].variant.name]
+    for name, (steps, smooth) in list(curves.items())[1:]:
+        n = min(len(steps), len(base_steps))
+        gap_ax.plot(steps[:n], [100 * (a - b) / b for a, b in zip(smooth[:n], base_loss[:n])], label=name, lw=1.2)
+    gap_ax.axhline(0, color="k", lw=0.6)
+    gap_ax.set(xlabel="step", ylabel=f"gap to {outcomes[0].variant.name} (%)", title="relative gap (EMA)")
+    gap_ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lowbit bench quality", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipe", default="bf16_llm", help="the base recipe; each variant swaps the precision")
+    parser.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help=f"comma-separated, the first is the baseline; from: {', '.join(VARIANTS)}",
+    )
+    parser.add_argument("--seeds", default="1", help="comma-separated seeds; every variant runs each")
+    parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench/quality/<time>)")
+    parser.add_argument("overrides", nargs="*", help="config overrides for every run (trainer.max_steps=300 ...)")
+    args = parser.parse_args(argv)
+    from lowbit.errors import LowbitError
+
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        raise LowbitError(f"unknown quality variant '{unknown[0]}'; valid: {', '.join(VARIANTS)}")
+    out = args.out or Path("runs/bench/quality") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    outcomes = run(
+        [VARIANTS[v] for v in args.variants.split(",")],
+        seeds,
+        out,
+        [f"recipe={args.recipe}", *args.overrides],
+        echo=lambda m: print(m, file=sys.stderr),
+    )
+    command = "lowbit bench quality " + " ".join(argv if argv is not None else sys.argv[3:])
+    text = f"`{command.strip()}` — {dt.date.today()}, {device_name()}\n\n{table(outcomes)}\n"
+    (out / "quality.md").write_text(text)
+    plot(outcomes, out / "quality.png")
+    print(text)
+    print(f"table: {out / 'quality.md'} | plot: {out / 'quality.png'}")
+    return 0

@@ -1,0 +1,172 @@
+"""Quantization health: per-layer, per-operand statistics of every QuantLinear, and a stop on
+non-finite losses that says which layers looked worst.
+
+``QuantHealth`` turns on recording in every ``QuantLinear`` for one training step every
+``every_n_steps``; each quantized operand then reports amax, block-scale range, underflow and
+saturation fractions and SNR (dB) (``lowbit.quant.operand_health``). Every record goes to
+``<run_dir>/health.csv`` (long format: one row per step, layer and operand); scalar summaries
+(``health/snr_db_min``, ``health/underflow_max``, ``health/saturation_max``, and the same per
+operand kind) go to every logger; W&B also gets a table of the worst layers and histograms.
+
+``StopOnNonFinite`` checks the loss and the gradients before every optimizer step. When either
+is not finite it re-runs the step's forward with health recording on, and stops the run with
+one line naming the step and the layers whose quantization looked worst. The optimizer step
+that would have written NaNs into the weights never runs, so every checkpoint holds finite
+weights; the last one is named in the message.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lowbit.errors import LowbitError
+from lowbit.quant import quant_layers
+
+__all__ = ["HEALTH_FIELDS", "QuantHealth", "StopOnNonFinite", "worst_layers"]
+
+HEALTH_FIELDS = ("amax", "scale_min", "scale_max", "underflow", "saturation", "snr_db")
+
+
+def _records(module: torch.nn.Module) -> list[tuple[str, str, dict[str, float]]]:
+    """(layer, operand, stats) for every operand recorded since recording was turned on."""
+    return [(name, op, stats) for name, layer in quant_layers(module).items() for op, stats in layer.health.items()]
+
+
+def _set_recording(module: torch.nn.Module, on: bool) -> None:
+    for layer in quant_layers(module).values():
+        layer.record_health = on
+        if on:
+            layer.health = {}
+
+
+def _badness(stats: dict[str, float]) -> tuple[float, float]:
+    """Sort key, worst first: non-finite amax, then the lowest SNR."""
+    finite = math.isfinite(stats["amax"]) and math.isfinite(stats["snr_db"]) or stats["snr_db"] == math.inf
+    return (0.0 if not finite else 1.0, stats["snr_db"] if math.isfinite(stats["snr_db"]) else -math.inf)
+
+
+def worst_layers(records: Iterable[tuple[str, str, dict[str, float]]], k: int = 3) -> list[str]:
+    """The ``k`` worst (layer.operand: stats) descriptions: non-finite amax first, then lowest SNR."""
+    ranked = sorted(records, key=lambda r: _badness(r[2]))[:k]
+    return [
+        f"{name}.{op} (amax {s['amax']:.3g}, SNR {s['snr_db']:.1f} dB, underflow {s['underflow']:.1%}, "
+        f"saturation {s['saturation']:.1%})"
+        for name, op, s in ranked
+    ]
+
+
+class QuantHealth(L.Callback):
+    """Record and log quantization health every ``every_n_steps`` training steps (see module doc)."""
+
+    def __init__(self, every_n_steps: int = 50, path: str | Path | None = None, top_k: int = 10) -> None:
+        if every_n_steps < 1:
+            raise LowbitError(f"health.every_n_steps must be a positive integer, got {every_n_steps}")
+        self.every_n_steps, self.top_k = every_n_steps, top_k
+        self.path = None if path is None else Path(path)
+        self._recording = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._recording = trainer.global_step % self.every_n_steps == 0 and bool(quant_layers(pl_module))
+        if self._recording:
+            _set_recording(pl_module, True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if not self._recording:
+            return
+        _set_recording(pl_module, False)
+        records = _records(pl_module)
+        step = trainer.global_step - 1  # the step whose forward and backward were recorded
+        self._write_csv(step, records)
+        pl_module.log_dict(self.summary(records), on_step=True)
+        self._log_wandb(trainer, step, records)
+
+    @staticmethod
+    def summary(records: list[tuple[str, str, dict[str, float]]]) -> dict[str, float]:
+        """Worst values over all layers, overall and per operand kind (``fprop.x``, ``wgrad.dy``, ...)."""
+        out: dict[str, float] = {}
+        groups: dict[str, list[dict[str, float]]] = {"": [s for _, _, s in records]}
+        for _, op, stats in records:
+            groups.setdefault(f"{op}/", []).append(stats)
+        for prefix, stats in groups.items():
+            if not stats:
+                continue
+            snrs = [s["snr_db"] for s in stats if not math.isnan(s["snr_db"])]
+            out[f"health/{prefix}snr_db_min"] = min(snrs) if snrs else math.nan
+            out[f"health/{prefix}underflow_max"] = max(s["underflow"] for s in stats)
+            out[f"health/{prefix}saturation_max"] = max(s["saturation"] for s in stats)
+        return out
+
+    def _write_csv(self, step: int, records: list[tuple[str, str, dict[str, float]]]) -> None:
+        if self.path is None:
+            return
+        new = not self.path.exists()
+        with open(self.path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new:
+                writer.writerow(("step", "layer", "operand", *HEALTH_FIELDS))
+            for name, op, stats in records:
+                writer.writerow((step, name, op, *(f"{stats[k]:.6g}" for k in HEALTH_FIELDS)))
+
+    def _log_wandb(self, trainer, step: int, records: list[tuple[str, str, dict[str, float]]]) -> None:
+        from lightning.pytorch.loggers import WandbLogger
+
+        for lg in trainer.loggers:
+            if not isinstance(lg, WandbLogger):
+                continue
+            import wandb
+
+            ranked = sorted(records, key=lambda r: _badness(r[2]))[: self.top_k]
+            table = wandb.Table(columns=["layer", "operand", *HEALTH_FIELDS])
+            for name, op, stats in ranked:
+                table.add_data(name, op, *(stats[k] for k in HEALTH_FIELDS))
+            snrs = [s["snr_db"] for _, _, s in records if math.isfinite(s["snr_db"])]
+            payload: dict[str, Any] = {"health/worst_layers": table}
+            if snrs:
+                payload["health/snr_db_hist"] = wandb.Histogram(snrs)
+            payload["health/underflow_hist"] = wandb.Histogram([s["underflow"] for _, _, s in records])
+            lg.experiment.log(payload, step=step)
+
+
+class StopOnNonFinite(L.Callback):
+    """Stop before an optimizer step whose loss or gradients are not finite (see module doc)."""
+
+    def __init__(self, checkpoint: str | Path | None = None) -> None:
+        self.checkpoint = None if checkpoint is None else Path(checkpoint)
+        self._batch: Any = None
+        self._batch_idx = 0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._batch, self._batch_idx = batch, batch_idx
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        loss = trainer.callback_metrics.get("train/loss")
+        finite_loss = loss is None or bool(torch.isfinite(loss))
+        finite_grads = not grads or bool(torch.isfinite(torch.nn.utils.get_total_norm(grads)))
+        if finite_loss and finite_grads:
+            return
+        what = "loss" if not finite_loss else "gradients"
+        worst = self._diagnose(trainer, pl_module)
+        where = f"; worst quantized operands: {'; '.join(worst)}" if worst else ""
+        saved = self.checkpoint if self.checkpoint is not None and self.checkpoint.is_file() else None
+        resume = f"; last checkpoint (finite weights): {saved}" if saved else ""
+        raise LowbitError(f"non-finite {what} at step {trainer.global_step}{where}{resume}")
+
+    def _diagnose(self, trainer, pl_module) -> list[str]:
+        """Re-run this step's forward with health recording on; the worst operands, described."""
+        if not quant_layers(pl_module) or self._batch is None:
+            return []
+        _set_recording(pl_module, True)
+        try:
+            with torch.no_grad(), trainer.precision_plugin.forward_context():
+                pl_module.training_step(self._batch, self._batch_idx)
+        finally:
+            _set_recording(pl_module, False)
+        return worst_layers(_records(pl_module))

@@ -1,0 +1,193 @@
+"""QuantLinear: each GEMM operand goes through exactly its spec, blocked along the contraction dim."""
+
+import pytest
+import torch
+from torch import nn
+
+from lowbit.errors import LowbitError
+from lowbit.numerics import fake_quantize
+from lowbit.quant import GemmRecipe, QuantLinear
+
+NVFP4 = {
+    "fprop": {"x": "nvfp4", "w": "nvfp4_2d"},
+    "dgrad": {"dy": {"preset": "nvfp4", "rounding": "sr"}, "w": "nvfp4_2d"},
+    "wgrad": {"dy": {"preset": "nvfp4", "rounding": "sr"}, "x": "nvfp4", "rht": 16},
+}
+MXFP4 = {
+    "fprop": {"x": "mxfp4", "w": "mxfp4"},
+    "dgrad": {"dy": {"preset": "mxfp4", "rounding": "sr", "sr_prescale": 0.75}, "w": "mxfp4", "rht": 32},
+    "wgrad": {"dy": {"preset": "mxfp4", "rounding": "sr", "sr_prescale": 0.75}, "x": "mxfp4", "rht": 32},
+}
+FP8 = {
+    "fprop": {"x": "fp8_e4m3_tensor", "w": "fp8_e4m3_tensor"},
+    "dgrad": {"dy": "fp8_e5m2_tensor", "w": "fp8_e4m3_tensor"},
+    "wgrad": {"dy": "fp8_e5m2_tensor", "x": "fp8_e4m3_tensor"},
+}
+
+
+def _pair(recipe, in_f=64, out_f=96, bias=True, seed=0):
+    torch.manual_seed(seed)
+    ref = nn.Linear(in_f, out_f, bias=bias)
+    layer = QuantLinear.from_linear(nn.Linear(in_f, out_f, bias=bias), GemmRecipe.from_dict(recipe))
+    layer.load_state_dict(ref.state_dict())
+    return ref, layer
+
+
+def _manual(recipe, x, w, b, dy):
+    """The three GEMMs written out from the numerics functions, in QuantLinear's call order."""
+    r = GemmRecipe.from_dict(recipe)
+    q = lambda t, op: t if r.spec_of(op) is None else fake_quantize(t, r.spec_of(op))
+    y = q(x, "fprop.x") @ q(w, "fprop.w").t() + b
+    dx = q(dy, "dgrad.dy") @ q(w.t().contiguous(), "dgrad.w").t()
+    dw = q(dy.t().contiguous(), "wgrad.dy") @ q(x.t().contiguous(), "wgrad.x").t()
+    return y, dx, dw
+
+
+@pytest.mark.parametrize("recipe", [NVFP4, MXFP4, FP8], ids=["nvfp4", "mxfp4", "fp8"])
+def test_every_operand_goes_through_its_spec(recipe):
+    ref, layer = _pair(recipe)
+    x = torch.randn(64, 64) * torch.logspace(-2, 2, 64)  # columns of very different scale
+    dy = torch.randn(64, 96) * 1e-3
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(7)
+    y = layer(xr)
+    y.backward(dy)
+    torch.manual_seed(7)  # the same stochastic-rounding draws, in the same order
+    y_ref, dx_ref, dw_ref = _manual(recipe, x, ref.weight.detach(), ref.bias.detach(), dy)
+    assert torch.equal(y, y_ref)
+    assert torch.equal(xr.grad, dx_ref)
+    assert torch.equal(layer.weight.grad, dw_ref)
+    assert torch.equal(layer.bias.grad, dy.sum(0))
+    # and the quantization is not a no-op: the result differs from the full-precision layer
+    assert not torch.allclose(y, ref(x), atol=1e-6)
+
+
+def test_no_specs_equals_nn_linear_exactly():
+    ref, layer = _pair({}, in_f=40, out_f=24)
+    x = torch.randn(3, 5, 40)
+    xa, xb = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ya, yb = ref(xa), layer(xb)
+    dy = torch.randn_like(ya)
+    ya.backward(dy)
+    yb.backward(dy)
+    assert torch.equal(ya, yb)
+    assert torch.equal(xa.grad, xb.grad)
+    assert torch.equal(ref.weight.grad, layer.weight.grad)
+    assert torch.equal(ref.bias.grad, layer.bias.grad)
+
+
+def test_tokens_not_a_multiple_of_the_block_are_zero_padded():
+    # wgrad blocks run along the token dim (16 for nvfp4): 37 tokens are padded to 48 with zeros
+    ref, layer = _pair(NVFP4, bias=False)
+    x = torch.randn(37, 64)
+    dy = torch.randn(37, 96)
+    xr = x.clone().requires_grad_()
+    torch.manual_seed(3)
+    layer(xr).backward(dy)
+    pad = lambda t: torch.cat([t, t.new_zeros(48 - 37, t.shape[1])])
+    torch.manual_seed(3)
+    r = GemmRecipe.from_dict(NVFP4)
+    w = ref.weight.detach()
+    dx = fake_quantize(pad(dy), r.spec_of("dgrad.dy")) @ fake_quantize(w.t().contiguous(), r.spec_of("dgrad.w")).t()
+    dw = (
+        fake_quantize(pad(dy).t().contiguous(), r.spec_of("wgrad.dy"))
+        @ fake_quantize(pad(x).t().contiguous(), r.spec_of("wgrad.x")).t()
+    )
+    assert torch.equal(xr.grad, dx[:37])
+    assert torch.equal(layer.weight.grad, dw)
+
+
+def test_rht_cancels_in_the_product():
+    # with lossless-enough operands (FP32-scaled E5M2 would not be), the RHT'd GEMM equals the plain one
+    spec = {"element": "e4m3", "block": [1, 16], "scale_format": "fp32"}
+    plain = {"wgrad": {"dy": spec, "x": spec}}
+    rotated = {"wgrad": {"dy": spec, "x": spec, "rht": 16}}
+    x, dy = torch.randn(32, 64), torch.randn(32, 96)
+    grads = []
+    for recipe in (plain, rotated, {}):
+        _, layer = _pair(recipe)
+        layer(x).backward(dy)
+        grads.append(layer.weight.grad)
+    exact = grads[2]
+    rel = lambda g: float((g - exact).norm() / exact.norm())
+    assert not torch.equal(grads[0], grads[1])  # the transform changed what was quantized...
+    assert rel(grads[1]) < 0.05 and rel(grads[0]) < 0.05  # ...but not what was computed
+
+
+def test_stochastic_rounding_makes_the_weight_gradient_unbiased():
+    # wgrad with SR on dy (and the RHT): the mean over draws converges to the exact dW = dyᵀ·Q(x),
+    # while RNE keeps a fixed bias. Q(x) is deterministic (RNE), so compare against it.
+    sr = {"wgrad": {"dy": {"preset": "nvfp4", "rounding": "sr"}, "x": "nvfp4"}}
+    rne = {"wgrad": {"dy": "nvfp4", "x": "nvfp4"}}
+    torch.manual_seed(0)
+    x, dy = torch.randn(64, 64), torch.randn(64, 96) * torch.rand(64, 1)
+    target = dy.t() @ fake_quantize(x.t().contiguous(), "nvfp4").t()
+    mean = torch.zeros_like(target)
+    n = 200
+    for i in range(n):
+        _, layer = _pair(sr, seed=i)
+        layer(x).backward(dy)
+        mean += layer.weight.grad / n
+    _, layer = _pair(rne)
+    layer(x).backward(dy)
+    rne_err = float((layer.weight.grad - target).norm() / target.norm())
+    sr_mean_err = float((mean - target).norm() / target.norm())
+    assert sr_mean_err < rne_err / 3  # averaging SR draws removes the error, averaging RNE cannot
+    assert sr_mean_err < 0.02
+
+
+def test_saved_for_backward_is_no_larger_than_a_bf16_linear():
+    def saved_bytes(module, x):
+        total = []
+
+        def pack(t):
+            total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+            module(x)
+        return sum(total)
+
+    ref, layer = _pair(NVFP4)
+    x = torch.randn(128, 64, requires_grad=True)
+    assert saved_bytes(layer, x) <= saved_bytes(ref, x) + layer.weight.numel() * 4  # + the FP32 master weight itself
+
+
+def test_autocast_computes_in_bf16():
+    _, layer = _pair(NVFP4)
+    x = torch.randn(16, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+
+
+def test_from_linear_shares_parameters_and_state_dict_keys():
+    linear = nn.Linear(64, 96)
+    layer = QuantLinear.from_linear(linear, GemmRecipe.from_dict(NVFP4))
+    assert layer.weight is linear.weight and layer.bias is linear.bias
+    assert list(layer.state_dict()) == list(linear.state_dict())
+
+
+def test_shapes_that_do_not_fit_the_blocks_are_clear_errors():
+    with pytest.raises(LowbitError, match="in_features 40 does not divide by the recipe's block size 16"):
+        QuantLinear(40, 32, recipe=GemmRecipe.from_dict(NVFP4))
+    with pytest.raises(LowbitError, match="unknown QuantLinear backend 'cuda'"):
+        QuantLinear(64, 64, recipe=GemmRecipe.from_dict(NVFP4), backend="cuda")
+
+
+def test_health_records_every_quantized_operand():
+    _, layer = _pair(NVFP4)
+    layer.record_health = True
+    x = torch.randn(32, 64, requires_grad=True)
+    layer(x).sum().backward()
+    assert set(layer.health) == {"fprop.x", "fprop.w", "dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x"}
+    h = layer.health["fprop.x"]
+    assert h["amax"] == pytest.approx(float(x.detach().abs().max()))
+    assert 0 <= h["underflow"] < 0.2
+    # NVFP4 rounds block scales to nearest E4M3, so a block's largest element may clip by < 2^-4;
+    # at most a few elements per 16-element block can sit that close to the block's amax
+    assert 0 < h["saturation"] < 0.1
+    assert 10 < h["snr_db"] < 30  # FP4 on Gaussians: about 17-20 dB
+    # the largest block decode scale is the largest block's amax / 6, up to E4M3 rounding (2^-4 relative)
+    assert h["scale_max"] == pytest.approx(float(x.abs().max()) / 6, rel=2**-4)
+    assert 0 < h["scale_min"] <= h["scale_max"]
