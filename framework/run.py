@@ -168,6 +168,13 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
     return callbacks
 
 
+def _baseline(cfg: DictConfig, run_dir: Path, recipe: str | None):
+    from lowbit.callbacks.baseline import BaselineLoss
+
+    group = cfg.logger.get("group") or recipe or "default"
+    return BaselineLoss(run_dir, group, str(cfg.precision.name))
+
+
 def _seed(seed: int) -> None:
     from lightning.pytorch import seed_everything
 
@@ -204,7 +211,7 @@ def train(composed: Composed, echo=print) -> RunResult:
         **built.trainer_kwargs,
         plugins=[built.precision],
         logger=loggers,
-        callbacks=_callbacks(cfg, ckpt_dir),
+        callbacks=[*_callbacks(cfg, ckpt_dir), _baseline(cfg, run_dir, composed.recipe)],
         default_root_dir=str(run_dir),
         check_val_every_n_epoch=None,  # validation by steps: the training stream is endless
         max_epochs=-1,

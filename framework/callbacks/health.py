@@ -84,7 +84,9 @@ class QuantHealth(L.Callback):
         records = _records(pl_module)
         step = trainer.global_step - 1  # the step whose forward and backward were recorded
         self._write_csv(step, records)
-        pl_module.log_dict(self.summary(records), on_step=True)
+        summary = self.summary(records)
+        for lg in trainer.loggers:  # straight to the loggers: logged through the module, Lightning repeats a callback's value every step
+            lg.log_metrics(summary, step=step)
         self._log_wandb(trainer, step, records)
 
     @staticmethod
@@ -127,11 +129,11 @@ class QuantHealth(L.Callback):
             for name, op, stats in ranked:
                 table.add_data(name, op, *(stats[k] for k in HEALTH_FIELDS))
             snrs = [s["snr_db"] for _, _, s in records if math.isfinite(s["snr_db"])]
-            payload: dict[str, Any] = {"health/worst_layers": table}
+            payload: dict[str, Any] = {"health/worst_layers": table, "trainer/global_step": step}
             if snrs:
                 payload["health/snr_db_hist"] = wandb.Histogram(snrs)
             payload["health/underflow_hist"] = wandb.Histogram([s["underflow"] for _, _, s in records])
-            lg.experiment.log(payload, step=step)
+            lg.experiment.log(payload)  # W&B's own step moves on; the x axis is trainer/global_step, as Lightning logs
 
 
 class StopOnNonFinite(L.Callback):
