@@ -28,7 +28,9 @@ def _check_size(n: int) -> int:
     return n
 
 
-def hadamard_matrix(n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> torch.Tensor:
+def hadamard_matrix(
+    n: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None
+) -> torch.Tensor:
     """Orthonormal Sylvester-Hadamard matrix of size n (a power of two): H_2n = [[H, H], [H, -H]] / sqrt(2)."""
     _check_size(n)
     h = torch.ones(1, 1, dtype=torch.float64)

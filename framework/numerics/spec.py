@@ -74,7 +74,9 @@ class QuantSpec:
         element = get_format(self.element)  # unknown names: the registry's error lists installed ones
         scale = get_format(self.scale_format)
         if element.bits > 16:
-            raise LowbitError(f"element format '{self.element}' has {element.bits} bits; use a format of 16 bits or fewer")
+            raise LowbitError(
+                f"element format '{self.element}' has {element.bits} bits; use a format of 16 bits or fewer"
+            )
         rule = self.scale_rule
         if rule == "auto":
             rule = "floor" if scale.name == "e8m0" else "amax"
@@ -85,7 +87,9 @@ class QuantSpec:
                 f"scale_rule '{rule}' does not fit scale_format '{self.scale_format}'; valid: auto, {', '.join(valid_rules)}"
             )
         if self.global_scale and block == "tensor":
-            raise LowbitError("global_scale adds a tensor scale above block scales; it needs blocks, got block='tensor'")
+            raise LowbitError(
+                "global_scale adds a tensor scale above block scales; it needs blocks, got block='tensor'"
+            )
         if self.global_scale and scale.name in ("fp32", "e8m0"):
             raise LowbitError(
                 f"global_scale needs a low-precision, non-power-of-two scale format such as e4m3, got '{self.scale_format}'"

@@ -73,7 +73,9 @@ def test_mx_nan_block_decodes_to_nan():
     q = quantize(x, "mxfp8_e4m3")
     assert q.scale_codes[0, 0].item() == 255 and math.isnan(q.scales[0, 0].item())
     y = dequantize(q)
-    assert torch.all(torch.isnan(y[0, :32])) and not torch.any(torch.isnan(y[0, 32:])) and not torch.any(torch.isnan(y[1]))
+    assert (
+        torch.all(torch.isnan(y[0, :32])) and not torch.any(torch.isnan(y[0, 32:])) and not torch.any(torch.isnan(y[1]))
+    )
 
 
 @pytest.mark.parametrize("element", MX_ELEMENTS)
@@ -191,7 +193,10 @@ def test_nvfp4_scale_formulas():
     assert q.global_scale.item() == pytest.approx(amax.item() / (448 * 6), rel=1e-6)  # decode direction
     block_amax = x.view(32, 4, 16).abs().amax(-1)
     target = block_amax / 6 / q.global_scale
-    assert torch.equal(q.scale_codes, E4M3.encode(target)) or (q.scales - E4M3.decode(E4M3.encode(target))).abs().max() < 1e-6
+    assert (
+        torch.equal(q.scale_codes, E4M3.encode(target))
+        or (q.scales - E4M3.decode(E4M3.encode(target))).abs().max() < 1e-6
+    )
     assert q.scales.max().item() == 448.0  # the block holding the tensor amax uses the full E4M3 range
     y = dequantize(q)
     assert torch.all(y.abs().view(32, 4, 16) <= 6 * q.scales[..., None] * q.global_scale * (1 + 1e-6))
@@ -266,9 +271,13 @@ def test_int_asymmetric():
 
 # ---- layout errors -----------------------------------------------------------------------------
 def test_shapes_not_divisible_by_the_block_are_clear_errors():
-    with pytest.raises(LowbitError, match=r"shape \(4, 40\) is not divisible by block \(1, 32\); need the last dim a multiple of 32"):
+    with pytest.raises(
+        LowbitError, match=r"shape \(4, 40\) is not divisible by block \(1, 32\); need the last dim a multiple of 32"
+    ):
         quantize(torch.randn(4, 40), "mxfp4")
-    with pytest.raises(LowbitError, match=r"shape \(24, 32\) is not divisible by block \(16, 16\).*second-to-last a multiple of 16"):
+    with pytest.raises(
+        LowbitError, match=r"shape \(24, 32\) is not divisible by block \(16, 16\).*second-to-last a multiple of 16"
+    ):
         quantize(torch.randn(24, 32), "nvfp4_2d")
     with pytest.raises(LowbitError, match="needs a tensor with at least 2 dimensions"):
         quantize(torch.randn(32), "nvfp4_2d")

@@ -105,7 +105,9 @@ def _fp8_inputs(fmt) -> torch.Tensor:
     scaled = torch.randn(1 << 19, generator=gen) * torch.exp2(exponents)
     values = fmt.values().double()
     mids = ((values[1:] + values[:-1]) / 2).float()  # exact ties (representable in float32)
-    ties = torch.cat([mids, torch.nextafter(mids, torch.full_like(mids, math.inf)), torch.nextafter(mids, -mids.abs() - 1)])
+    ties = torch.cat(
+        [mids, torch.nextafter(mids, torch.full_like(mids, math.inf)), torch.nextafter(mids, -mids.abs() - 1)]
+    )
     top = torch.tensor([fmt.max, fmt.max * 1.0625, fmt.max * 1.0626, fmt.max * 1.125, fmt.max * 2, 3e38])
     specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, 1e-45, -1e-45, 1.2e-38, fmt.min_subnormal / 2])
     return torch.cat([random_bits.view(torch.float32), scaled, ties, top, -top, specials])

@@ -32,7 +32,9 @@ def _matrices(cols=64, max_rows=4):
         elements=st.floats(-4.0, 4.0, width=32, allow_nan=False, allow_infinity=False),
     )
     exponents = st.lists(st.integers(-40, 40), min_size=max_rows, max_size=max_rows)
-    return st.builds(lambda a, e: torch.from_numpy(a) * torch.exp2(torch.tensor(e[: a.shape[0]]).float())[:, None], values, exponents)
+    return st.builds(
+        lambda a, e: torch.from_numpy(a) * torch.exp2(torch.tensor(e[: a.shape[0]]).float())[:, None], values, exponents
+    )
 
 
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

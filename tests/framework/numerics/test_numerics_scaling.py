@@ -43,7 +43,9 @@ def test_tensorwise_fp8_quantize_uses_amax_scale():
     assert q.scales.item() == torch.reciprocal(torch.tensor(448.0) / amax).item()  # scale_inv as TE
     assert dequantize(q).abs().max().item() == pytest.approx(amax.item(), rel=2**-4)
     fixed = quantize(x, "fp8_e4m3_tensor", scale=torch.tensor(64.0))
-    assert fixed.scales.item() == 1 / 64 and torch.equal(fixed.codes, quantize(x * 64, "fp8_e4m3_tensor", scale=1.0).codes)
+    assert fixed.scales.item() == 1 / 64 and torch.equal(
+        fixed.codes, quantize(x * 64, "fp8_e4m3_tensor", scale=1.0).codes
+    )
     assert quantize(x, "fp8_e4m3_tensor", amax=2 * amax).scales.item() == pytest.approx(2 * q.scales.item())
 
 
