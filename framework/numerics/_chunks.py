@@ -2,9 +2,11 @@
 
 A format conversion is a chain of ~15 elementwise torch ops. On a 64 MiB tensor each op
 allocates a fresh 64 MiB buffer, and on CPU the page faults of those allocations cost more
-than the arithmetic. Running the chain on cache-sized chunks (2^18 elements, 1 MiB float32)
-and writing each result into one preallocated output is 10-30x faster and gives identical
-numbers. On GPU the chain runs on the whole tensor.
+than the arithmetic. Running the chain on cache-sized chunks and writing each result into
+one preallocated output is 10-30x faster and gives identical numbers. The chunk, 2^17
+elements (512 KiB float32), keeps a chain's few live temporaries in a core's L2 (2 MiB here):
+1.5-2.5x faster per op than 2^18, while Python's per-op overhead (~2 us) stays small beside
+the work. On GPU the chain runs on the whole tensor.
 """
 
 from __future__ import annotations
@@ -15,10 +17,12 @@ import torch
 
 __all__ = ["CHUNK_ELEMENTS", "map_elementwise", "row_chunks"]
 
-CHUNK_ELEMENTS = 1 << 18
+CHUNK_ELEMENTS = 1 << 17
 
 
-def map_elementwise(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+def map_elementwise(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_dtype: torch.dtype
+) -> torch.Tensor:
     """``fn(x)`` for an elementwise ``fn``, evaluated chunk by chunk on CPU; shape of ``x``."""
     if x.device.type != "cpu" or x.numel() <= CHUNK_ELEMENTS:
         return fn(x)
