@@ -30,12 +30,16 @@ _FLT_MAX = torch.finfo(torch.float32).max
 
 
 def tensor_amax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """max |x| as float32 (over everything, or along ``dim`` keeping it); NaN propagates."""
+    """max |x| as float32 (over everything, or along ``dim`` keeping it); NaN propagates; +0 for
+    all zeros (max(-0, +0) may be -0, which made NVFP4's global scale -Inf and the tensor NaN)."""
+    if not x.numel():
+        return torch.zeros((), dtype=torch.float32)
     if dim is None:
         lo, hi = torch.aminmax(x)
     else:
         lo, hi = torch.aminmax(x, dim=dim, keepdim=True)
-    return torch.maximum(hi.float(), -lo.float()) if x.numel() else torch.zeros((), dtype=torch.float32)
+    amax = torch.maximum(hi.float(), -lo.float())
+    return torch.where(amax == 0, 0.0, amax)
 
 
 def round_scale_to_pow2(scale: torch.Tensor) -> torch.Tensor:

@@ -215,6 +215,8 @@ def test_nvfp4_2d_weight_and_its_transpose_quantize_identically():
 def test_nvfp4_zero_tensor_and_nan():
     q = quantize(torch.zeros(4, 32), "nvfp4")
     assert q.global_scale.item() == torch.reciprocal(torch.tensor(FLT_MAX)).item() and torch.all(dequantize(q) == 0)
+    negative_zeros = quantize(torch.full((4, 32), -0.0), "nvfp4")  # once NaN: the amax was -0, g = -Inf
+    assert negative_zeros.global_scale.item() == q.global_scale.item() and torch.all(dequantize(negative_zeros) == 0)
     x = torch.ones(4, 32)
     x[2, 3] = math.nan
     assert torch.all(torch.isnan(fake_quantize(x, "nvfp4")))  # the tensor amax is NaN (as TE)

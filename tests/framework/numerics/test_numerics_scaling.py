@@ -95,3 +95,7 @@ def test_tensor_amax():
     assert tensor_amax(torch.tensor([-3.0, 2.0])).item() == 3.0
     assert tensor_amax(torch.tensor([[1.0, -5.0], [2.0, 0.0]]), dim=-1).tolist() == [[5.0], [2.0]]
     assert math.isnan(tensor_amax(torch.tensor([1.0, math.nan])).item())
+    # all zeros give +0, whatever their signs (the sign bit is what a -0 would show)
+    for zeros in (torch.full((8,), -0.0), torch.tensor([0.0, -0.0]), torch.tensor([-0.0, 0.0])):
+        assert tensor_amax(zeros).view(torch.int32).item() == 0
+        assert torch.all(tensor_amax(zeros.view(2, -1), dim=-1).view(torch.int32) == 0)
