@@ -29,7 +29,7 @@ import torch
 from lowbit.numerics.formats import ElementFormat, FloatFormat, IntFormat
 from lowbit.numerics.rounding import round_to_integer
 
-__all__ = ["decode", "encode", "round_to_format", "supported"]
+__all__ = ["decode", "e8m0_scales", "encode", "round_to_format", "supported"]
 
 _EXPONENT_FIELD = 0x7F800000  # float32 exponent bits
 
@@ -104,6 +104,19 @@ def decode(element: ElementFormat, codes: torch.Tensor) -> torch.Tensor | None:
         if int(magnitude.max()) >= first_special:
             return None
     # the code's exponent and mantissa fields, moved into float16's: value * 2^(bias - 15)
-    half = (magnitude << (10 - element.mbits)).bitwise_or_((c >> magnitude_bits) << 15)
+    if element.ebits == 5:  # sign and fields already sit where float16 has them (E5M2: its top byte)
+        half = c << (10 - element.mbits)
+    else:
+        half = (magnitude << (10 - element.mbits)).bitwise_or_((c >> magnitude_bits) << 15)
     values = half.view(torch.float16).float()
     return values if element.bias == 15 else values.mul_(2.0 ** (15 - element.bias))
+
+
+def e8m0_scales(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(decode scales 2^(c - 127), encode factors 2^(127 - c)) of E8M0 codes without NaN (c < 255),
+    as float32 built from bits; 2^-127 (c = 0 or 254) is the subnormal 1 << 22 (E8M0's decode
+    and ``pow2_from_exponent`` give the same bits)."""
+    c = codes.to(torch.int32)
+    decode = (c << 23).clamp_(min=1 << 22).view(torch.float32)
+    factor = ((254 - c) << 23).clamp_(min=1 << 22).view(torch.float32)
+    return decode, factor

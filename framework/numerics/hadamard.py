@@ -13,6 +13,7 @@ butterfly (log2 n stages of add/sub), exposed as :func:`fwht`; the tests check t
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -77,13 +78,20 @@ def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
     return x.reshape(-1, size)
 
 
+@functools.lru_cache(maxsize=64)
+def _shared_random_hadamard(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``random_hadamard(n, seed)`` on ``device``, built once: quantization applies the same R to
+    every operand of every step (building it costs ~40 us). Read only, never handed out."""
+    return random_hadamard(n, seed, device=device)
+
+
 def rht(x: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Random Hadamard transform of each length-``size`` block of the last dim (float32 result)."""
     blocks = _blocks(x, size).float()  # (M, size)
-    return (blocks @ random_hadamard(size, seed, device=x.device)).view(x.shape)
+    return (blocks @ _shared_random_hadamard(size, int(seed), x.device)).view(x.shape)
 
 
 def inverse_rht(y: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Inverse of :func:`rht` (its transpose): y @ R^T blockwise."""
     blocks = _blocks(y, size).float()
-    return (blocks @ random_hadamard(size, seed, device=y.device).T).view(y.shape)
+    return (blocks @ _shared_random_hadamard(size, int(seed), y.device).T).view(y.shape)

@@ -82,9 +82,14 @@ def _scaling_from_amax(
     element: ElementFormat,
     scale_format: ElementFormat,
     global_encode: torch.Tensor | None,
+    finite: bool = False,
 ) -> _Scaling:
+    """Scales from block amax; ``finite``: every amax is finite (no NaN scale codes to mind)."""
     if scale_format.name == "e8m0":
         codes = mx_scale_codes(amax, element, spec.scale_rule)
+        if finite:  # the arithmetic path's where-free E8M0 decode
+            decode, factor = _fast.e8m0_scales(codes)
+            return _Scaling(decode, codes, factor)
         exponent = codes.to(torch.int32) - 127
         return _Scaling(scale_format.decode(codes), codes, pow2_from_exponent(-exponent))
     if scale_format.name == "fp32":
@@ -139,6 +144,26 @@ def _finite_rows(n_rows: int, *extrema: torch.Tensor) -> torch.Tensor | None:
     return ok.all(dim=1).expand(n_rows)
 
 
+def _fill(shape: torch.Size, dtype: torch.dtype, device: torch.device, parts) -> torch.Tensor:
+    """One (B, ...) tensor of ``dtype`` from (block-row slice, values) chunks, written in place.
+    A single chunk that covers every row is returned as is (cast to ``dtype``): small tensors
+    skip the copy."""
+    out = None
+    for sl, part in parts:
+        if out is None and sl.start == 0 and sl.stop >= shape[0]:
+            return part.reshape(shape).to(dtype)
+        if out is None:
+            out = torch.empty(shape, dtype=dtype, device=device)
+        out[sl] = part.view(out[sl].shape)
+    return out
+
+
+def _finite_factors(scaling: _Scaling) -> bool:
+    """Finite input times a finite factor is never NaN, what the arithmetic path needs. Factors
+    are finite except from a scale override (Inf/NaN) or a degenerate global scale."""
+    return bool(torch.isfinite(scaling.factor).all())
+
+
 @dataclass
 class _Plan:
     """Everything quantization fixes before it touches elements: the scales of every block, the
@@ -183,17 +208,19 @@ class _Plan:
 
     def encode_codes(self, stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Codes of every element, (B, r, C)."""
-        codes = torch.empty(self.rows.shape, dtype=self.element.code_dtype, device=self.rows.device)
-        element, spec = self.element, self.spec
-        for sl, scaled, fast in self.scaled_chunks():
-            codes[sl] = self.encode(scaled, fast).view(codes[sl].shape)
-            if stats is not None:
-                if spec.asymmetric:
-                    saturated = (scaled < element.qmin) | (scaled > element.qmax)
-                else:
-                    saturated = scaled.abs() > element.max
-                stats["saturated"] += saturated.sum()
-        return codes
+
+        def parts():
+            element, spec = self.element, self.spec
+            for sl, scaled, fast in self.scaled_chunks():
+                if stats is not None:
+                    if spec.asymmetric:
+                        saturated = (scaled < element.qmin) | (scaled > element.qmax)
+                    else:
+                        saturated = scaled.abs() > element.max
+                    stats["saturated"] += saturated.sum()
+                yield sl, self.encode(scaled, fast)
+
+        return _fill(self.rows.shape, self.element.code_dtype, self.rows.device, parts())
 
 
 def _plan(
@@ -237,9 +264,11 @@ def _plan(
             finite_rows = _finite_rows(rows.shape[0], block_min, block_max)
     else:
         block_amax = _block_reduce(rows, layout, torch.amax, absolute=True)  # NaN propagates
-        scaling = _scaling_from_amax(block_amax, spec, element, scale_format, global_encode)
         if fast:
             finite_rows = _finite_rows(rows.shape[0], block_amax)
+        finite = fast and finite_rows is None
+        scaling = _scaling_from_amax(block_amax, spec, element, scale_format, global_encode, finite)
+    fast = fast and _finite_factors(scaling)
     return _Plan(spec, element, layout, rows, scaling, global_encode, gen, fast, finite_rows)
 
 
@@ -322,16 +351,17 @@ def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True)
     scales = q.scales.reshape(n_scale_rows, -1)
     zero_points = None if q.zero_points is None else q.zero_points.reshape(n_scale_rows, -1)
     fast = fast and q.device.type == "cpu" and _fast.supported(element, saturate=True)
-    out = torch.empty(codes.shape, dtype=torch.float32 if spec.rht_size else out_dtype, device=q.device)
-    for sl in row_chunks(codes.shape[0], codes[0].numel(), codes.device):
-        values = _fast.decode(element, codes[sl]) if fast else None  # None: Inf/NaN codes
-        if values is None:
-            values = element.decode(codes[sl])
-        blocks_of = slice(None) if layout.per_tensor else sl
-        zp = None if zero_points is None else zero_points[blocks_of]
-        values = _unscale(layout.blocks(values), scales[blocks_of], zp, q.global_scale, spec.sr_prescale)
-        out[sl] = values.view(out[sl].shape)
-    out = out.view(q.shape)
+
+    def parts():
+        for sl in row_chunks(codes.shape[0], codes[0].numel(), codes.device):
+            values = _fast.decode(element, codes[sl]) if fast else None  # None: Inf/NaN codes
+            if values is None:
+                values = element.decode(codes[sl])
+            blocks_of = slice(None) if layout.per_tensor else sl
+            zp = None if zero_points is None else zero_points[blocks_of]
+            yield sl, _unscale(layout.blocks(values), scales[blocks_of], zp, q.global_scale, spec.sr_prescale)
+
+    out = _fill(codes.shape, torch.float32 if spec.rht_size else out_dtype, q.device, parts()).view(q.shape)
     if spec.rht_size:
         out = inverse_rht(out, spec.rht_size, spec.rht_seed).to(out_dtype)
     return out
@@ -357,17 +387,19 @@ def _fake_quantize(
     plan = _plan(x, spec, generator, seed, amax, scale, fast)
     scaling, element = plan.scaling, plan.element
     global_scale = None if plan.global_encode is None else torch.reciprocal(plan.global_encode).reshape(())
-    out = torch.empty(plan.rows.shape, dtype=torch.float32 if spec.rht_size else x.dtype, device=x.device)
-    for sl, scaled, fast_chunk in plan.scaled_chunks():
-        if fast_chunk:
-            values = _fast.round_to_format(element, scaled, spec.rounding, plan.generator)
-        else:
-            values = element.decode(plan.encode(scaled, fast=False))
-        blocks_of = slice(None) if plan.layout.per_tensor else sl
-        zp = None if scaling.zero_point is None else scaling.zero_point[blocks_of]
-        values = _unscale(values, scaling.decode[blocks_of], zp, global_scale, spec.sr_prescale)
-        out[sl] = values.view(out[sl].shape)
-    out = out.view(x.shape)
+
+    def parts():
+        for sl, scaled, fast_chunk in plan.scaled_chunks():
+            if fast_chunk:
+                values = _fast.round_to_format(element, scaled, spec.rounding, plan.generator)
+            else:
+                values = element.decode(plan.encode(scaled, fast=False))
+            blocks_of = slice(None) if plan.layout.per_tensor else sl
+            zp = None if scaling.zero_point is None else scaling.zero_point[blocks_of]
+            yield sl, _unscale(values, scaling.decode[blocks_of], zp, global_scale, spec.sr_prescale)
+
+    out_dtype = torch.float32 if spec.rht_size else x.dtype
+    out = _fill(plan.rows.shape, out_dtype, x.device, parts()).view(x.shape)
     if spec.rht_size:
         out = inverse_rht(out, spec.rht_size, spec.rht_seed).to(x.dtype)
     return out
@@ -416,9 +448,9 @@ def _requantize(
     else:
         factor = torch.clamp(torch.reciprocal(decode), max=_FLT_MAX)
     saturate = spec.saturate or spec.scale_format != "fp32"
-    fast = fast and x.device.type == "cpu" and _fast.supported(element, saturate)
-    finite_rows = _finite_rows(rows.shape[0], tensor_amax(src).reshape(1, 1)) if fast else None
     scaling = _Scaling(decode, codes, factor, zero_point)
+    fast = fast and x.device.type == "cpu" and _fast.supported(element, saturate) and _finite_factors(scaling)
+    finite_rows = _finite_rows(rows.shape[0], tensor_amax(src).reshape(1, 1)) if fast else None
     plan = _Plan(spec, element, layout, rows, scaling, None, gen, fast, finite_rows)
     return QTensor(
         plan.encode_codes().view(x.shape),

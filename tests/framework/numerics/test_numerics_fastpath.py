@@ -182,13 +182,31 @@ def test_quantize_dequantize_and_fake_quantize_match_the_general_path(spec, chun
         assert _same(_requantize(reference, general, None, 6).codes, again.codes), name
 
 
+@pytest.mark.parametrize("spec", SPECS, ids=lambda s: f"{s.element}-{s.block}-{s.scale_format}-{s.rounding}")
+@pytest.mark.parametrize("fill", [0.0, -0.0, 1e-45, 3.0], ids=["zeros", "negative_zeros", "min_subnormal", "all_equal"])
+def test_constant_tensors_match_the_general_path(spec, fill):
+    """Constant tensors; all -0 once made NVFP4's global scale -Inf (factors not finite)."""
+    x = torch.full((32, 64), fill)
+    general = _quantize(x, spec, None, 5, None, None, fast=False)
+    reference = _dequantize(general, fast=False)
+    assert _same(fake_quantize(x, spec, seed=5), reference)
+    assert _same(_quantize(x, spec, None, 5, None, None).codes, general.codes)
+    assert _same(dequantize(general), reference)
+
+
 def test_overrides_match_the_general_path():
     x = _with_specials(_adversarial(4))
-    for spec, kwargs in [
+    overrides = [
         ("fp8_e4m3_tensor", {"scale": 0.01}),
         ("fp8_e4m3_tensor", {"amax": 5.0}),
         ("nvfp4", {"amax": 3.0}),
-    ]:
+        ("fp8_e4m3_tensor", {"scale": math.inf}),  # factors that are not finite: the general path
+        ("fp8_e5m2_tensor", {"scale": math.nan}),
+        ("nvfp4", {"amax": 0.0}),
+        ("nvfp4", {"amax": -0.0}),
+        ("nvfp4", {"amax": math.inf}),
+    ]
+    for spec, kwargs in overrides:
         spec = QuantSpec.preset(spec)
         for data in (x, _adversarial(4)):
             amax, scale = kwargs.get("amax"), kwargs.get("scale")
