@@ -21,6 +21,7 @@ private ``_quantize`` / ``_dequantize`` / ``_fake_quantize`` / ``_requantize`` t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -136,6 +137,8 @@ def _block_reduce(rows: torch.Tensor, layout: BlockLayout, reduce, absolute: boo
 def _finite_rows(n_rows: int, *extrema: torch.Tensor) -> torch.Tensor | None:
     """(B,) bool: block rows whose extrema (each (B, nb) or (1, 1)) are finite, i.e. rows without
     NaN/Inf input; None when every row is."""
+    if all(e.numel() == 1 for e in extrema):  # one tensor scale: no tensor ops
+        return None if all(math.isfinite(e.item()) for e in extrema) else torch.zeros(n_rows, dtype=torch.bool)
     ok = torch.isfinite(extrema[0])
     for e in extrema[1:]:
         ok = ok & torch.isfinite(e)
@@ -161,7 +164,8 @@ def _fill(shape: torch.Size, dtype: torch.dtype, device: torch.device, parts) ->
 def _finite_factors(scaling: _Scaling) -> bool:
     """Finite input times a finite factor is never NaN, what the arithmetic path needs. Factors
     are finite except from a scale override (Inf/NaN) or a degenerate global scale."""
-    return bool(torch.isfinite(scaling.factor).all())
+    factor = scaling.factor
+    return math.isfinite(factor.item()) if factor.numel() == 1 else bool(torch.isfinite(factor).all())
 
 
 @dataclass
