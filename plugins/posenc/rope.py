@@ -171,6 +171,12 @@ class RoPE(PositionalEncoding):
             raise LowbitError(f"rope scale={scale} has no effect with scaling='none'; set scaling to pi, ntk or yarn")
         if scaling != "none" and scale < 1:
             raise LowbitError(f"rope scale is a context-extension factor s ≥ 1, got {scale}")
+        if scaling == "yarn" and not 0 <= yarn_alpha < yarn_beta:
+            raise LowbitError(
+                f"rope YaRN ramp needs 0 ≤ yarn_alpha < yarn_beta, got yarn_alpha={yarn_alpha}, yarn_beta={yarn_beta}; the paper uses 1 and 32"
+            )
+        if original_max_len is not None and original_max_len < 1:
+            raise LowbitError(f"rope original_max_len is a training length ≥ 1, got {original_max_len}")
         if grid is not None and rotary_dim % 4:
             raise LowbitError(
                 f"2-D rope splits its {rotary_dim} rotary channels into row and column pairs; that must divide by 4"

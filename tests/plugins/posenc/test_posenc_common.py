@@ -102,7 +102,7 @@ def test_image_grids_train_and_evaluate_larger(name):
 
 
 @pytest.mark.parametrize("name", NAMES)
-def test_tiny_gpt_trains_and_evaluates_longer(name):
+def test_tiny_gpt_trains_round_trips_and_evaluates_longer(name):
     from lowbit.models.gpt import GPT
 
     torch.manual_seed(3)
@@ -114,8 +114,17 @@ def test_tiny_gpt_trains_and_evaluates_longer(name):
     for pname, p in model.posenc.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
     model.eval()
+    longer = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
-        assert torch.isfinite(model(torch.randint(0, 256, (1, 40)))).all()
+        logits = model(longer)
+    assert logits.shape == (1, 40, 256) and torch.isfinite(logits).all()
+
+    # state-dict round trip of the whole GPT: a differently seeded copy gives the same logits, longer length too
+    torch.manual_seed(4)
+    other = GPT(vocab_size=256, dim=32, n_layers=2, n_heads=4, max_len=16, posenc={"name": name}).eval()
+    other.load_state_dict(model.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(other(longer), logits, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", NAMES)

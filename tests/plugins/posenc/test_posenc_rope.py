@@ -246,6 +246,12 @@ def test_tables_from_inference_mode_are_not_reused_for_training():
         ({}, {"head_dim": 6, "grid": (4, 4)}, "must divide by 4"),
         ({"xpos": True}, {"head_dim": 8, "grid": (4, 4)}, "xpos is defined for 1-D"),
         ({"scaling": "yarn", "scale": 2.0}, {"head_dim": 8}, "needs original_max_len"),
+        (
+            {"scaling": "yarn", "scale": 2.0, "yarn_alpha": 32.0},
+            {"head_dim": 8, "max_len": 64},
+            "yarn_alpha=32.0, yarn_beta=32.0",
+        ),
+        ({"scaling": "yarn", "scale": 2.0, "original_max_len": 0}, {"head_dim": 8}, "training length ≥ 1, got 0"),
         ({"theta": 1e4, "colour": 3}, {"head_dim": 8}, "has no option 'colour'"),
     ],
 )
