@@ -2,10 +2,11 @@
 
 The general ``encode`` in :mod:`lowbit.numerics.formats` defines every format on every input
 (NaN, Inf, -0, non-saturating overflow, unsigned formats). On CPU it is slow for reasons that
-have nothing to do with the arithmetic: ``torch.where``, boolean masks and table gathers cost
-5-20x a multiply there. For what quantization almost always sees, *finite* input to a *signed,
-saturating* minifloat or integer format, the same numbers come from a few arithmetic and
-integer ops (same binade, same power-of-two scaling, same rounding call, no masks):
+have nothing to do with the arithmetic: ``torch.where``, boolean masks, table gathers and
+torch's float8_e4m3fn -> float32 cast cost 10-30x a multiply there. For what quantization
+almost always sees, *finite* input to a *signed, saturating* minifloat or integer format, the
+same numbers come from a few arithmetic and integer ops (same binade, same power-of-two
+scaling, same rounding call, no masks):
 
   minifloat, x finite:  y = clamp(x, -max, max)
                         u = 2^(binade(|y|) - mbits), binade clamped below at emin
@@ -17,9 +18,12 @@ Codes come from the same binade and integer (``code = ((binade - emin) << mbits)
 decoding goes through float16, whose 5-bit exponent field holds any minifloat's exponent field
 unchanged (value = fp16(code bits) * 2^(15 - bias), exact, no float32 subnormal arithmetic).
 
-``quantize`` calls these only for chunks without NaN/Inf input (a NaN chunk takes the general
-path, so even NaN payloads match), on CPU, for formats where :func:`supported` says so; the
-tests compare both paths bit for bit on adversarial inputs.
+E5M2 is float16's top byte, so its fake-quantized values are torch's cast and a shift.
+
+:mod:`lowbit.numerics.quantize` calls these on CPU only, for formats :func:`supported`
+accepts, in chunks whose input is finite and whose encode factors are finite (anything else,
+NaN included, takes the general path, so even NaN payloads match). The tests compare both
+paths bit for bit on adversarial inputs (tests/framework/numerics/test_numerics_fastpath.py).
 """
 
 from __future__ import annotations
