@@ -152,7 +152,7 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
         SaveOnInterrupt(ckpt_dir),  # Ctrl-C leaves a usable last.ckpt
         QuantHealth(int(cfg.health.every_n_steps), path=ckpt_dir.parent / "health.csv"),
         StopOnNonFinite(ckpt_dir / "last.ckpt"),  # a NaN never reaches the weights or a checkpoint
-        Throughput("tokens"),
+        Throughput(),  # in the task's throughput_unit (tokens, images)
     ]
     if cfg.checkpoint.save_best:
         callbacks.append(

@@ -1,4 +1,4 @@
-"""Throughput (tokens or samples per second) and peak memory, logged every training step."""
+"""Throughput (tokens, images or samples per second) and peak memory, logged every training step."""
 
 from __future__ import annotations
 
@@ -20,17 +20,29 @@ def peak_memory_mb(device: torch.device) -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-class Throughput(L.Callback):
-    """Logs ``perf/{unit}_per_s`` (the first input's numel, or its batch size) and ``perf/peak_mem_mb``.
+UNITS = ("tokens", "images", "samples")
 
-    The clock runs from batch start to batch end: forward, backward and optimizer step.
+
+class Throughput(L.Callback):
+    """Logs ``perf/{unit}_per_s`` (tokens: the first input's numel; images, samples: its batch size) and ``perf/peak_mem_mb``.
+
+    ``unit=None`` takes the task's ``throughput_unit`` (``samples`` if it has none). The clock runs
+    from batch start to batch end: forward, backward and optimizer step.
     """
 
-    def __init__(self, unit: str = "tokens") -> None:
-        if unit not in ("tokens", "samples"):
-            raise ValueError(f"unit must be 'tokens' or 'samples', got {unit!r}")
+    def __init__(self, unit: str | None = None) -> None:
+        if unit is not None and unit not in UNITS:
+            raise ValueError(f"unit must be one of {', '.join(UNITS)}, got {unit!r}")
         self.unit = unit
         self._start = 0.0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.unit is None:
+            self.unit = getattr(pl_module, "throughput_unit", "samples")
+            if self.unit not in UNITS:
+                raise ValueError(
+                    f"{type(pl_module).__name__}.throughput_unit must be one of {', '.join(UNITS)}, got {self.unit!r}"
+                )
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._start = time.perf_counter()

@@ -26,6 +26,8 @@ class CausalLM(L.LightningModule):
     bytes) and ``val/ppl`` (torchmetrics ``Perplexity``).
     """
 
+    throughput_unit = "tokens"
+
     def __init__(
         self, model: nn.Module, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], max_steps: int
     ) -> None:
