@@ -193,11 +193,11 @@ def _number(value: float | None) -> str:
 
 def markdown(rows: Sequence[Row], shape: tuple[int, ...], dtype: torch.dtype, repeats: int, warmup: int) -> str:
     """The results as a markdown table, with a header line saying what was timed and how."""
-    size = "x".join(str(s) for s in shape)
+    size, threads = "x".join(str(s) for s in shape), torch.get_num_threads()
     dtype_name = str(dtype).removeprefix("torch.")
     header = (
         f"Quantize + dequantize throughput, GB/s of {dtype_name} input ({size}), CPU, "
-        f"{torch.get_num_threads()} threads, torch {torch.__version__.split('+')[0]}, {_torchao_version()}; "
+        f"{threads} thread{'s' if threads != 1 else ''}, torch {torch.__version__.split('+')[0]}, {_torchao_version()}; "
         f"median of {repeats} interleaved rounds after {warmup} warm-up. "
         "q+dq = amax, scales, encode to codes, decode, rescale (both sides); "
         "fake = lowbit `fake_quantize` (same bits, no codes); "

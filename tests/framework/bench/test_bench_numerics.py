@@ -28,7 +28,7 @@ def test_bench_has_a_row_per_preset_with_positive_throughputs(tmp_path, capsys):
     assert torch.get_num_threads() == threads  # --threads is undone afterwards
     printed = capsys.readouterr().out
     assert out.read_text() == printed
-    assert "float32 input (64x64)" in printed and "1 threads" in printed
+    assert "float32 input (64x64)" in printed and ", 1 thread," in printed
     rows = _rows(printed)
     assert sorted(rows) == preset_names()
     for preset, (lowbit, _, _, fake, _) in rows.items():
