@@ -202,7 +202,21 @@ def to_yaml(cfg: DictConfig) -> str:
 
 
 def plain(node: Any) -> Any:
-    """A resolved config node as plain Python (dict/list/scalars), for building objects."""
-    if isinstance(node, (DictConfig, ListConfig)):
+    """A resolved config node as plain Python (dict/list/scalars), for building objects.
+
+    An interpolation that cannot resolve (``model=vit`` with text data has no ``data.image_size``)
+    is one clear error naming the key."""
+    from omegaconf.errors import InterpolationKeyError, InterpolationResolutionError
+
+    if not isinstance(node, (DictConfig, ListConfig)):
+        return node
+    try:
         return OmegaConf.to_container(node, resolve=True)
-    return node
+    except InterpolationKeyError as err:
+        key, missing = getattr(err, "full_key", "?"), err.msg.splitlines()[0]
+        raise LowbitError(
+            f"{key} cannot be set: {missing}; pick components that fit together "
+            "(e.g. model=vit needs image data such as data=digits, model=gpt text data)"
+        ) from err
+    except InterpolationResolutionError as err:
+        raise LowbitError(f"{getattr(err, 'full_key', '?')}: {_one_line(err)}") from err

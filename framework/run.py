@@ -97,6 +97,7 @@ def _build_target(node: dict[str, Any], what: str, **context: Any) -> Any:
 
 def build(cfg: DictConfig) -> Built:
     """Build precision, data, model and task from a composed config (nothing runs yet)."""
+    plain(cfg)  # every interpolation resolves, or one clear error
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise LowbitError(f"{missing[0]} has no value; set it on the command line: {missing[0]}=...")
@@ -136,6 +137,7 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
 
     from lowbit.callbacks.checkpoint import SaveOnInterrupt
     from lowbit.callbacks.health import QuantHealth, StopOnNonFinite
+    from lowbit.callbacks.rounding import SeedStochasticRounding
     from lowbit.callbacks.throughput import Throughput
 
     every = int(cfg.checkpoint.every_n_steps)
@@ -152,6 +154,7 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
         SaveOnInterrupt(ckpt_dir),  # Ctrl-C leaves a usable last.ckpt
         QuantHealth(int(cfg.health.every_n_steps), path=ckpt_dir.parent / "health.csv"),
         StopOnNonFinite(ckpt_dir / "last.ckpt"),  # a NaN never reaches the weights or a checkpoint
+        SeedStochasticRounding(int(cfg.seed)),  # SR noise from (seed, step): resumes are exact
         Throughput(),  # in the task's throughput_unit (tokens, images)
     ]
     if cfg.checkpoint.save_best:

@@ -36,8 +36,10 @@ def test_run_saves_resolved_config_and_checkpoints(tmp_path):
     assert ckpt["global_step"] == 3
 
 
-def test_resume_reproduces_every_later_loss_exactly(tmp_path):
+@pytest.mark.parametrize("recipe", ["bf16_llm", "nvfp4_llm"])  # nvfp4: stochastic rounding is seeded by (seed, step)
+def test_resume_reproduces_every_later_loss_exactly(tmp_path, recipe):
     common = [
+        f"recipe={recipe}",
         *SMOKE,
         "trainer.max_steps=6",
         "checkpoint.every_n_steps=3",
