@@ -42,7 +42,11 @@ class AutocastPrecision(Precision):
         self.device_type = device_type
         self.enabled = mode == "bf16" or (mode == "auto" and bf16_is_fast(device_type))
         self.precision = "bf16-mixed" if self.enabled else "32-true"
-        why = "" if mode != "auto" else (" (native BF16 on this device)" if self.enabled else " (this device has no fast BF16)")
+        why = (
+            ""
+            if mode != "auto"
+            else (" (native BF16 on this device)" if self.enabled else " (this device has no fast BF16)")
+        )
         self.compute = f"{'BF16 autocast' if self.enabled else 'FP32'} on {device_type}{why}"
 
     @property

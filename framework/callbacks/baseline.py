@@ -73,5 +73,7 @@ class BaselineLoss(L.Callback):
                 import wandb
 
                 ys = [[self.mine[s] for s in steps], [self.losses[s] for s in steps]]
-                chart = wandb.plot.line_series(xs=steps, ys=ys, keys=[self.name, "bf16"], title="train loss vs BF16", xname="step")
+                chart = wandb.plot.line_series(
+                    xs=steps, ys=ys, keys=[self.name, "bf16"], title="train loss vs BF16", xname="step"
+                )
                 lg.experiment.log({"compare/loss_vs_bf16": chart})

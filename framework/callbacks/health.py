@@ -85,7 +85,9 @@ class QuantHealth(L.Callback):
         step = trainer.global_step - 1  # the step whose forward and backward were recorded
         self._write_csv(step, records)
         summary = self.summary(records)
-        for lg in trainer.loggers:  # straight to the loggers: logged through the module, Lightning repeats a callback's value every step
+        for lg in (
+            trainer.loggers
+        ):  # straight to the loggers: logged through the module, Lightning repeats a callback's value every step
             lg.log_metrics(summary, step=step)
         self._log_wandb(trainer, step, records)
 

@@ -51,7 +51,11 @@ class FP8Precision(QuantPrecision):
             raise LowbitError(f"fp8 scaling must be current or delayed, got '{scaling}'")
         if scaling == "delayed" and granularity != "tensor":
             raise LowbitError("fp8 delayed scaling keeps one amax history per tensor; use granularity=tensor with it")
-        delayed = {"history_len": history_len, "amax_compute": amax_compute, "margin": margin} if scaling == "delayed" else None
+        delayed = (
+            {"history_len": history_len, "amax_compute": amax_compute, "margin": margin}
+            if scaling == "delayed"
+            else None
+        )
         super().__init__(
             recipe=fp8_recipe(granularity, forward_format, backward_format),
             keep=keep,

@@ -25,8 +25,14 @@ def _run(fn, argv, capsys):
         ),
         (["resume=/no/such.ckpt", "debug=smoke"], "error: resume=/no/such.ckpt: no checkpoint at /no/such.ckpt"),
         (["--fast"], "error: unknown flag '--fast'"),
-        (["model=vit", "debug=smoke"], "error: model.image_size cannot be set: Interpolation key 'data.image_size' not found"),
-        (["precision=nvfp4", "+trainer.strategy=fsdp", "debug=smoke"], "error: precision 'nvfp4' does not work with trainer.strategy=fsdp"),
+        (
+            ["model=vit", "debug=smoke"],
+            "error: model.image_size cannot be set: Interpolation key 'data.image_size' not found",
+        ),
+        (
+            ["precision=nvfp4", "+trainer.strategy=fsdp", "debug=smoke"],
+            "error: precision 'nvfp4' does not work with trainer.strategy=fsdp",
+        ),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, expected, capsys, tmp_path):
