@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowbit-installed
-RECIPE ?= bf16_llm
+RECIPE ?= nvfp4_llm
 ARGS ?=
 
 .PHONY: setup train test test-all lint format clean

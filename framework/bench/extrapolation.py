@@ -212,6 +212,7 @@ def run(
             run_dir = out / enc.train
             overrides = [
                 "logger=csv",
+                "trainer.enable_progress_bar=false",
                 "checkpoint.save_best=false",
                 f"trainer.val_check_interval={steps}",  # validate once, at the end
                 *base,

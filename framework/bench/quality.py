@@ -100,7 +100,7 @@ def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], e
         outcome = Outcome(v)
         for seed in seeds:
             run_dir = out / f"{v.name}-s{seed}"
-            overrides = [*base, *v.overrides, f"seed={seed}", "logger=csv", f"run_dir={run_dir}"]
+            overrides = [*base, *v.overrides, f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false", f"run_dir={run_dir}"]
             echo(f"[{v.name} seed {seed}] train {' '.join(overrides)}")
             result = train(compose(overrides), echo=lambda *_: None)
             outcome.val_loss.append(result.metrics["val/loss"])
