@@ -3,10 +3,15 @@
 Backend ``emulate`` (the reference, any device): each operand is quantized and dequantized by
 ``lowbit.numerics`` (blocks along the GEMM's contraction dim, see ``recipe.py``), then the
 GEMM runs in the compute dtype (the autocast dtype when autocast is on, else the input's).
-Backend ``triton`` (CUDA) runs fused kernels giving the same numbers, when ``lowbit.kernels``
-provides them. Master weights stay in high precision: the parameters are the ``nn.Linear``'s
-own, so a checkpoint moves between precisions unchanged. Saved for backward: the input in the
-compute dtype and the weight parameter itself — no more than a BF16 ``nn.Linear`` keeps.
+Backend ``triton`` (CUDA) runs ``lowbit.kernels``: fused quantize kernels and block-scaled GEMMs on
+the codes, the same numbers up to the order of the FP32 accumulation; ``auto`` takes it on CUDA for
+every GEMM whose two operand specs the kernels cover (``lowbit.kernels.dispatch.supports``: FP8,
+MXFP8, MXFP4, NVFP4 and custom specs built from them) and emulates the others, and on CPU always
+emulates. With stochastic rounding the kernels draw Philox bits seeded from ``sr_generator``, a
+different random stream from emulate's ``torch.rand`` (both unbiased). Master weights stay in high
+precision: the parameters are the ``nn.Linear``'s own, so a checkpoint moves between precisions
+unchanged. Saved for backward: the input in the compute dtype and the weight parameter itself — no
+more than a BF16 ``nn.Linear`` keeps.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.numerics import DelayedScaling, QuantSpec, fake_quantize, get_format, quant_error, quantize, tensor_amax
-from lowbit.quant.recipe import GemmRecipe
+from lowbit.quant.recipe import GEMMS, OPERANDS, GemmRecipe
 
 __all__ = ["BACKENDS", "QuantLinear", "operand_health"]
 
@@ -37,6 +42,48 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad dim 0 to a multiple: zero rows add nothing to any product or amax."""
     extra = -t.shape[0] % multiple
     return F.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+def _kernels_serve(t: torch.Tensor) -> bool:
+    """Whether the fused kernels run on ``t``'s device: CUDA (tests patch this to run them on CPU under
+    ``TRITON_INTERPRET=1``)."""
+    return t.is_cuda
+
+
+def _kernel_ops(backend: str, t: torch.Tensor):
+    """``lowbit.kernels.dispatch`` for backend auto/triton on a device the kernels serve, else None.
+    Imported on first use, so ``import lowbit`` never loads Triton."""
+    if backend == "emulate" or not _kernels_serve(t):
+        return None
+    try:
+        from lowbit.kernels import dispatch
+    except ImportError:  # auto without a working Triton: emulate (backend triton checked it at build)
+        return None
+    return dispatch
+
+
+def _check_triton_backend(recipe: GemmRecipe) -> None:
+    """Backend ``triton``: a CUDA GPU, an importable ``lowbit.kernels``, and kernels for every quantized operand."""
+    if not torch.cuda.is_available():
+        raise LowbitError(
+            "QuantLinear backend 'triton' needs a CUDA GPU and none is available; use backend auto or emulate"
+        )
+    try:
+        from lowbit.kernels import dispatch
+    except ImportError as err:
+        raise LowbitError(
+            f"QuantLinear backend 'triton' cannot import lowbit.kernels ({err}); use backend auto or emulate"
+        ) from err
+    for gemm in GEMMS:
+        if not getattr(recipe, gemm).quantized:
+            continue
+        for name in OPERANDS[gemm]:
+            reason = dispatch.supports(recipe.spec_of(f"{gemm}.{name}"))
+            if reason is not None:
+                raise LowbitError(
+                    f"QuantLinear backend 'triton' has no kernels for {gemm}.{name} ({reason}); use backend auto, "
+                    "which emulates the GEMMs the kernels do not cover"
+                )
 
 
 def operand_health(t: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
@@ -66,9 +113,7 @@ class _QuantLinearFn(torch.autograd.Function):
         tokens = layer.token_multiple
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         n = x2.shape[0]
-        xq = layer._quant(_pad_rows(x2, tokens), "fprop.x", dtype)  # (N', in)
-        wq = layer._quant(weight, "fprop.w", dtype)  # (out, in)
-        y = (xq @ wq.t())[:n]  # (N, out)
+        y = layer._gemm("fprop", _pad_rows(x2, tokens), weight, dtype)[:n]  # (N', in) x (out, in) -> (N, out)
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
@@ -83,14 +128,14 @@ class _QuantLinearFn(torch.autograd.Function):
         dy2 = dy.reshape(-1, weight.shape[0]).to(dtype)  # (N, out)
         n = dy2.shape[0]
         dx = dw = db = None
+        dy_pad = _pad_rows(dy2, tokens)  # (N', out)
+        dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)
         if ctx.needs_input_grad[0]:
-            dyq = layer._quant(_pad_rows(dy2, tokens), "dgrad.dy", dtype)  # (N', out)
-            wq_t = layer._quant(weight.t(), "dgrad.w", dtype)  # (in, out)
-            dx = (dyq @ wq_t.t())[:n].view(*dy.shape[:-1], weight.shape[1])  # (N, in)
+            dx = layer._gemm("dgrad", dy_pad, weight.t(), dtype, dy_dgrad)  # (N', out) x (in, out)
+            dx = dx[:n].view(*dy.shape[:-1], weight.shape[1])  # (N, in)
         if ctx.needs_input_grad[1]:
-            dyq_t = layer._quant(_pad_rows(dy2, tokens).t(), "wgrad.dy", dtype)  # (out, N')
-            xq_t = layer._quant(_pad_rows(x2, tokens).t(), "wgrad.x", dtype)  # (in, N')
-            dw = (dyq_t @ xq_t.t()).to(weight.dtype)  # (out, in)
+            dw = layer._gemm("wgrad", dy_pad.t(), _pad_rows(x2, tokens).t(), dtype, dy_wgrad)  # (out, N') x (in, N')
+            dw = dw.to(weight.dtype)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(weight.dtype)
         return dx, dw, db, None
@@ -131,10 +176,7 @@ class QuantLinear(nn.Linear):
         if backend not in BACKENDS:
             raise LowbitError(f"unknown QuantLinear backend '{backend}'; valid: {', '.join(BACKENDS)}")
         if backend == "triton":
-            # the slot the kernels work fills; until then 'auto' means emulate everywhere
-            raise LowbitError(
-                "QuantLinear backend 'triton' is not available: lowbit.kernels has no GEMM kernels yet; use auto or emulate"
-            )
+            _check_triton_backend(recipe)
         multiples = recipe.multiples()
         for dim, size in (("in", self.in_features), ("out", self.out_features)):
             if size % multiples[dim]:
@@ -169,6 +211,46 @@ class QuantLinear(nn.Linear):
             state.update()
             return out.to(dtype)
         return fake_quantize(t, spec, generator=self.sr_generator).to(dtype)
+
+    def _gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, qa: Any = None) -> torch.Tensor:
+        """``a @ b.t()`` with each operand through its spec of ``gemm``: the kernels when they serve both
+        operands here (``qa``: ``a`` already quantized by them), else quantize-dequantize-matmul."""
+        a_name, b_name = (f"{gemm}.{name}" for name in OPERANDS[gemm])
+        ops = _kernel_ops(self.backend, a)
+        if ops is not None and all(ops.supports(self.recipe.spec_of(name)) is None for name in (a_name, b_name)):
+            qa = qa if qa is not None else self._kernel_quant(ops, a, a_name)
+            return ops.matmul(qa, self._kernel_quant(ops, b, b_name), out_dtype=dtype)
+        return self._quant(a, a_name, dtype) @ self._quant(b, b_name, dtype).t()
+
+    def _kernel_quant(self, ops: Any, t: torch.Tensor, operand: str) -> Any:
+        """One operand through the kernels (a ``KernelQTensor``); health and FP8 delayed scaling as ``_quant``."""
+        spec = self.recipe.spec_of(operand)
+        if self.record_health:
+            self.health[operand] = operand_health(t, spec)
+        seed = ops.draw_seed(self.sr_generator, t.device) if spec.rounding == "sr" else None
+        if self.delayed_scaling is not None and spec.block == "tensor" and spec.scale_format == "fp32":
+            state = self.delayed_state(operand, t.device)
+            q = ops.quantize(t, spec, seed=seed, scale=state.scale)
+            state.observe(tensor_amax(t.detach()))
+            state.update()
+            return q
+        return ops.quantize(t, spec, seed=seed)
+
+    def _quantize_dy(self, dy: torch.Tensor) -> tuple[Any, Any]:
+        """dy for dgrad and dyᵀ for wgrad from one read of dy, when both GEMMs run on the kernels and the
+        two specs fit one kernel call (``dispatch.pairable``); else (None, None)."""
+        ops = _kernel_ops(self.backend, dy)
+        specs = [self.recipe.spec_of(op) for op in ("dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x")]
+        if ops is None or self.delayed_scaling is not None or any(ops.supports(s) is not None for s in specs):
+            return None, None
+        if not ops.pairable(specs[0], specs[2]):
+            return None, None
+        if self.record_health:
+            self.health["dgrad.dy"] = operand_health(dy, specs[0])
+            self.health["wgrad.dy"] = operand_health(dy.t(), specs[2])
+        sr = any(s.rounding == "sr" for s in (specs[0], specs[2]))
+        seed = ops.draw_seed(self.sr_generator, dy.device) if sr else None
+        return ops.quantize_pair(dy, specs[0], specs[2], seed=seed)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantLinearFn.apply(x, self.weight, self.bias, self)
