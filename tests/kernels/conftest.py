@@ -1,0 +1,87 @@
+"""Kernel tests: the compiled kernels on a CUDA GPU, Triton's CPU interpreter everywhere else.
+
+``TRITON_INTERPRET`` is read when a kernel is decorated (``@triton.jit``), so it is set here, before
+any test module imports ``lowbit.kernels``. References are always the numerics on CPU.
+"""
+
+import os
+import warnings
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.fixture(autouse=True)
+def _quiet_interpreter():
+    """The interpreter evaluates lanes a ``tl.where`` discards with numpy, which warns about their NaN
+    and overflow; the kept lanes are what the tests check."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
+@pytest.fixture
+def device() -> str:
+    """Where the kernels run: ``cuda`` on a GPU, ``cpu`` under the interpreter."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _adversarial(seed: int, rows: int = 64, cols: int = 128) -> torch.Tensor:
+    """(rows, cols) float32: a huge dynamic range across rows and one special block pattern per row
+    (zeros, -0, all-equal ties, powers of two, float32 subnormals, near FLT_MAX, saturation, a block
+    beside blocks whose scale underflows, ties of every FP4 step, an outlier)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen) * torch.exp2(torch.randint(-60, 60, (rows, 1), generator=gen).float())
+    x[0] = 0.0
+    x[1] = -0.0
+    x[2, :64] = 2.5
+    x[3, :32] = torch.exp2(torch.arange(32).float() - 16)
+    x[4, :32] = 1e-40
+    x[4, 32:64] = 1e-45
+    x[5, 3] = 3e38
+    x[6, :16] = 448.0 * 6
+    x[7, :16] = 1e30
+    x[7, 16:48] = 1e-30
+    x[8] = torch.arange(cols).float() * 0.25 - 16
+    x[9, 1] = 1e4
+    x[10, :32] = -6.0  # a block at exactly the format's max after scaling
+    return x
+
+
+def _with_specials(x: torch.Tensor) -> torch.Tensor:
+    y = x.clone()
+    y[20, 5] = float("nan")
+    y[21, 7] = float("inf")
+    y[22, 9] = -float("inf")
+    y[23, 0] = torch.tensor(0x7F800001, dtype=torch.int32).view(torch.float32)  # a signalling NaN payload
+    y[24, 100 % y.shape[1]] = torch.tensor(-0x3FFF_FEDD, dtype=torch.int32).view(torch.float32)  # negative NaN
+    return y
+
+
+@pytest.fixture
+def adversarial():
+    """A function (seed, rows=64, cols=128, specials=False) -> the adversarial float32 input."""
+
+    def make(seed: int, rows: int = 64, cols: int = 128, specials: bool = False) -> torch.Tensor:
+        x = _adversarial(seed, rows, cols)
+        return _with_specials(x) if specials else x
+
+    return make
+
+
+@pytest.fixture
+def bits():
+    """A function: a tensor's bit pattern as integers (NaN payloads and -0 compare exactly)."""
+
+    def as_bits(t: torch.Tensor) -> torch.Tensor:
+        t = t.cpu()
+        if t.dtype == torch.float32:
+            return t.view(torch.int32)
+        if t.dtype in (torch.bfloat16, torch.float16):
+            return t.view(torch.int16)
+        return t
+
+    return as_bits
