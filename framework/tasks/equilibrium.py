@@ -1,0 +1,64 @@
+"""Tasks for models with an equilibrium (DEQ) layer: log its solver stats, add its regulariser.
+
+A model with a DEQ layer exposes ``deq_stats() -> {"deq/iters": ..., "deq/abs_res": ..., "deq/fallbacks": ...}``
+(the last forward's solver stats) and ``deq_aux_loss() -> Tensor`` (the Jacobian regulariser, zero when
+off). ``log_deq_stats`` logs the stats every training step (W&B and CSV through the task's loggers) and
+``deq_aux_loss`` adds the regulariser to the loss. The classifier and LM tasks here are the plain ones
+plus that; the diffusion task does the same itself.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lowbit.tasks.classify import ImageClassifier
+from lowbit.tasks.lm import CausalLM
+
+__all__ = ["EquilibriumClassifier", "EquilibriumLM", "deq_aux_loss", "log_deq_stats"]
+
+
+def log_deq_stats(task: L.LightningModule, model: nn.Module, prefix: str = "") -> dict[str, float]:
+    """Log the model's last DEQ solver stats (``{prefix}deq/iters``, ...) if it has a DEQ layer; return them."""
+    stats_fn = getattr(model, "deq_stats", None)
+    stats = stats_fn() if callable(stats_fn) else {}
+    if stats:
+        task.log_dict({f"{prefix}{k}": float(v) for k, v in stats.items()})
+    return stats
+
+
+def deq_aux_loss(model: nn.Module) -> torch.Tensor | float:
+    """The model's DEQ regulariser of its last forward (Jacobian penalty), or 0.0 when it has none."""
+    aux = getattr(model, "deq_aux_loss", None)
+    return aux() if callable(aux) else 0.0
+
+
+class _EquilibriumMixin:
+    """training_step = the task's loss + the DEQ regulariser, with the solver stats logged."""
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        loss = super().training_step(batch, batch_idx)
+        aux = deq_aux_loss(self.model)
+        log_deq_stats(self, self.model)
+        if isinstance(aux, torch.Tensor) and aux.requires_grad:
+            self.log("deq/jac_loss", aux.detach().float())
+            loss = loss + aux
+        return loss
+
+    def validation_step(self, batch: Any, batch_idx: int) -> None:
+        super().validation_step(batch, batch_idx)
+        stats = getattr(self.model, "deq_stats", dict)()
+        if stats:  # epoch means over the validation batches
+            self.log("val/deq_iters", stats["deq/iters"], on_epoch=True)
+            self.log("val/deq_rel_res", stats["deq/rel_res"], on_epoch=True)
+
+
+class EquilibriumClassifier(_EquilibriumMixin, ImageClassifier):
+    """``ImageClassifier`` for a DEQ model (e.g. ``deq_vit``): also logs ``deq/*`` and adds the regulariser."""
+
+
+class EquilibriumLM(_EquilibriumMixin, CausalLM):
+    """``CausalLM`` for a DEQ model (e.g. ``deq_gpt``): also logs ``deq/*`` and adds the regulariser."""
