@@ -95,9 +95,11 @@ def _load_packed(ptr, offs_r, k0, R, K, stride_r, FMT: tl.constexpr, BLOCK_K: tl
 
 
 @triton.jit
-def _scale_column(s_ptr, offs_r, col, R, stride_sr, stride_sk, S_ROWS: tl.constexpr, SFMT: tl.constexpr):
-    """Decoded scales of rows ``offs_r`` in scale column ``col`` -> [BLOCK_R] float32."""
-    raw = tl.load(s_ptr + (offs_r // S_ROWS) * stride_sr + col * stride_sk, mask=offs_r < R, other=0)
+def _scale_column(s_ptr, offs_r, col, R, n_cols, stride_sr, stride_sk, S_ROWS: tl.constexpr, SFMT: tl.constexpr):
+    """Decoded scales of rows ``offs_r`` in scale column ``col`` -> [BLOCK_R] float32 (0 past the
+    last column: the K step may run past K, where the codes are 0 too)."""
+    mask = (offs_r < R) & (col < n_cols)
+    raw = tl.load(s_ptr + (offs_r // S_ROWS) * stride_sr + col * stride_sk, mask=mask, other=0)
     return decode_scale(raw, SFMT)
 
 
@@ -177,20 +179,13 @@ def _gemm_kernel(
                     a = _load_fp8(a_ptr, offs_m, k1, M, K, stride_am, A_FMT, BLOCK_M, KS)
                     b = _load_fp8(b_ptr, offs_n, k1, N, K, stride_bn, B_FMT, BLOCK_N, KS)
                     part = tl.dot(a, tl.trans(b))  # (BLOCK_M, BLOCK_N) of one K-block
+                    col = k1 // KS
                     if A_SCOLS > 0:
-                        part = (
-                            part
-                            * _scale_column(sa_ptr, offs_m, k1 // KS, M, stride_sam, stride_sak, A_SROWS, A_SFMT)[
-                                :, None
-                            ]
-                        )
+                        sa = _scale_column(sa_ptr, offs_m, col, M, K // KS, stride_sam, stride_sak, A_SROWS, A_SFMT)
+                        part = part * sa[:, None]
                     if B_SCOLS > 0:
-                        part = (
-                            part
-                            * _scale_column(sb_ptr, offs_n, k1 // KS, N, stride_sbn, stride_sbk, B_SROWS, B_SFMT)[
-                                None, :
-                            ]
-                        )
+                        sb = _scale_column(sb_ptr, offs_n, col, N, K // KS, stride_sbn, stride_sbk, B_SROWS, B_SFMT)
+                        part = part * sb[None, :]
                     acc += part
     else:  # bf16: scales folded into the operands
         for k0 in range(0, K, BLOCK_K):
@@ -206,9 +201,9 @@ def _gemm_kernel(
     # epilogue: scales constant along K, second-level scales, 1 / (prescale_a * prescale_b), bias
     if MODE != "scaled":
         if A_SCOLS == 0:
-            acc = acc * _scale_column(sa_ptr, offs_m, 0, M, stride_sam, 0, A_SROWS, A_SFMT)[:, None]
+            acc = acc * _scale_column(sa_ptr, offs_m, 0, M, 1, stride_sam, 0, A_SROWS, A_SFMT)[:, None]
         if B_SCOLS == 0:
-            acc = acc * _scale_column(sb_ptr, offs_n, 0, N, stride_sbn, 0, B_SROWS, B_SFMT)[None, :]
+            acc = acc * _scale_column(sb_ptr, offs_n, 0, N, 1, stride_sbn, 0, B_SROWS, B_SFMT)[None, :]
     if HAS_GA:
         acc = acc * tl.load(ga_ptr)
     if HAS_GB:
