@@ -33,7 +33,7 @@ import triton.language as tl
 from lowbit.errors import LowbitError
 from lowbit.kernels._common import check_device, decode_scale, e2m1_to_e4m3, expand_blocks, interpreting, unpack_fp4
 
-__all__ = ["MODES", "Operand", "benchmark", "gemm_blockscaled", "pick_mode"]
+__all__ = ["MODES", "Operand", "benchmark", "default_mode", "gemm_blockscaled", "pick_mode"]
 
 MODES = ("scaled", "fp8", "bf16", "scaled_mm")
 _SCALE_FORMATS = ("fp32", "e8m0", "e4m3", "ue5m3")
@@ -272,6 +272,12 @@ def pick_mode(a: Operand, b: Operand, device: torch.device) -> str:
     return "bf16"
 
 
+def default_mode(a: Operand, b: Operand, out_dtype: torch.dtype = torch.bfloat16) -> str:
+    """What :func:`gemm_blockscaled` runs by default: ``scaled_mm`` for FP8 tensor/row pairs cuBLASLt
+    takes, else :func:`pick_mode`'s Triton path."""
+    return "scaled_mm" if _scaled_mm_fits(a, b, out_dtype) else pick_mode(a, b, a.codes.device)
+
+
 def _check(a: Operand, b: Operand, bias: torch.Tensor | None, out_dtype: torch.dtype, mode: str) -> None:
     for name, op in (("a", a), ("b", b)):
         if op.element not in ("e4m3", "e5m2", "e2m1"):
@@ -428,8 +434,7 @@ def gemm_blockscaled(
     ``torch._scaled_mm`` on CUDA where it supports them, anything else :func:`pick_mode`'s path.
     """
     check_device(a.codes, b.codes, what="gemm_blockscaled")
-    if mode is None:
-        mode = "scaled_mm" if _scaled_mm_fits(a, b, out_dtype) else pick_mode(a, b, a.codes.device)
+    mode = mode or default_mode(a, b, out_dtype)
     _check(a, b, bias, out_dtype, mode)
     if mode == "scaled_mm" and not _scaled_mm_fits(a, b, out_dtype):
         raise LowbitError(
