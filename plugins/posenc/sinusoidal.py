@@ -43,18 +43,24 @@ class SinusoidalPE(PositionalEncoding):
     Args (context): dim.
     Options:
         base: the wavelength base (10000 in the paper).
+        rms: the added table is scaled to this root-mean-square per channel (the paper's table has
+            1/√2). The default 0.02 matches the token embeddings' init (GPT-2, timm): unscaled, the
+            positions would outweigh tokens 35 to 1 at init. ``rms: 0.7071`` is the paper's table,
+            meant for embeddings multiplied by √d as in Vaswani et al. 3.4.
     """
 
     lowbit_plugin_api = 1
     pos_dims = (1, 2)
 
-    def __init__(self, dim: int, base: float = 10000.0) -> None:
+    def __init__(self, dim: int, base: float = 10000.0, rms: float = 0.02) -> None:
         super().__init__()
         if dim % 2:
             raise LowbitError(f"sinusoidal positional encoding needs an even width, got dim={dim}")
         if base <= 0:
             raise LowbitError(f"sinusoidal base must be positive, got {base}")
-        self.dim, self.base = dim, base
+        if rms <= 0:
+            raise LowbitError(f"sinusoidal rms must be positive (0.02 matches the token init), got {rms}")
+        self.dim, self.base, self.rms = dim, base, rms
         self._cache = PositionCache()
 
     def table(self, pos: torch.Tensor) -> torch.Tensor:
@@ -69,11 +75,13 @@ class SinusoidalPE(PositionalEncoding):
         return sinusoid_table_2d(pos, self.dim, self.base)
 
     def embed(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """x (B, T, C) + table (T, C)."""
+        """x (B, T, C) + table (T, C) scaled to ``rms``."""
         if x.shape[-1] != self.dim:
             raise LowbitError(f"sinusoidal encoding has width {self.dim}, got tokens of width {x.shape[-1]}")
-        table = self._cache.get((pos,), x.dtype, lambda: self.table(pos).to(x.dtype))
+        # every sin/cos pair has sin² + cos² = 1, so the table's RMS is exactly 1/√2
+        gain = self.rms * 2**0.5
+        table = self._cache.get((pos,), x.dtype, lambda: (gain * self.table(pos)).to(x.dtype))
         return x + table
 
     def extra_repr(self) -> str:
-        return f"dim={self.dim}, base={self.base}"
+        return f"dim={self.dim}, base={self.base}, rms={self.rms}"

@@ -20,7 +20,7 @@ from lowbit.registry import registry
 def test_sinusoidal_1d_is_the_paper_formula():
     d = 16
     pe = SinusoidalPE(dim=d)
-    table = pe.embed(torch.zeros(1, 300, d), positions_1d(300))[0]
+    table = pe.table(positions_1d(300))
     for n in (0, 1, 17, 299):
         for i in range(d // 2):
             angle = n / 10000 ** (2 * i / d)
@@ -31,11 +31,23 @@ def test_sinusoidal_1d_is_the_paper_formula():
 def test_sinusoidal_2d_equals_timm_up_to_channel_order():
     # timm orders [sin_row, sin_col, cos_row, cos_col] (dim/4 each); we order [row: sin0 cos0 sin1 cos1 ..., col: ...]
     d, rows, cols = 32, 5, 3
-    ours = SinusoidalPE(dim=d).embed(torch.zeros(1, rows * cols, d), positions_2d(rows, cols))[0]
+    ours = SinusoidalPE(dim=d).table(positions_2d(rows, cols))
     timm = build_sincos2d_pos_embed([rows, cols], dim=d)
     q = d // 4
     perm = [(c % 2) * 2 * q + (c // (d // 2)) * q + (c % (d // 2)) // 2 for c in range(d)]
     torch.testing.assert_close(ours, timm[:, perm], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("rms", [0.02, 2**-0.5])
+def test_sinusoidal_embed_adds_the_table_at_the_chosen_rms(rms):
+    d, pos = 64, positions_1d(50)
+    pe = SinusoidalPE(dim=d, rms=rms)
+    x = torch.randn(2, 50, d)
+    added = pe.embed(x, pos) - x  # (B, T, d)
+    assert added.pow(2).mean(-1).sqrt().sub(rms).abs().max() < 1e-6  # every position vector has RMS rms
+    torch.testing.assert_close(added[0], pe.table(pos) * rms * 2**0.5, rtol=0, atol=5e-7)  # (x + t) - x rounds at ulp(x)
+    with pytest.raises(LowbitError, match="sinusoidal rms must be positive"):
+        SinusoidalPE(dim=d, rms=0.0)
 
 
 def test_sinusoidal_is_fixed_and_checks_widths():
