@@ -197,7 +197,7 @@ def _quantize_mx_op(
         ROW_RHT=row_rht, COL_RHT=col_rht,
         ROW_SR=row_sr, COL_SR=col_sr,
         BF16_BITS=bf16_bits, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=4,
+        num_warps=8 if max(row_rht, col_rht) >= 64 else 4,  # the transform holds a SIZE x SIZE matrix
     )  # fmt: skip
     return codes, scales, codes_t, scales_t
 

@@ -173,3 +173,27 @@ def test_triton_backend_names_the_operand_the_kernels_do_not_cover(monkeypatch):
     with pytest.raises(LowbitError, match=r"no kernels for fprop.w \(a high-precision operand\)"):
         QuantLinear(64, 96, recipe=half, backend="triton")
     QuantLinear(64, 96, recipe=GemmRecipe.from_dict(RNE_RECIPES["mxfp4"]), backend="triton")  # all covered
+
+
+def test_quantlinear_fp8_delayed_scaling_on_the_kernels(device, monkeypatch):
+    """FP8 delayed scaling: the kernels quantize with the scale from earlier steps and the layer records
+    the same amax history as emulate."""
+    monkeypatch.setattr(quant_linear, "_kernels_serve", lambda t: True)
+    state = {k: v.to(device) for k, v in nn.Linear(64, 96).state_dict().items()}
+    layers = {}
+    for backend in ("emulate", "auto"):
+        layer = QuantLinear.from_linear(nn.Linear(64, 96), GemmRecipe.from_dict(RNE_RECIPES["fp8"]), backend=backend)
+        layer.load_state_dict(state)
+        layer.delayed_scaling = {"history_len": 4}
+        outputs = []
+        for step in range(3):
+            x = torch.randn(32, 64, generator=torch.Generator().manual_seed(step)).to(device) * (step + 1)
+            outputs.append(layer(x).detach())
+        layers[backend] = (layer, outputs)
+    (emulate, ref), (kernels, got) = layers["emulate"], layers["auto"]
+    for a, b in zip(ref, got):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6 * a.abs().max().item())
+    state_ref = emulate.scaling_state["fprop.x"].state_dict()
+    state_got = kernels.scaling_state["fprop.x"].state_dict()
+    assert torch.equal(state_ref["amax_history"], state_got["amax_history"])
+    assert torch.equal(state_ref["scale"], state_got["scale"])
