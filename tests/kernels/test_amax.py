@@ -27,3 +27,7 @@ def test_zeros_give_plus_zero_and_nan_propagates(device, bits):
 def test_amax_of_the_transformed_rows(device, bits):
     x = torch.randint(-1000, 1000, (64, 128)).float() / 16  # dyadic: the 16-point transform is exact
     assert torch.equal(bits(amax(x.to(device), rht=16, rht_seed=4)), bits(tensor_amax(rht(x, 16, 4))))
+
+
+def test_custom_op_passes_opcheck(device):
+    torch.library.opcheck(torch.ops.lowbit.amax.default, (torch.randn(48, 64, device=device), 16, 2))
