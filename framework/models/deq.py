@@ -16,10 +16,12 @@ built once per forward, outside the solve.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from lowbit.errors import LowbitError
 from lowbit.models.dit import build_grid_posenc
@@ -29,7 +31,7 @@ from lowbit.nn.posenc import positions_1d, positions_2d
 from lowbit.nn.transformer import Block, attention_mask
 from lowbit.registry import registry
 
-__all__ = ["DEQ_DEFAULTS", "DEQGPT", "DEQViT", "EquilibriumCell"]
+__all__ = ["DEQ_DEFAULTS", "DEQGPT", "DEQViT", "EquilibriumCell", "double_backward_attention"]
 
 # the deq layer's defaults for these models (any DEQ option may be given in model.deq)
 DEQ_DEFAULTS: dict[str, Any] = {
@@ -41,6 +43,17 @@ DEQ_DEFAULTS: dict[str, Any] = {
     "phantom_steps": 3,
     "phantom_damping": 0.8,
 }
+
+
+def double_backward_attention(deq: nn.Module) -> AbstractContextManager:
+    """SDPA's math kernel while a DEQ layer computes its Jacobian regulariser, a nullcontext otherwise.
+
+    The regulariser differentiates a vector-Jacobian product (double backward); SDPA's fused kernels
+    (flash / memory-efficient, CPU and CUDA) have no derivative for their backward, the math kernel has.
+    """
+    if deq.training and torch.is_grad_enabled() and getattr(deq, "jac_reg_weight", 0) > 0:
+        return sdpa_kernel(SDPBackend.MATH)
+    return nullcontext()
 
 
 class EquilibriumCell(nn.Module):
@@ -145,7 +158,8 @@ class DEQViT(_Equilibrium):
             posenc = _PatchTokensOnly(self.posenc, patch_pos, 1)
         T = x.shape[1]
         mask = attention_mask(posenc.bias(pos, pos), False, T, T)  # once, outside the solve
-        z = self.equilibrium((self.inject_norm(x), pos, posenc, mask, False))  # (B, T, D)
+        with double_backward_attention(self.equilibrium):
+            z = self.equilibrium((self.inject_norm(x), pos, posenc, mask, False))  # (B, T, D)
         return self.head(z[:, 0] if self.cls_token is not None else z.mean(dim=1))
 
 
@@ -194,5 +208,6 @@ class DEQGPT(_Equilibrium):
         pos = positions_1d(T, idx.device)  # (T,)
         x = self.posenc.embed(self.tok_emb(idx), pos)  # (B, T, D)
         mask = attention_mask(self.posenc.bias(pos, pos), True, T, T)  # once, outside the solve
-        z = self.equilibrium((self.inject_norm(x), pos, self.posenc, mask, True))  # (B, T, D)
+        with double_backward_attention(self.equilibrium):
+            z = self.equilibrium((self.inject_norm(x), pos, self.posenc, mask, True))  # (B, T, D)
         return self.lm_head(z)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.deq import double_backward_attention
 from lowbit.models.dit import DiffusionTransformer
 from lowbit.nn.adaln import AdaLNBlock
 from lowbit.nn.posenc import PositionalEncoding
@@ -167,7 +168,7 @@ class FPDM(DiffusionTransformer):
         if z0 is not None and z0.shape != h.shape:
             raise LowbitError(f"FPDM z0 must be shaped like the tokens {tuple(h.shape)}, got {tuple(z0.shape)}")
         posenc: PositionalEncoding = self.posenc
-        with _solver_budget(self.fixed_point_layer, iters):
+        with _solver_budget(self.fixed_point_layer, iters), double_backward_attention(self.fixed_point_layer):
             z = self.fixed_point_layer((inj, c, pos, posenc, mask), z0=h if z0 is None else z0)  # (B, N, D)
         z_star = self.fixed_point_layer.last_z
         for block in self.post_blocks:

@@ -159,6 +159,8 @@ def iteration_budget(
     share = (budget - steps) * weights / weights.sum()
     counts = share.floor().long()
     left = budget - steps - int(counts.sum())
-    order = torch.argsort(share - counts, descending=True, stable=True)  # largest remainders get the leftovers
+    remainder = (share - counts).tolist()
+    # the leftovers go to the largest remainders; ties to the larger share, so the two linear schedules mirror
+    order = sorted(range(steps), key=lambda i: (-remainder[i], -float(share[i]), i))
     counts[order[:left]] += 1
     return [1 + int(c) for c in counts]
