@@ -8,7 +8,8 @@ The weight-tied cell is the shared trunk's pre-norm ``Block`` with input injecti
 so z* is bounded and a fresh cell contracts (the output norm divides the Jacobian by ‖Block(z + x̃)‖/√D
 while the injection keeps x̃ in every step). ``DEQViT`` classifies images as the ViT does (2-D grid
 positions, class token or mean pooling; the class token has no position); ``DEQGPT`` is a causal byte
-LM as the GPT (causality holds at every iterate). The solve is the ``deq`` layer plugin
+LM as the GPT (exactly causal with fixed-point iteration; Anderson and Broyden mix each sample's whole
+sequence, so earlier positions feel later ones up to the solver tolerance). The solve is the ``deq`` layer plugin
 (``registry.load("layers", "deq")``); its options pass through ``deq``. Positional biases and masks are
 built once per forward, outside the solve.
 """

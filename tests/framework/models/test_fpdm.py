@@ -8,9 +8,11 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.models.fpdm import FPDM
 from lowbit.plugins.layers.deq import DEQ
+from lowbit.registry import registry
 from lowbit.tasks.diffusion import Diffusion
 
 SMALL = dict(image_size=8, patch_size=2, in_chans=1, num_classes=10, dim=32, n_heads=2)
+TWO_D = [name for name in registry.names("posenc") if 2 in registry.load("posenc", name).pos_dims]
 OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}
 SCHEDULER = {"warmup_steps": 1, "min_lr_ratio": 1.0}
 
@@ -215,4 +217,14 @@ def test_jacobian_regulariser_trains_through_the_attention():
     loss = model(x, t, y).square().mean() + model.deq_aux_loss()
     loss.backward()  # a double backward through SDPA: the math kernel is used for it
     assert model.deq_stats()["deq/jac_fro2"] > 0
+    assert model.fixed_point_layer.f.block.attn.qkv.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("posenc", TWO_D)
+def test_every_2d_posenc_reaches_the_fixed_point_cell(posenc):
+    torch.manual_seed(0)
+    model = wake(FPDM(**SMALL, posenc=posenc, deq={"nograd_iters_range": [1, 1], "grad_iters_range": [1, 1]}))
+    x, t, y = batch()
+    model.train()(x, t, y).square().sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     assert model.fixed_point_layer.f.block.attn.qkv.weight.grad.abs().sum() > 0
