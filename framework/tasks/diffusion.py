@@ -130,6 +130,7 @@ class Diffusion(L.LightningModule):
         self.val_loss = MeanMetric()
         self._ema_step = -1
         self._grid_evals: float | None = None  # block evaluations of the last grid's sampling
+        self.last_sampling: SamplingStats | None = None  # what the latest call of ``sample`` cost
         self._data: Any = None  # the data module fid(datamodule=...) was given (the bench); else the trainer's
         self._fid_cache: dict[str, Any] = {}  # the feature network lives outside the module tree: never quantized
 
@@ -249,6 +250,7 @@ class Diffusion(L.LightningModule):
                 images = ddim_sample(eps_fn, x_T, self.alphas_cumprod, steps, eta, generator, clip)
         finally:
             self.model.train(was_training)
+        self.last_sampling = stats
         return images, stats
 
     def fid(
