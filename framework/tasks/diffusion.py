@@ -10,8 +10,9 @@ timestep's solution as the next one's initial guess (``warm_start``, FPDM §3.3)
 total of ``fp_budget`` solver iterations over the timesteps (``fp_schedule``: constant, increasing,
 decreasing; FPDM §3.3 and ``ddpm.iteration_budget``).
 
-Logged: ``train/loss``, ``lr``, ``deq/*`` (fixed-point models); ``val/loss`` (fixed t and ε per batch,
-so validations compare), ``val/sample_block_evals`` (transformer blocks one sample trajectory costs);
+Logged: ``train/loss``, ``lr``, ``deq/*`` (fixed-point models: iterations, residuals, fallbacks); ``val/loss``
+(fixed t and ε per batch, so validations compare), ``val/deq_iters`` and ``val/deq_rel_res`` (fixed-point
+models), ``val/sample_block_evals`` (transformer blocks one sample trajectory costs);
 ``val/fid`` against the validation split (``lowbit.metrics.fid``) in the run's final validation, or at
 every validation with ``fid_during_fit``. Sample grids (a row per class) go to
 ``<run_dir>/samples/step-NNNNNN.png`` and to W&B when a WandbLogger is attached.
@@ -169,6 +170,10 @@ class Diffusion(L.LightningModule):
         with self.ema.swapped(self.model):
             loss = self._noise_loss(x0, y, t, noise)
         self.val_loss.update(loss, weight=x0.shape[0])
+        stats = getattr(self.model, "deq_stats", dict)()
+        if stats:  # epoch means over the validation batches
+            self.log("val/deq_iters", stats["deq/iters"], on_epoch=True)
+            self.log("val/deq_rel_res", stats["deq/rel_res"], on_epoch=True)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)

@@ -141,3 +141,22 @@ def test_bad_options_are_clear_errors():
         DEQViT(**VIT, posenc="t5")
     with pytest.raises(LowbitError, match="unknown layers 'dee'; installed: deq"):
         DEQViT(**VIT, deq={"name": "dee"})
+
+
+def test_implicit_gradient_memory_does_not_grow_with_solver_iterations():
+    torch.manual_seed(0)
+    images, sizes = torch.randn(4, 1, 8, 8), {}
+    for iters in (4, 20):
+        model = DEQViT(**VIT, posenc="rope", deq={"grad": "implicit", "tol": 0.0, "max_iter": iters}).train()
+        total = 0
+
+        def pack(tensor):
+            nonlocal total
+            total += tensor.numel() * tensor.element_size()
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model(images)
+        sizes[iters] = total
+        assert model.deq_stats()["deq/iters"] == iters
+    assert sizes[4] == sizes[20] > 0
