@@ -122,7 +122,9 @@ class Diffusion(L.LightningModule):
             torch.cumprod(1 - noise_schedule(schedule, timesteps, beta_start, beta_end), 0),
             persistent=False,
         )
-        ddim_timesteps(timesteps, sample_steps)  # checks sample_steps now, not at the first validation
+        n_steps = len(ddim_timesteps(timesteps, sample_steps))  # checks sample_steps now, not at the first validation
+        if fp_budget is not None:
+            iteration_budget(fp_budget, n_steps, fp_schedule)  # and the budget (at least one iteration per step)
         self.sample_steps, self.eta, self.guidance_scale, self.clip_x0 = sample_steps, eta, guidance_scale, clip_x0
         self.samples_per_class, self.fid_samples, self.fid_during_fit = samples_per_class, fid_samples, fid_during_fit
         self.fp_budget, self.fp_schedule, self.warm_start = fp_budget, fp_schedule, warm_start

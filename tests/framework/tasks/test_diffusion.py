@@ -129,6 +129,8 @@ def test_bad_options_are_clear_errors():
         Diffusion(_tiny_dit(), OPTIMIZER, SCHEDULER, 1, **SHAPE, timesteps=100, sample_steps=200)
     with pytest.raises(LowbitError, match="unknown task.fp_schedule 'cosine'; valid: constant, increasing, decreasing"):
         Diffusion(_tiny_dit(), OPTIMIZER, SCHEDULER, 1, **SHAPE, fp_schedule="cosine")
+    with pytest.raises(LowbitError, match=r"budget must be an integer >= the number of sampling steps \(25\), got 10"):
+        Diffusion(_tiny_dit(), OPTIMIZER, SCHEDULER, 1, **SHAPE, fp_budget=10)
     with pytest.raises(LowbitError, match="task.guidance_scale must be >= 0"):
         Diffusion(_tiny_dit(), OPTIMIZER, SCHEDULER, 1, **SHAPE, guidance_scale=-1.0)
     task = Diffusion(_tiny_dit(), OPTIMIZER, SCHEDULER, 1, **SHAPE)
