@@ -1,14 +1,40 @@
 """Kernel tests: the compiled kernels on a CUDA GPU, Triton's CPU interpreter everywhere else.
 
-``TRITON_INTERPRET`` is read when a kernel is decorated (``@triton.jit``), so it is set here, before
-any test module imports ``lowbit.kernels``. References are always the numerics on CPU.
+``TRITON_INTERPRET`` is read when a function is decorated with ``@triton.jit``, so it is set here,
+before the test modules import ``lowbit.kernels``. In a full test run an earlier test module may
+already have imported Triton (Lightning's imports do), so Triton's own jitted library functions
+(``tl.max``, ``tl.randint``, ...) were made for the compiler: they are re-wrapped for the
+interpreter. References are always the numerics on CPU.
 """
 
 import os
+import sys
 import warnings
 
 import pytest
 import torch
+
+
+def _interpret_jitted_functions() -> None:
+    """Re-wrap every ``JITFunction`` already defined in Triton's language modules (and in any
+    ``lowbit.kernels`` module imported early) as an ``InterpretedFunction``, as decorating them
+    with ``TRITON_INTERPRET=1`` set would have."""
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    wrapped: dict[int, InterpretedFunction] = {}
+
+    def interpreted(value):
+        if id(value) not in wrapped:
+            wrapped[id(value)] = InterpretedFunction(value.fn)
+        return wrapped[id(value)]
+
+    modules = [m for n, m in list(sys.modules.items()) if n.startswith(("triton.language", "lowbit.kernels")) and m]
+    for namespace in [*modules, sys.modules["triton.language.core"].tensor]:
+        for attr, value in list(vars(namespace).items()):
+            if isinstance(value, JITFunction):
+                setattr(namespace, attr, interpreted(value))
+
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
@@ -17,6 +43,9 @@ try:
     import triton  # noqa: F401  (Triton is a Linux-only dependency)
 except ImportError:
     collect_ignore_glob = ["test_*.py"]
+else:
+    if not torch.cuda.is_available():
+        _interpret_jitted_functions()
 
 
 @pytest.fixture(autouse=True)
