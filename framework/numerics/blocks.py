@@ -43,6 +43,7 @@ __all__ = [
     "lowp_block_scales",
     "mx_scale_codes",
     "pow2_from_exponent",
+    "true_divide",
 ]
 
 _FLT_MAX = torch.finfo(torch.float32).max
@@ -111,6 +112,13 @@ def block_layout(shape: tuple[int, ...] | torch.Size, block: str | tuple[int, in
     return BlockLayout(shape, rows, cols, per_tensor=False)
 
 
+def true_divide(x: torch.Tensor, divisor: float) -> torch.Tensor:
+    """``x / divisor`` correctly rounded on every device. PyTorch's CUDA kernels divide by a Python
+    scalar as a multiply by its float32 reciprocal (one more rounding, so ~half the quotients
+    differ in the last bit from CPU's); a tensor divisor is divided elementwise everywhere."""
+    return x / torch.tensor(divisor, dtype=x.dtype, device=x.device)
+
+
 # ---- power-of-two (E8M0) scales --------------------------------------------------------------
 def pow2_from_exponent(exponent: torch.Tensor) -> torch.Tensor:
     """2^e as float32 for integer e in [-127, 127], exactly (2^-127 is a float32 subnormal)."""
@@ -134,7 +142,7 @@ def mx_scale_codes(amax: torch.Tensor, element: ElementFormat, rule: str = "floo
     amax = amax.float()
     bits = amax.view(torch.int32)
     if rule == "rceil":
-        ratio = amax / element.max
+        ratio = true_divide(amax, element.max)
         rbits = ratio.view(torch.int32)
         exponent = ((rbits >> 23) - 127) + ((rbits & 0x7FFFFF) != 0).to(torch.int32)
         exponent = torch.where(ratio <= math.ldexp(1.0, -127), -127, exponent)
@@ -178,7 +186,7 @@ def lowp_block_scales(
     Without: s = S(amax / E.max), factor = 1 / s. Factors are clamped to FLT_MAX (s == 0).
     """
     if global_encode is None:
-        target = block_amax / element.max
+        target = true_divide(block_amax, element.max)
     else:
         multiplier = global_encode * torch.reciprocal(torch.tensor(element.max, dtype=torch.float32))
         target = torch.clamp(block_amax * multiplier, max=_FLT_MAX)
@@ -207,7 +215,7 @@ def int_asymmetric_scales(
     qmin - round(lo / scale) clamped to [qmin, qmax]; x ~= (code - zero_point) * scale."""
     lo = torch.clamp(block_min.float(), max=0.0)
     hi = torch.clamp(block_max.float(), min=0.0)
-    scale = (hi - lo) / float(element.qmax - element.qmin)
+    scale = true_divide(hi - lo, float(element.qmax - element.qmin))
     scale = torch.where(scale > 0, scale, 1.0)
     zero_point = torch.clamp(element.qmin - torch.round(lo / scale), element.qmin, element.qmax)
     return scale, zero_point.to(torch.int32)

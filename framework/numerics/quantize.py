@@ -40,6 +40,7 @@ from lowbit.numerics.blocks import (
     lowp_block_scales,
     mx_scale_codes,
     pow2_from_exponent,
+    true_divide,
 )
 from lowbit.numerics.formats import ElementFormat, get_format
 from lowbit.numerics.hadamard import inverse_rht, rht
@@ -338,7 +339,7 @@ def _unscale(
     if global_scale is not None:
         values = values * global_scale
     if sr_prescale != 1.0:
-        values = values / sr_prescale
+        values = true_divide(values, sr_prescale)
     return values
 
 
