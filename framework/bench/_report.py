@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import csv
 import platform
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
+from omegaconf import DictConfig
 
-__all__ = ["device_name", "markdown_table"]
+__all__ = ["device_name", "finished_val_loss", "markdown_table"]
 
 
 def device_name() -> str:
@@ -24,3 +27,32 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
     return "\n".join(lines)
+
+
+_DISPLAY_ONLY = ("enable_progress_bar", "enable_model_summary")  # trainer keys that change no number
+
+
+def finished_val_loss(run_dir: Path, cfg: DictConfig) -> float | None:
+    """The final ``val/loss`` of a run already trained in ``run_dir`` with exactly the config ``cfg``.
+
+    None when there is no such run: no saved config, a different one (the run is redone rather
+    than mixed into a table it does not belong to), or training that stopped before its last step.
+    """
+    import yaml
+
+    from lowbit.config import to_yaml
+
+    config, metrics = run_dir / "config.yaml", run_dir / "csv" / "metrics.csv"
+    if not (config.is_file() and metrics.is_file()):
+        return None
+    saved, wanted = yaml.safe_load(config.read_text()), yaml.safe_load(to_yaml(cfg))
+    for c in (saved, wanted):
+        for key in _DISPLAY_ONLY:
+            c["trainer"].pop(key, None)
+    if saved != wanted:
+        return None
+    with open(metrics) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
+    if not rows or int(rows[-1]["step"]) < cfg.trainer.max_steps - 1:
+        return None
+    return float(rows[-1]["val/loss"])

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowbit.bench._report import device_name, markdown_table
+from lowbit.bench._report import device_name, finished_val_loss, markdown_table
 
 __all__ = [
     "ENCODINGS",
@@ -199,7 +199,8 @@ def run(
 ) -> tuple[list[Outcome], np.ndarray]:
     """Train each distinct posenc once (``out/<posenc>``), then evaluate every encoding at every length.
 
-    Returns the outcomes and the validation segments every length was scored on.
+    A posenc already trained there with the same config is read back, not trained again. Returns
+    the outcomes and the validation segments every length was scored on.
     """
     from lowbit.config import compose
     from lowbit.run import train
@@ -222,11 +223,16 @@ def run(
                 f"seed={seed}",
                 f"run_dir={run_dir}",
             ]
-            echo(f"[{enc.train}] train {' '.join(overrides)}")
-            start = time.perf_counter()
-            result = train(compose(overrides), echo=lambda *_: None)
-            trained[enc.train] = (run_dir, result.metrics["val/loss"])
-            echo(f"[{enc.train}] val/loss {result.metrics['val/loss']:.4f} ({time.perf_counter() - start:.0f} s)")
+            composed = compose(overrides)
+            val_loss = finished_val_loss(run_dir, composed.cfg)
+            if val_loss is None:
+                echo(f"[{enc.train}] train {' '.join(overrides)}")
+                start = time.perf_counter()
+                val_loss = train(composed, echo=lambda *_: None).metrics["val/loss"]
+                echo(f"[{enc.train}] val/loss {val_loss:.4f} ({time.perf_counter() - start:.0f} s)")
+            else:
+                echo(f"[{enc.train}] already trained in {run_dir} with this config: val/loss {val_loss:.4f}")
+            trained[enc.train] = (run_dir, val_loss)
         run_dir, run_val_loss = trained[enc.train]
         if segs is None:  # the same validation bytes for every encoding
             segs = segments(_val_split(run_dir), math.lcm(*multipliers) * train_len, n_segments)

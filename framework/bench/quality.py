@@ -18,12 +18,15 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.bench._report import device_name, markdown_table
+from lowbit.bench._report import device_name, finished_val_loss, markdown_table
 
 __all__ = ["VARIANTS", "Variant", "main", "run"]
 
-_MX4_RNE = "{preset: mxfp4}"
-_NV_RNE = "{preset: nvfp4}"
+
+def _rne_gradients(*extra: str) -> tuple[str, ...]:
+    """Round-to-nearest gradients: set the keys of the dy specs (a ``dy={...}`` override would
+    merge into the recipe's spec and keep its ``rounding: sr``)."""
+    return tuple(f"precision.{gemm}.dy.{key}" for gemm in ("dgrad", "wgrad") for key in ("rounding=rne", *extra))
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,7 @@ VARIANTS = {
             "MXFP4 all GEMMs, RNE, no RHT",
             (
                 "precision=mxfp4",
-                f"precision.dgrad.dy={_MX4_RNE}",
-                f"precision.wgrad.dy={_MX4_RNE}",
+                *_rne_gradients("sr_prescale=1.0"),
                 "precision.dgrad.rht=false",
                 "precision.wgrad.rht=false",
             ),
@@ -57,12 +59,12 @@ VARIANTS = {
         Variant(
             "nvfp4_no_sr",
             "NVFP4 with RNE gradients",
-            ("precision=nvfp4", f"precision.dgrad.dy={_NV_RNE}", f"precision.wgrad.dy={_NV_RNE}"),
+            ("precision=nvfp4", *_rne_gradients()),
         ),
         Variant(
             "nvfp4_1d_w",
             "NVFP4 with 1x16 weight blocks",
-            ("precision=nvfp4", f"precision.fprop.w={_NV_RNE}", f"precision.dgrad.w={_NV_RNE}"),
+            ("precision=nvfp4", "precision.fprop.w.preset=nvfp4", "precision.dgrad.w.preset=nvfp4"),
         ),
         Variant(
             "nvfp4_all",
@@ -91,7 +93,10 @@ class Outcome:
 
 
 def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], echo=print) -> list[Outcome]:
-    """Train every variant with every seed; runs go to ``out/<variant>-s<seed>``."""
+    """Train every variant with every seed; runs go to ``out/<variant>-s<seed>``.
+
+    A run already finished there with the same config is read back, not trained again, so an
+    interrupted bench picks up where it stopped."""
     from lowbit.config import compose
     from lowbit.run import train
 
@@ -100,10 +105,22 @@ def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], e
         outcome = Outcome(v)
         for seed in seeds:
             run_dir = out / f"{v.name}-s{seed}"
-            overrides = [*base, *v.overrides, f"seed={seed}", "logger=csv", "trainer.enable_progress_bar=false", f"run_dir={run_dir}"]
-            echo(f"[{v.name} seed {seed}] train {' '.join(overrides)}")
-            result = train(compose(overrides), echo=lambda *_: None)
-            outcome.val_loss.append(result.metrics["val/loss"])
+            overrides = [
+                *base,
+                *v.overrides,
+                f"seed={seed}",
+                "logger=csv",
+                "trainer.enable_progress_bar=false",
+                f"run_dir={run_dir}",
+            ]
+            composed = compose(overrides)
+            done = finished_val_loss(run_dir, composed.cfg)
+            if done is None:
+                echo(f"[{v.name} seed {seed}] train {' '.join(overrides)}")
+                done = train(composed, echo=lambda *_: None).metrics["val/loss"]
+            else:
+                echo(f"[{v.name} seed {seed}] already trained in {run_dir} with this config")
+            outcome.val_loss.append(done)
             outcome.run_dirs.append(run_dir)
             echo(f"[{v.name} seed {seed}] val/loss {outcome.val_loss[-1]:.4f}")
         outcomes.append(outcome)

@@ -1,0 +1,81 @@
+"""``lowbit bench quality``: the table restates each run's own val/loss, gaps are relative to the
+first variant, and an interrupted bench reuses finished runs only when their config is the same."""
+
+import csv
+import math
+import os
+
+import pytest
+
+from lowbit.bench import quality as bench
+from lowbit.errors import LowbitError
+
+TINY = ["--variants", "bf16,nvfp4_no_sr", "--out"]
+
+
+def _rows(text: str) -> dict[str, list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| `")]
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    return {c[0].strip("`"): c[1:] for c in cells}
+
+
+def _final_val_loss(run_dir) -> float:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return float([r for r in csv.DictReader(f) if r["val/loss"]][-1]["val/loss"])
+
+
+def test_table_restates_each_runs_val_loss_and_its_gap(tmp_path, capsys):
+    out = tmp_path / "q"
+    assert bench.main([*TINY, str(out), "debug=smoke"]) == 0
+    text = capsys.readouterr().out
+    assert (out / "quality.md").read_text() in text
+    assert (out / "quality.png").stat().st_size > 0
+    rows = _rows(text)
+    assert list(rows) == ["bf16", "nvfp4_no_sr"]
+    base, ablated = _final_val_loss(out / "bf16-s1"), _final_val_loss(out / "nvfp4_no_sr-s1")
+    assert math.isfinite(base) and base != ablated  # FP4 changes the numbers
+    assert float(rows["bf16"][1]) == pytest.approx(base, abs=5e-5) and rows["bf16"][2] == "+0.00%"
+    assert float(rows["nvfp4_no_sr"][1]) == pytest.approx(ablated, abs=5e-5)
+    assert float(rows["nvfp4_no_sr"][2].rstrip("%")) == pytest.approx(100 * (ablated - base) / base, abs=5e-3)
+    # the ablation really ran NVFP4 with round-to-nearest gradients
+    saved = (out / "nvfp4_no_sr-s1" / "config.yaml").read_text()
+    assert "name: nvfp4" in saved and "rounding: sr" not in saved
+
+
+def test_finished_runs_are_reused_and_changed_configs_retrained(tmp_path, capsys):
+    out = tmp_path / "q"
+    bench.main(["--variants", "bf16", "--out", str(out), "debug=smoke"])
+    metrics = out / "bf16-s1" / "csv" / "metrics.csv"
+    before = metrics.stat().st_mtime_ns
+    first = _rows(capsys.readouterr().out)["bf16"]
+
+    bench.main(["--variants", "bf16", "--out", str(out), "debug=smoke"])  # same config: read back
+    captured = capsys.readouterr()
+    assert "already trained" in captured.err and metrics.stat().st_mtime_ns == before
+    assert _rows(captured.out)["bf16"] == first
+
+    bench.main(["--variants", "bf16", "--out", str(out), "debug=smoke", "optimizer.lr=1e-4"])  # retrained
+    captured = capsys.readouterr()
+    assert "already trained" not in captured.err and metrics.stat().st_mtime_ns != before
+    assert _rows(captured.out)["bf16"][1] != first[1]
+
+
+def test_an_unfinished_run_is_trained_again(tmp_path, capsys):
+    out = tmp_path / "q"
+    bench.main(["--variants", "bf16", "--out", str(out), "debug=smoke"])
+    metrics = out / "bf16-s1" / "csv" / "metrics.csv"
+    with open(metrics) as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames, [r for r in reader if not r["val/loss"]]  # as if stopped early
+    with open(metrics, "w", newline="") as f:
+        writer = csv.DictWriter(f, fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.utime(metrics, ns=(0, 0))
+    bench.main(["--variants", "bf16", "--out", str(out), "debug=smoke"])
+    assert "already trained" not in capsys.readouterr().err and metrics.stat().st_mtime_ns != 0
+
+
+def test_unknown_variant_is_a_clear_error():
+    with pytest.raises(LowbitError, match="unknown quality variant 'nvfp5'; valid: bf16, fp8, mxfp4_naive"):
+        bench.main(["--variants", "bf16,nvfp5"])

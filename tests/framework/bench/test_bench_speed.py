@@ -1,0 +1,37 @@
+"""``lowbit bench speed``: one row per configuration, ratios against the first, and the
+saved-for-backward memory that the step timing comes with."""
+
+import pytest
+
+from lowbit.bench import speed as bench
+
+
+def _rows(text: str) -> list[list[str]]:
+    lines = [line for line in text.splitlines() if line.startswith("| ") and not line.startswith("| precision")]
+    return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+
+
+def test_rows_ratios_and_saved_memory(tmp_path, capsys):
+    out = tmp_path / "speed.md"
+    argv = ["--precisions", "bf16,nvfp4", "--posencs", "rope,alibi", "--steps", "2", "--warmup", "1", "--rounds", "2"]
+    assert bench.main([*argv, "--out", str(out), "debug=smoke"]) == 0
+    text = capsys.readouterr().out
+    assert out.read_text() in text and "lowbit bench speed --precisions bf16,nvfp4" in text
+    rows = _rows(text)
+    assert [r[:2] for r in rows] == [["bf16", "rope"], ["bf16", "alibi"], ["nvfp4", "rope"], ["nvfp4", "alibi"]]
+    base_ms, base_mb = float(rows[0][2]), float(rows[0][4])
+    assert rows[0][3] == "1.00" and rows[0][5] == "1.00" and base_ms > 0 and base_mb > 0
+    for r in rows[1:]:  # the ratios of the unrounded numbers; cells are rounded to 0.1
+        ms, mb = float(r[2]), float(r[4])
+        assert float(r[3]) == pytest.approx(ms / base_ms, abs=0.005 + 0.05 * (1 + ms / base_ms) / base_ms)
+        assert float(r[5]) == pytest.approx(mb / base_mb, abs=0.005 + 0.05 * (1 + mb / base_mb) / base_mb)
+    # QuantLinear saves no more for backward than the high-precision layer does
+    assert float(rows[2][4]) <= base_mb
+
+
+def test_step_timer_counts_only_steps_after_warmup():
+    results = bench.run("bf16_llm", ["bf16"], ["rope"], steps=3, warmup=2, rounds=1, extra=["debug=smoke"])
+    (res,) = results
+    assert len(res.step_ms) == 1 and res.step_ms[0] > 0
+    times, saved, peak, _ = bench.measure(["recipe=bf16_llm", "debug=smoke", "logger=csv"], steps=3, warmup=2)
+    assert len(times) == 3 and saved > 0 and peak is None  # peak memory only on CUDA
