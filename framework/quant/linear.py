@@ -11,7 +11,9 @@ emulates. With stochastic rounding the kernels draw Philox bits seeded from ``sr
 different random stream from emulate's ``torch.rand`` (both unbiased). Master weights stay in high
 precision: the parameters are the ``nn.Linear``'s own, so a checkpoint moves between precisions
 unchanged. Saved for backward: the input in the compute dtype and the weight parameter itself — no
-more than a BF16 ``nn.Linear`` keeps.
+more than a BF16 ``nn.Linear`` keeps. Where dgrad's Q(Wᵀ) equals fprop's Q(W) transposed (square
+or whole-tensor weight blocks, deterministic rounding), emulate quantizes the weight once and saves
+Q(W) in the compute dtype instead of W (a BF16 ``nn.Linear`` keeps its BF16 weight copy too).
 """
 
 from __future__ import annotations
@@ -42,6 +44,19 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad dim 0 to a multiple: zero rows add nothing to any product or amax."""
     extra = -t.shape[0] % multiple
     return F.pad(t, (0, 0, 0, extra)) if extra else t
+
+
+def _contiguous(t: torch.Tensor, tile: int = 64) -> torch.Tensor:
+    """``t.contiguous()``; a transposed 2-D CPU tensor (dyᵀ, xᵀ of wgrad) is copied 64 rows of the
+    source at a time: one plain copy reads a column per output row, 3-4x slower when rows lie a
+    power of two apart (cache-set conflicts). Same values, same layout."""
+    if t.is_contiguous() or t.dim() != 2 or t.device.type != "cpu" or not t.t().is_contiguous():
+        return t.contiguous()
+    src = t.t()  # (cols, rows), contiguous
+    out = torch.empty(t.shape, dtype=t.dtype)
+    for start in range(0, src.shape[0], tile):
+        out[:, start : start + tile] = src[start : start + tile].t()
+    return out
 
 
 def _kernels_serve(t: torch.Tensor) -> bool:
@@ -113,31 +128,37 @@ class _QuantLinearFn(torch.autograd.Function):
         tokens = layer.token_multiple
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         n = x2.shape[0]
-        y = layer._gemm("fprop", _pad_rows(x2, tokens), weight, dtype)[:n]  # (N', in) x (out, in) -> (N, out)
+        # dgrad's Q(Wᵀ) is Q(W)ᵀ for some specs: quantize W once and keep Q(W) instead of W
+        w_q = layer._quant(weight, "fprop.w", dtype) if layer._shares_weight(x) else None  # (out, in)
+        y = layer._gemm("fprop", _pad_rows(x2, tokens), weight, dtype, qb=w_q)[:n]  # (N', in) x (out, in) -> (N, out)
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
-        ctx.save_for_backward(x2.to(dtype), weight)
+        ctx.weight_shape, ctx.weight_dtype, ctx.shares_weight = weight.shape, weight.dtype, w_q is not None
+        ctx.save_for_backward(x2.to(dtype), weight if w_q is None else w_q)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
-        x2, weight = ctx.saved_tensors
+        x2, weight = ctx.saved_tensors  # weight: W, or Q(W) in the compute dtype (ctx.shares_weight)
         layer, dtype = ctx.layer, ctx.dtype
         tokens = layer.token_multiple
-        dy2 = dy.reshape(-1, weight.shape[0]).to(dtype)  # (N, out)
+        out_features, in_features = ctx.weight_shape
+        dy2 = dy.reshape(-1, out_features).to(dtype)  # (N, out)
         n = dy2.shape[0]
         dx = dw = db = None
         dy_pad = _pad_rows(dy2, tokens)  # (N', out)
         dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)
         if ctx.needs_input_grad[0]:
-            dx = layer._gemm("dgrad", dy_pad, weight.t(), dtype, dy_dgrad)  # (N', out) x (in, out)
-            dx = dx[:n].view(*dy.shape[:-1], weight.shape[1])  # (N, in)
+            # Q(Wᵀ) laid out as quantizing Wᵀ lays it out: (in, out), contiguous
+            w_q = _contiguous(weight.t()) if ctx.shares_weight else None
+            dx = layer._gemm("dgrad", dy_pad, weight.t(), dtype, dy_dgrad, qb=w_q)  # (N', out) x (in, out)
+            dx = dx[:n].view(*dy.shape[:-1], in_features)  # (N, in)
         if ctx.needs_input_grad[1]:
             dw = layer._gemm("wgrad", dy_pad.t(), _pad_rows(x2, tokens).t(), dtype, dy_wgrad)  # (out, N') x (in, N')
-            dw = dw.to(weight.dtype)  # (out, in)
+            dw = dw.to(ctx.weight_dtype)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
-            db = dy2.sum(0).to(weight.dtype)
+            db = dy2.sum(0).to(ctx.weight_dtype)
         return dx, dw, db, None
 
 
@@ -201,6 +222,7 @@ class QuantLinear(nn.Linear):
         spec = self.recipe.spec_of(operand)
         if spec is None:
             return t.to(dtype)
+        t = _contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
         if self.record_health:
             self.health[operand] = operand_health(t, spec)
         if self.delayed_scaling is not None and spec.block == "tensor" and spec.scale_format == "fp32":
@@ -212,15 +234,34 @@ class QuantLinear(nn.Linear):
             return out.to(dtype)
         return fake_quantize(t, spec, generator=self.sr_generator).to(dtype)
 
-    def _gemm(self, gemm: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, qa: Any = None) -> torch.Tensor:
+    def _gemm(
+        self, gemm: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, qa: Any = None, qb: Any = None
+    ) -> torch.Tensor:
         """``a @ b.t()`` with each operand through its spec of ``gemm``: the kernels when they serve both
-        operands here (``qa``: ``a`` already quantized by them), else quantize-dequantize-matmul."""
+        operands here (``qa``: ``a`` already quantized by them), else quantize-dequantize-matmul
+        (``qb``: ``b`` already quantized and dequantized, see ``_shares_weight``)."""
         a_name, b_name = (f"{gemm}.{name}" for name in OPERANDS[gemm])
+        if qb is not None:
+            return self._quant(a, a_name, dtype) @ qb.t()
         ops = _kernel_ops(self.backend, a)
         if ops is not None and all(ops.supports(self.recipe.spec_of(name)) is None for name in (a_name, b_name)):
             qa = qa if qa is not None else self._kernel_quant(ops, a, a_name)
             return ops.matmul(qa, self._kernel_quant(ops, b, b_name), out_dtype=dtype)
         return self._quant(a, a_name, dtype) @ self._quant(b, b_name, dtype).t()
+
+    def _shares_weight(self, x: torch.Tensor) -> bool:
+        """Whether dgrad takes fprop's quantized weight, transposed, for Q(Wᵀ): both GEMMs emulated,
+        one spec with deterministic rounding and no RHT, blocks that are the whole tensor or square
+        (Wᵀ's blocks are W's blocks transposed: same amax, scales and elements, so the same values),
+        and no per-operand state (FP8 delayed scaling) or health to record."""
+        spec = self.recipe.spec_of("fprop.w")
+        if spec is None or spec != self.recipe.spec_of("dgrad.w") or spec.rounding == "sr" or spec.rht_size:
+            return False
+        if self.record_health or _kernel_ops(self.backend, x) is not None:
+            return False
+        if self.delayed_scaling is not None and spec.block == "tensor" and spec.scale_format == "fp32":
+            return False
+        return spec.block == "tensor" or (not isinstance(spec.block, str) and spec.block[0] == spec.block[1])
 
     def _kernel_quant(self, ops: Any, t: torch.Tensor, operand: str) -> Any:
         """One operand through the kernels (a ``KernelQTensor``); health and FP8 delayed scaling as ``_quant``."""

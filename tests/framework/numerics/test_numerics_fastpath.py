@@ -29,6 +29,7 @@ from lowbit.numerics import (
     _fast,
     get_format,
     preset_names,
+    round_to_integer,
 )
 from lowbit.numerics.formats import FloatFormat
 from lowbit.numerics.quantize import _dequantize, _fake_quantize, _quantize, _requantize, dequantize, fake_quantize
@@ -81,6 +82,21 @@ def test_element_encode_and_round_match_the_general_path(fmt, rounding):
     values = fmt.decode(general)
     rounded = _fast.round_to_format(fmt, x, rounding, torch.Generator().manual_seed(1))
     assert _same(rounded, values)
+
+
+def test_stochastic_rounding_compares_the_draw_exactly():
+    """SR rounds up where the float64 draw u < frac; the fast path compares u truncated to float32.
+    Fractions at, just below and just above each draw's truncation (and 0, the largest float32
+    below 1) decide the same way as the float64 compare."""
+    n = 1 << 12
+    u = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    u_trunc = (u.view(torch.int64) & ~((1 << 29) - 1)).view(torch.float64).float()
+    edges = torch.tensor([0.0, 1.0]).nextafter(torch.tensor([1.0, 0.0]))  # smallest subnormal, 1 - 2^-24
+    fracs = [u_trunc, u_trunc.nextafter(torch.tensor(1.0)), u_trunc.nextafter(torch.tensor(0.0)), u.float()]
+    for frac in [*fracs, torch.zeros(n), edges.repeat_interleave(n // 2)]:
+        y = frac + torch.arange(n).remainder(7).float()  # integer parts 0..6: exact sums
+        general = round_to_integer(y, "sr", torch.Generator().manual_seed(3))
+        assert _same(_fast._round_magnitude(y, "sr", torch.Generator().manual_seed(3)), general)
 
 
 @pytest.mark.parametrize("fmt", [*FORMATS, E3M4], ids=lambda f: f.name)
