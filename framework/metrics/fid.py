@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ __all__ = [
 
 SEED = 0
 EPOCHS = 12
-_VERSION = 1  # bump when the architecture or the training recipe changes: old caches are then ignored
+_VERSION = 2  # bump when the architecture or the training recipe changes: old caches are then ignored
 _DATA_OPTIONS = (
     "image_size",
     "in_chans",
@@ -80,11 +81,18 @@ class FeatureNet(nn.Module):
         self.classifier = nn.Linear(self.num_features, num_classes)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, C, H, W), standardised as the data module gives them → features (B, 64)."""
-        return self.convs(images.float()).mean(dim=(2, 3))
+        """images (B, C, H, W), standardised as the data module gives them → features (B, 64).
+
+        Always float32, whatever autocast the caller runs under (a sampler inside a precision
+        plugin's context): the network is trained and used in one precision, so features and FID
+        do not depend on the run's precision."""
+        with torch.autocast(images.device.type, enabled=False):
+            return self.convs(images.float()).mean(dim=(2, 3))
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self(images))
+        features = self(images)
+        with torch.autocast(features.device.type, enabled=False):
+            return self.classifier(features)
 
 
 def stack_dataset(dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,7 +111,12 @@ def train_feature_net(
 
     Works when called from inside validation (Lightning's inference mode): it trains with grad enabled.
     """
-    with torch.inference_mode(False), torch.enable_grad(), torch.random.fork_rng(devices=[]):
+    with (
+        torch.inference_mode(False),
+        torch.enable_grad(),
+        torch.random.fork_rng(devices=[]),
+        torch.autocast("cpu", enabled=False),  # float32 whatever precision context the caller is in
+    ):
         images, labels = (
             images.detach().cpu().float().clone(),
             labels.cpu().clone(),
@@ -154,6 +167,12 @@ def feature_net(datamodule: Any, cache_dir: str | Path | None = None, echo=None)
     val_images, val_labels = stack_dataset(splits[1])
     with torch.no_grad():
         accuracy = float((net.logits(val_images).argmax(-1) == val_labels).float().mean())
+    if accuracy < 0.5:
+        warnings.warn(
+            f"the FID feature network reached {accuracy:.1%} validation accuracy (chance: {1 / num_classes:.1%}); "
+            "FID in its feature space says little about image quality",
+            stacklevel=2,
+        )
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(net.state_dict(), tmp)

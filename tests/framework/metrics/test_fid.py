@@ -63,6 +63,28 @@ def test_feature_net_training_is_deterministic():
     assert not next(a.parameters()).requires_grad
 
 
+def test_feature_net_is_float32_under_any_autocast():
+    """A sampler runs inside a precision plugin's autocast; the feature network must not train or
+    embed in BF16 there (it reached chance accuracy that way, and FID in the millions)."""
+    images, labels = stack_dataset(registry.build("data", {"name": "digits", "image_size": 8}, seed=7).train_set)
+    plain = train_feature_net(images[:128], labels[:128], 10, epochs=2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under = train_feature_net(images[:128], labels[:128], 10, epochs=2)
+        features, logits = under(images[:8]), under.logits(images[:8])
+    assert all(torch.equal(plain.state_dict()[k], under.state_dict()[k]) for k in plain.state_dict())
+    assert features.dtype == logits.dtype == torch.float32
+    assert torch.equal(features, plain(images[:8]))
+
+
+def test_a_feature_net_that_did_not_learn_is_a_warning(tmp_path, monkeypatch):
+    data = registry.build("data", {"name": "digits", "image_size": 8}, seed=7)
+    monkeypatch.setattr(fid_module, "train_feature_net", lambda images, labels, n: FeatureNet(1, n).eval())
+    with pytest.warns(
+        UserWarning, match=r"FID feature network reached \d+\.\d% validation accuracy \(chance: 10\.0%\)"
+    ):
+        feature_net(data, cache_dir=tmp_path)
+
+
 def test_feature_net_is_cached_by_data_config(tmp_path, monkeypatch):
     trained = []
 
