@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.numerics import _fast
@@ -122,12 +123,23 @@ def _tensor_scaling(
     return _scaling_from_amax(amax.reshape(1, 1), spec, element, scale_format, None)
 
 
+_POOL_MAX_COLS = 32  # widest block whose |x| max a CPU max-pool takes (wider rows: amax is as fast)
+
+
 def _block_reduce(rows: torch.Tensor, layout: BlockLayout, reduce, absolute: bool = False) -> torch.Tensor:
     """``reduce`` (torch.amax / torch.amin) of every block of (B, r, C) block rows (of ``|x|``
     with ``absolute``) -> (B, C/c) float32, chunk by chunk. Reduces the inner c first, then the
-    r rows: the same values as one reduction over both dims, 2-3x faster for 2-D blocks on CPU."""
+    r rows: the same values as one reduction over both dims, 2-3x faster for 2-D blocks on CPU.
+    The inner max of ``|x|`` on CPU is a max-pool with stride c: the same maxima (NaN propagates,
+    every zero is +0 after abs), 2.5x faster than amax over an inner dim of 16 or 32."""
     out = torch.empty(rows.shape[0], layout.blocks_per_row, dtype=torch.float32, device=rows.device)
+    pool = absolute and reduce is torch.amax and rows.device.type == "cpu" and layout.cols <= _POOL_MAX_COLS
     for sl in row_chunks(rows.shape[0], rows[0].numel(), rows.device):
+        if pool:
+            chunk = rows[sl].float().abs()  # (n, r, C)
+            inner = F.max_pool1d(chunk.view(-1, 1, layout.last), layout.cols)  # (n*r, 1, C/c)
+            out[sl] = inner.view(chunk.shape[0], layout.rows, layout.blocks_per_row).amax(dim=1)
+            continue
         blocks = layout.blocks(rows[sl].float())  # (n, r, nb, c)
         if absolute:
             blocks = blocks.abs()
@@ -250,10 +262,17 @@ def _plan(
     saturate = spec.saturate or spec.scale_format != "fp32"
     fast = fast and x.device.type == "cpu" and _fast.supported(element, saturate)
 
-    global_encode = None
-    if spec.global_scale:
-        measured = tensor_amax(src) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)
-        global_encode = global_encode_scale(measured, element, scale_format)
+    def global_encode_from(block_amax: torch.Tensor | None = None) -> torch.Tensor:
+        if amax is not None:
+            measured = torch.as_tensor(amax, dtype=torch.float32, device=x.device)
+        elif block_amax is not None:  # every block amax finite: their max is max |x|, one pass fewer
+            measured = block_amax.amax()
+        else:
+            measured = tensor_amax(src)
+        return global_encode_scale(measured, element, scale_format)
+
+    symmetric_blocks = not (layout.per_tensor or spec.asymmetric)
+    global_encode = global_encode_from() if spec.global_scale and not symmetric_blocks else None
     finite_rows = None
     if layout.per_tensor:
         data_amax = tensor_amax(src)
@@ -272,6 +291,8 @@ def _plan(
         if fast:
             finite_rows = _finite_rows(rows.shape[0], block_amax)
         finite = fast and finite_rows is None
+        if spec.global_scale:
+            global_encode = global_encode_from(block_amax if finite else None)
         scaling = _scaling_from_amax(block_amax, spec, element, scale_format, global_encode, finite)
     fast = fast and _finite_factors(scaling)
     return _Plan(spec, element, layout, rows, scaling, global_encode, gen, fast, finite_rows)
