@@ -159,14 +159,15 @@ def plot(outcomes: list[Outcome], path: Path, smoothing: float = 0.95) -> None:
         for loss in losses:
             ema = smoothing * ema + (1 - smoothing) * loss
             smooth.append(ema)
-        curves[o.variant.name] = (steps, smooth)
-        ax.plot(steps, smooth, label=o.variant.name, lw=1.2)
+        (line,) = ax.plot(steps, smooth, label=o.variant.name, lw=1.2)
+        curves[o.variant.name] = (steps, smooth, line.get_color())  # one colour per variant in both panels
     ax.set(xlabel="step", ylabel="train loss (EMA)", title="training loss", yscale="log")
     ax.legend(fontsize=8)
-    base_steps, base_loss = curves[outcomes[0].variant.name]
-    for name, (steps, smooth) in list(curves.items())[1:]:
+    base_steps, base_loss, _ = curves[outcomes[0].variant.name]
+    for name, (steps, smooth, color) in list(curves.items())[1:]:
         n = min(len(steps), len(base_steps))
-        gap_ax.plot(steps[:n], [100 * (a - b) / b for a, b in zip(smooth[:n], base_loss[:n])], label=name, lw=1.2)
+        gaps = [100 * (a - b) / b for a, b in zip(smooth[:n], base_loss[:n])]
+        gap_ax.plot(steps[:n], gaps, label=name, lw=1.2, color=color)
     gap_ax.axhline(0, color="k", lw=0.6)
     gap_ax.set(xlabel="step", ylabel=f"gap to {outcomes[0].variant.name} (%)", title="relative gap (EMA)")
     gap_ax.legend(fontsize=8)
