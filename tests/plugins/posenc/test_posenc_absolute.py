@@ -45,7 +45,8 @@ def test_sinusoidal_embed_adds_the_table_at_the_chosen_rms(rms):
     x = torch.randn(2, 50, d)
     added = pe.embed(x, pos) - x  # (B, T, d)
     assert added.pow(2).mean(-1).sqrt().sub(rms).abs().max() < 1e-6  # every position vector has RMS rms
-    torch.testing.assert_close(added[0], pe.table(pos) * rms * 2**0.5, rtol=0, atol=5e-7)  # (x + t) - x rounds at ulp(x)
+    # (x + t) - x rounds at ulp(x)
+    torch.testing.assert_close(added[0], pe.table(pos) * rms * 2**0.5, rtol=0, atol=5e-7)
     with pytest.raises(LowbitError, match="sinusoidal rms must be positive"):
         SinusoidalPE(dim=d, rms=0.0)
 
