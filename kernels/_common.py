@@ -31,6 +31,8 @@ __all__ = [
     "SCALE_FORMATS",
     "check_2d",
     "check_device",
+    "check_rht",
+    "check_rht_pair",
     "decode_float",
     "e8m0_code",
     "e8m0_decode",
@@ -350,3 +352,13 @@ def hadamard(size: int, seed: int, device: torch.device) -> torch.Tensor:
 def check_rht(size: int, what: str) -> None:
     if size not in (0, 16, 32, 64, 128):
         raise LowbitError(f"{what}: fused Hadamard sizes are 16, 32, 64 or 128 (0 = off), got {size}")
+
+
+def check_rht_pair(op: str, row_rht: int, col_rht: int, shape: tuple[int, int]) -> None:
+    """The fused transforms of a rowwise + colwise quantize: valid sizes that divide the blocked dim
+    (K for the rowwise output, M for the colwise one)."""
+    m, k = shape
+    for size, name, dim in ((row_rht, "row_rht", k), (col_rht, "col_rht", m)):
+        check_rht(size, f"{op} {name}")
+        if size and dim % size:
+            raise LowbitError(f"{op}: {name}={size} must divide the blocked dim {dim} of shape {(m, k)}")

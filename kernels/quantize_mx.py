@@ -24,7 +24,7 @@ from lowbit.kernels._common import (
     block_amax,
     check_2d,
     check_device,
-    check_rht,
+    check_rht_pair,
     e8m0_code,
     e8m0_factor,
     encode_float,
@@ -150,10 +150,7 @@ def _check(x, element, scale_rule, rowwise, colwise, row_rht, col_rht) -> None:
         raise LowbitError(f"quantize_mx: rowwise MX blocks need K divisible by 32, got shape {(m, k)}")
     if colwise and m % MX_BLOCK:
         raise LowbitError(f"quantize_mx: colwise MX blocks need M divisible by 32, got shape {(m, k)}")
-    for size, name, dim in ((row_rht, "row_rht", k), (col_rht, "col_rht", m)):
-        check_rht(size, f"quantize_mx {name}")
-        if size and dim % size:
-            raise LowbitError(f"quantize_mx: {name}={size} must divide the blocked dim {dim} of shape {(m, k)}")
+    check_rht_pair("quantize_mx", row_rht, col_rht, (m, k))
 
 
 @torch.library.custom_op("lowbit::quantize_mx", mutates_args=())

@@ -27,7 +27,7 @@ from lowbit.kernels._common import (
     block_amax,
     check_2d,
     check_device,
-    check_rht,
+    check_rht_pair,
     decode_float,
     encode_float,
     expand_blocks,
@@ -185,10 +185,7 @@ def _check(x, block, scale_format, rowwise, colwise, row_rht, col_rht) -> None:
         raise LowbitError(f"quantize_nvfp4: rowwise {block} blocks do not divide shape {(m, k)}; pad it")
     if colwise and (m % cols or k % rows):
         raise LowbitError(f"quantize_nvfp4: colwise {block} blocks do not divide the transposed shape {(k, m)}; pad it")
-    for size, name, dim in ((row_rht, "row_rht", k), (col_rht, "col_rht", m)):
-        check_rht(size, f"quantize_nvfp4 {name}")
-        if size and dim % size:
-            raise LowbitError(f"quantize_nvfp4: {name}={size} must divide the blocked dim {dim} of shape {(m, k)}")
+    check_rht_pair("quantize_nvfp4", row_rht, col_rht, (m, k))
 
 
 @torch.library.custom_op("lowbit::quantize_nvfp4", mutates_args=())
