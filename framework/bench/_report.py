@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import csv
 import platform
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
-__all__ = ["device_name", "finished_val_loss", "markdown_table"]
+__all__ = ["device_name", "finished_val_loss", "markdown_table", "train_once"]
 
 
 def device_name() -> str:
@@ -56,3 +57,22 @@ def finished_val_loss(run_dir: Path, cfg: DictConfig) -> float | None:
     if not rows or int(rows[-1]["step"]) < cfg.trainer.max_steps - 1:
         return None
     return float(rows[-1]["val/loss"])
+
+
+def train_once(overrides: Sequence[str], run_dir: Path, label: str, echo=print) -> float:
+    """Train the config ``overrides`` compose to (its ``run_dir`` among them) and return its final
+    ``val/loss``; a run already finished in ``run_dir`` with the same config is read back instead,
+    so an interrupted bench picks up where it stopped."""
+    from lowbit.config import compose
+    from lowbit.run import train
+
+    composed = compose(list(overrides))
+    val_loss = finished_val_loss(run_dir, composed.cfg)
+    if val_loss is not None:
+        echo(f"[{label}] already trained in {run_dir} with this config: val/loss {val_loss:.4f}")
+        return val_loss
+    echo(f"[{label}] train {' '.join(overrides)}")
+    start = time.perf_counter()
+    val_loss = train(composed, echo=lambda *_: None).metrics.get("val/loss", float("nan"))
+    echo(f"[{label}] val/loss {val_loss:.4f} ({time.perf_counter() - start:.0f} s)")
+    return val_loss

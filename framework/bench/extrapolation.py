@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lowbit.bench._report import device_name, finished_val_loss, markdown_table
+from lowbit.bench._report import device_name, markdown_table, train_once
 
 __all__ = [
     "ENCODINGS",
@@ -202,8 +202,6 @@ def run(
     A posenc already trained there with the same config is read back, not trained again. Returns
     the outcomes and the validation segments every length was scored on.
     """
-    from lowbit.config import compose
-    from lowbit.run import train
 
     lengths = [m * train_len for m in multipliers]
     trained: dict[str, tuple[Path, float]] = {}
@@ -223,16 +221,7 @@ def run(
                 f"seed={seed}",
                 f"run_dir={run_dir}",
             ]
-            composed = compose(overrides)
-            val_loss = finished_val_loss(run_dir, composed.cfg)
-            if val_loss is None:
-                echo(f"[{enc.train}] train {' '.join(overrides)}")
-                start = time.perf_counter()
-                val_loss = train(composed, echo=lambda *_: None).metrics["val/loss"]
-                echo(f"[{enc.train}] val/loss {val_loss:.4f} ({time.perf_counter() - start:.0f} s)")
-            else:
-                echo(f"[{enc.train}] already trained in {run_dir} with this config: val/loss {val_loss:.4f}")
-            trained[enc.train] = (run_dir, val_loss)
+            trained[enc.train] = (run_dir, train_once(overrides, run_dir, enc.train, echo))
         run_dir, run_val_loss = trained[enc.train]
         if segs is None:  # the same validation bytes for every encoding
             segs = segments(_val_split(run_dir), math.lcm(*multipliers) * train_len, n_segments)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lowbit.bench._report import device_name, finished_val_loss, markdown_table
+from lowbit.bench._report import device_name, markdown_table, train_once
 
 __all__ = ["Variant", "main", "training_memory"]
 
@@ -123,8 +123,6 @@ def train_models(args: argparse.Namespace, out: Path, echo=print) -> dict[str, T
     """Train DiT and FPDM of the same width with the same data, steps and seed; runs go to ``out/{dit,fpdm}``.
 
     A model already trained there with the same config is loaded, not trained again."""
-    from lowbit.config import compose
-    from lowbit.run import train
 
     common = [
         f"model.dim={args.dim}",
@@ -145,13 +143,7 @@ def train_models(args: argparse.Namespace, out: Path, echo=print) -> dict[str, T
     for name, spec in specs.items():
         run_dir = out / name
         overrides = [*spec, *common, f"run_dir={run_dir}"]
-        composed = compose(overrides)
-        val_loss = finished_val_loss(run_dir, composed.cfg)
-        if val_loss is None:
-            echo(f"[{name}] train {' '.join(overrides)}")
-            val_loss = train(composed, echo=lambda *_: None).metrics.get("val/loss", float("nan"))
-        else:
-            echo(f"[{name}] already trained in {run_dir} with this config")
+        val_loss = train_once(overrides, run_dir, name, echo)
         task, data, precision = _load(run_dir)
         model = Trained(name, run_dir, task, data, precision, val_loss=val_loss)
         model.params = sum(p.numel() for p in task.model.parameters())

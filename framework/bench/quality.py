@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.bench._report import device_name, finished_val_loss, markdown_table
+from lowbit.bench._report import device_name, markdown_table, train_once
 
 __all__ = ["VARIANTS", "Variant", "main", "run"]
 
@@ -97,8 +97,6 @@ def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], e
 
     A run already finished there with the same config is read back, not trained again, so an
     interrupted bench picks up where it stopped."""
-    from lowbit.config import compose
-    from lowbit.run import train
 
     outcomes = []
     for v in variants:
@@ -113,16 +111,8 @@ def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], e
                 "trainer.enable_progress_bar=false",
                 f"run_dir={run_dir}",
             ]
-            composed = compose(overrides)
-            done = finished_val_loss(run_dir, composed.cfg)
-            if done is None:
-                echo(f"[{v.name} seed {seed}] train {' '.join(overrides)}")
-                done = train(composed, echo=lambda *_: None).metrics["val/loss"]
-            else:
-                echo(f"[{v.name} seed {seed}] already trained in {run_dir} with this config")
-            outcome.val_loss.append(done)
+            outcome.val_loss.append(train_once(overrides, run_dir, f"{v.name} seed {seed}", echo))
             outcome.run_dirs.append(run_dir)
-            echo(f"[{v.name} seed {seed}] val/loss {outcome.val_loss[-1]:.4f}")
         outcomes.append(outcome)
     return outcomes
 
