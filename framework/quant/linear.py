@@ -225,7 +225,7 @@ class QuantLinear(nn.Linear):
         t = _contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
         if self.record_health:
             self.health[operand] = operand_health(t, spec)
-        if self.delayed_scaling is not None and spec.block == "tensor" and spec.scale_format == "fp32":
+        if self._delayed(spec):
             # FP8 delayed scaling: this step uses the scale from earlier steps' amaxes, then records its own
             state = self.delayed_state(operand, t.device)
             out = fake_quantize(t, spec, scale=state.scale, generator=self.sr_generator)
@@ -249,6 +249,10 @@ class QuantLinear(nn.Linear):
             return ops.matmul(qa, self._kernel_quant(ops, b, b_name), out_dtype=dtype)
         return self._quant(a, a_name, dtype) @ self._quant(b, b_name, dtype).t()
 
+    def _delayed(self, spec: QuantSpec) -> bool:
+        """Whether ``spec`` takes its scale from FP8 delayed scaling (amax history) instead of the operand."""
+        return self.delayed_scaling is not None and spec.block == "tensor" and spec.scale_format == "fp32"
+
     def _shares_weight(self, x: torch.Tensor) -> bool:
         """Whether dgrad takes fprop's quantized weight, transposed, for Q(Wᵀ): both GEMMs emulated,
         one spec with deterministic rounding and no RHT, blocks that are the whole tensor or square
@@ -259,7 +263,7 @@ class QuantLinear(nn.Linear):
             return False
         if self.record_health or _kernel_ops(self.backend, x) is not None:
             return False
-        if self.delayed_scaling is not None and spec.block == "tensor" and spec.scale_format == "fp32":
+        if self._delayed(spec):
             return False
         return spec.block == "tensor" or (not isinstance(spec.block, str) and spec.block[0] == spec.block[1])
 
@@ -269,7 +273,7 @@ class QuantLinear(nn.Linear):
         if self.record_health:
             self.health[operand] = operand_health(t, spec)
         seed = ops.draw_seed(self.sr_generator, t.device) if spec.rounding == "sr" else None
-        if self.delayed_scaling is not None and spec.block == "tensor" and spec.scale_format == "fp32":
+        if self._delayed(spec):
             state = self.delayed_state(operand, t.device)
             q = ops.quantize(t, spec, seed=seed, scale=state.scale)
             state.observe(tensor_amax(t.detach()))
