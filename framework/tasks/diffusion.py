@@ -36,7 +36,7 @@ from torchmetrics import MeanMetric
 from lowbit.errors import LowbitError
 from lowbit.tasks.ddpm import BUDGET_SCHEDULES, ddim_sample, ddim_timesteps, iteration_budget, noise_schedule, q_sample
 from lowbit.tasks.ema import EMA
-from lowbit.tasks.equilibrium import deq_aux_loss, log_deq_stats
+from lowbit.tasks.equilibrium import log_val_deq_stats, with_deq_terms
 from lowbit.tasks.optim import build_optimizer, warmup_cosine
 
 __all__ = ["Diffusion", "SamplingStats"]
@@ -151,12 +151,7 @@ class Diffusion(L.LightningModule):
         loss = self._noise_loss(x0, y, t, torch.randn_like(x0))
         self.log("train/loss", loss, prog_bar=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        log_deq_stats(self, self.model)
-        aux = deq_aux_loss(self.model)
-        if isinstance(aux, torch.Tensor) and aux.requires_grad:
-            self.log("deq/jac_loss", aux.detach().float())
-            loss = loss + aux
-        return loss
+        return with_deq_terms(self, self.model, loss)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.global_step != self._ema_step:  # once per optimizer step, also with gradient accumulation
@@ -172,10 +167,7 @@ class Diffusion(L.LightningModule):
         with self.ema.swapped(self.model):
             loss = self._noise_loss(x0, y, t, noise)
         self.val_loss.update(loss, weight=x0.shape[0])
-        stats = getattr(self.model, "deq_stats", dict)()
-        if stats:  # epoch means over the validation batches
-            self.log("val/deq_iters", stats["deq/iters"], on_epoch=True)
-            self.log("val/deq_rel_res", stats["deq/rel_res"], on_epoch=True)
+        log_val_deq_stats(self, self.model)
 
     def on_validation_epoch_end(self) -> None:
         self.log("val/loss", self.val_loss.compute(), prog_bar=True)

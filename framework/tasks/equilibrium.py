@@ -18,7 +18,14 @@ from torch import nn
 from lowbit.tasks.classify import ImageClassifier
 from lowbit.tasks.lm import CausalLM
 
-__all__ = ["EquilibriumClassifier", "EquilibriumLM", "deq_aux_loss", "log_deq_stats"]
+__all__ = [
+    "EquilibriumClassifier",
+    "EquilibriumLM",
+    "deq_aux_loss",
+    "log_deq_stats",
+    "log_val_deq_stats",
+    "with_deq_terms",
+]
 
 
 def log_deq_stats(task: L.LightningModule, model: nn.Module, prefix: str = "") -> dict[str, float]:
@@ -36,24 +43,34 @@ def deq_aux_loss(model: nn.Module) -> torch.Tensor | float:
     return aux() if callable(aux) else 0.0
 
 
+def with_deq_terms(task: L.LightningModule, model: nn.Module, loss: torch.Tensor) -> torch.Tensor:
+    """A training step's ``loss`` plus the model's DEQ regulariser, with the solver stats and
+    ``deq/jac_loss`` logged (the loss unchanged for a model without a DEQ layer)."""
+    log_deq_stats(task, model)
+    aux = deq_aux_loss(model)
+    if isinstance(aux, torch.Tensor) and aux.requires_grad:
+        task.log("deq/jac_loss", aux.detach().float())
+        loss = loss + aux
+    return loss
+
+
+def log_val_deq_stats(task: L.LightningModule, model: nn.Module) -> None:
+    """``val/deq_iters`` and ``val/deq_rel_res`` of the last forward, as epoch means over validation batches."""
+    stats = getattr(model, "deq_stats", dict)()
+    if stats:
+        task.log("val/deq_iters", stats["deq/iters"], on_epoch=True)
+        task.log("val/deq_rel_res", stats["deq/rel_res"], on_epoch=True)
+
+
 class _EquilibriumMixin:
     """training_step = the task's loss + the DEQ regulariser, with the solver stats logged."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        loss = super().training_step(batch, batch_idx)
-        aux = deq_aux_loss(self.model)
-        log_deq_stats(self, self.model)
-        if isinstance(aux, torch.Tensor) and aux.requires_grad:
-            self.log("deq/jac_loss", aux.detach().float())
-            loss = loss + aux
-        return loss
+        return with_deq_terms(self, self.model, super().training_step(batch, batch_idx))
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)
-        stats = getattr(self.model, "deq_stats", dict)()
-        if stats:  # epoch means over the validation batches
-            self.log("val/deq_iters", stats["deq/iters"], on_epoch=True)
-            self.log("val/deq_rel_res", stats["deq/rel_res"], on_epoch=True)
+        log_val_deq_stats(self, self.model)
 
 
 class EquilibriumClassifier(_EquilibriumMixin, ImageClassifier):
