@@ -32,7 +32,7 @@ from lowbit.numerics.hadamard import fwht, hadamard_matrix, inverse_rht, random_
 from lowbit.numerics.packing import pack_fp4, unpack_fp4, unpack_int4
 from lowbit.numerics.qtensor import QTensor
 from lowbit.numerics.quantize import dequantize, fake_quantize, quantize, requantize
-from lowbit.numerics.rounding import ROUNDING_MODES, round_to_integer
+from lowbit.numerics.rounding import ROUNDING_MODES, RandomBits, round_to_integer
 from lowbit.numerics.scaling import (
     DelayedScaling,
     amax_from_history,
@@ -67,6 +67,7 @@ __all__ = [
     "QTensor",
     "QuantError",
     "QuantSpec",
+    "RandomBits",
     "amax_from_history",
     "block_layout",
     "current_scale",

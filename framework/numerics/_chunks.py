@@ -27,16 +27,18 @@ def chunk_elements() -> int:
 
 
 def map_elementwise(
-    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, out_dtype: torch.dtype
+    fn: Callable[..., torch.Tensor], x: torch.Tensor, out_dtype: torch.dtype, offsets: bool = False
 ) -> torch.Tensor:
-    """``fn(x)`` for an elementwise ``fn``, evaluated chunk by chunk on CPU; shape of ``x``."""
+    """``fn(x)`` for an elementwise ``fn``, evaluated chunk by chunk on CPU; shape of ``x``.
+    ``offsets``: call ``fn(chunk, start)`` with the flat index of the chunk's first element."""
     chunk = chunk_elements()
+    call = fn if offsets else lambda c, start: fn(c)
     if x.device.type != "cpu" or x.numel() <= chunk:
-        return fn(x)
+        return call(x, 0)
     flat = x.reshape(-1)
     out = torch.empty(flat.numel(), dtype=out_dtype, device=x.device)
     for start in range(0, flat.numel(), chunk):
-        out[start : start + chunk] = fn(flat[start : start + chunk])
+        out[start : start + chunk] = call(flat[start : start + chunk], start)
     return out.view(x.shape)
 
 

@@ -28,15 +28,29 @@ paths bit for bit on adversarial inputs (tests/framework/numerics/test_numerics_
 
 from __future__ import annotations
 
+import functools
+import warnings
+from typing import NamedTuple
+
 import torch
 
+from lowbit.numerics.blocks import true_divide
 from lowbit.numerics.formats import ElementFormat, FloatFormat, IntFormat
-from lowbit.numerics.rounding import round_to_integer
+from lowbit.numerics.rounding import RandomBits, hash_bits, round_to_integer, sr_round_up
 
-__all__ = ["decode", "e8m0_scales", "encode", "round_to_format", "supported"]
+__all__ = [
+    "compiled_fake_quantize",
+    "decode",
+    "e8m0_scales",
+    "encode",
+    "fake_quantize_blocks",
+    "pow2_floor",
+    "round_to_format",
+    "supported",
+    "unscale",
+]
 
 _EXPONENT_FIELD = 0x7F800000  # float32 exponent bits
-_FLOAT64_LOW_MANTISSA = (1 << 29) - 1  # the float64 mantissa bits float32 lacks (52 - 23)
 
 
 def supported(element: ElementFormat, saturate: bool) -> bool:
@@ -61,55 +75,107 @@ def _inverse_ulp(field: torch.Tensor, element: FloatFormat) -> torch.Tensor:
     return (((element.mbits + 254) << 23) - field).view(torch.float32)
 
 
-def _round_magnitude(y: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
-    """``round_to_integer(y, rounding, generator)`` for finite float32 ``y >= 0``, same bits; SR
-    draws the same float64 ``u`` and rounds up where u < frac, compared in float32: frac is a
-    float32, so u < frac exactly when u truncated to float32 (low mantissa bits cleared) is, and
-    the float32 difference of two numbers in [0, 1) keeps its sign, so floor(trunc(u) - frac) is
-    -1 to round up and +0 to round down. 2x faster than the float64 compare and bool cast."""
+def _round_magnitude(y: torch.Tensor, rounding: str, bits: torch.Tensor | None) -> torch.Tensor:
+    """``round_to_integer(y, rounding, RandomBits)`` for finite float32 ``y >= 0``, given the SR bits of ``y``."""
     if rounding != "sr":
-        return round_to_integer(y, rounding, generator)
+        return round_to_integer(y, rounding)
     floor = torch.floor(y)
-    frac = y - floor  # exact, as in round_to_integer
-    u = torch.rand(y.shape, generator=generator, dtype=torch.float64, device=y.device)
-    u_trunc = u.view(torch.int64).bitwise_and_(~_FLOAT64_LOW_MANTISSA).view(torch.float64).to(torch.float32)
-    return floor.sub_(u_trunc.sub_(frac).floor_())
+    return floor.add_(sr_round_up(y - floor, bits).to(torch.float32))
+
+
+def _sr_bits(rounding: str, x: torch.Tensor, rng: RandomBits | torch.Generator | None) -> torch.Tensor | None:
+    if rounding != "sr":
+        return None
+    return (rng if isinstance(rng, RandomBits) else RandomBits.draw(rng, x.device)).bits(x.shape)
 
 
 def round_to_format(
-    element: ElementFormat, x: torch.Tensor, rounding: str, generator: torch.Generator | None
+    element: ElementFormat, x: torch.Tensor, rounding: str, rng: RandomBits | torch.Generator | None
 ) -> torch.Tensor:
     """``element.decode(element.encode(x, saturate=True))`` for finite float32 ``x``, as float32."""
+    return _round_to_format(element, x, rounding, _sr_bits(rounding, x, rng))
+
+
+class _Constants(NamedTuple):
+    """The numbers of a format that rounding uses, as plain Python values (what a compiled graph
+    bakes in; tracing the format's properties would not give constants)."""
+
+    integer: bool
+    qmin: int
+    qmax: int
+    max: float
+    emin: int
+    mbits: int
+    e5m2_cast: str  # torch's float8 dtype name where its cast gives E5M2's values, else ""
+
+
+@functools.cache
+def _constants(element: ElementFormat) -> _Constants:
     if isinstance(element, IntFormat):
+        return _Constants(True, element.qmin, element.qmax, float(element.qmax), 0, 0, "")
+    e5m2 = element.native if element.native and element.ebits == 5 else ""
+    return _Constants(False, 0, 0, float(element.max), element.emin, element.mbits, e5m2)
+
+
+def pow2_floor(a: torch.Tensor) -> torch.Tensor:
+    """2^floor(log2 a) for finite float32 ``a > 0`` in the normal range, in float arithmetic only:
+    Veltkamp's split with 2^23 + 1 rounds ``a`` to one significant bit, 2^e or 2^(e+1) for
+    ``a`` in [2^e, 2^(e+1)), and halving the second gives 2^e. Float32 subnormals and 0 give at
+    most 2^-126. (The tests check every float32 significand in several binades against the
+    exponent bits.)"""
+    split = a * 8388609.0
+    one_bit = split + (a - split)
+    return torch.where(one_bit > a, one_bit * 0.5, one_bit)
+
+
+def _round_to_format(element: ElementFormat, x: torch.Tensor, rounding: str, bits: torch.Tensor | None) -> torch.Tensor:
+    return _round(_constants(element), x, rounding, bits)
+
+
+def _round(c: _Constants, x: torch.Tensor, rounding: str, bits: torch.Tensor | None) -> torch.Tensor:
+    if c.integer:
         if rounding == "rne":
             rounded = torch.round(x)  # round half even is symmetric: sign(x) * round(|x|)
         else:  # sr / ta round the magnitude, as the general path
-            magnitude = torch.clamp(x.abs(), max=float(-element.qmin))
-            rounded = torch.copysign(_round_magnitude(magnitude, rounding, generator), x)
-        return rounded.clamp_(element.qmin, element.qmax).add_(0.0)
-    if element.native and element.ebits == 5 and rounding == "rne":
-        # E5M2: torch's cast, then its codes shifted into float16 (no Inf/NaN codes from finite x)
-        codes = torch.clamp(x, -element.max, element.max).to(getattr(torch, element.native)).view(torch.uint8)
+            magnitude = torch.clamp(x.abs(), max=float(-c.qmin))
+            rounded = torch.copysign(_round_magnitude(magnitude, rounding, bits), x)
+        rounded = rounded.clamp_(c.qmin, c.qmax)
+        if torch.compiler.is_compiling():  # inductor drops "+ 0.0" as an identity
+            return torch.where(rounded == 0, 0.0, rounded)
+        return rounded.add_(0.0)
+    if c.e5m2_cast and rounding == "rne" and not torch.compiler.is_compiling():
+        # E5M2: torch's cast, then its codes shifted into float16 (no Inf/NaN codes from finite x);
+        # a compiled kernel takes the arithmetic below, the same values
+        codes = torch.clamp(x, -c.max, c.max).to(getattr(torch, c.e5m2_cast)).view(torch.uint8)
         return (codes.to(torch.int16) << 8).view(torch.float16).float()
-    y = torch.clamp(x, -element.max, element.max)  # saturate first, so rounding never passes max
-    field = _binade_field(y, element)
-    scaled = y.mul_(_inverse_ulp(field, element))  # exact: a power of two
-    ulp = field.sub_(element.mbits << 23).view(torch.float32)  # 2^(b - mbits)
+    y = torch.clamp(x, -c.max, c.max)  # saturate first, so rounding never passes max
+    if torch.compiler.is_compiling():
+        # inductor's C++ turns each bitcast into a scalar loop (3x the whole kernel's time): the
+        # binade 2^b from float arithmetic instead, the same powers of two (tested exhaustively)
+        binade = torch.clamp(pow2_floor(y.abs()), min=2.0**c.emin)
+        scaled = y * (2.0**c.mbits / binade)  # exact: powers of two
+        ulp = binade * 2.0**-c.mbits
+    else:
+        # binade field (b + 127) << 23, b = max(float32 exponent of |y|, emin)
+        field = (y.view(torch.int32) & _EXPONENT_FIELD).clamp_(min=(c.emin + 127) << 23)
+        scaled = y.mul_((((c.mbits + 254) << 23) - field).view(torch.float32))  # exact: times 2^(mbits - b)
+        ulp = field.sub_(c.mbits << 23).view(torch.float32)  # 2^(b - mbits)
     if rounding == "rne":
         return scaled.round_().mul_(ulp)  # keeps the sign of zero, as the code's sign bit does
-    integer = _round_magnitude(scaled.abs_(), rounding, generator)
+    integer = _round_magnitude(scaled.abs_(), rounding, bits)
     return torch.copysign(integer.mul_(ulp), x)
 
 
-def encode(element: ElementFormat, x: torch.Tensor, rounding: str, generator: torch.Generator | None) -> torch.Tensor:
+def encode(element: ElementFormat, x: torch.Tensor, rounding: str, rng: RandomBits | torch.Generator | None) -> torch.Tensor:
     """``element.encode(x, saturate=True)`` for finite float32 ``x``: uint8 (int8) codes."""
     if isinstance(element, IntFormat):
-        return round_to_format(element, x, rounding, generator).to(torch.int8)
+        return round_to_format(element, x, rounding, rng).to(torch.int8)
     if element.native and rounding == "rne":  # torch's float8 cast: same codes, faster still
         return element.encode(x, rounding=rounding, saturate=True)
     magnitude = torch.clamp(x.abs(), max=element.max)
     field = _binade_field(magnitude, element)
-    integer = _round_magnitude(magnitude.mul_(_inverse_ulp(field, element)), rounding, generator)
+    bits = _sr_bits(rounding, x, rng)
+    integer = _round_magnitude(magnitude.mul_(_inverse_ulp(field, element)), rounding, bits)
     # code = ((b - emin) << mbits) + integer; (field >> (23 - mbits)) is (b + 127) << mbits
     code = (field >> (23 - element.mbits)).add_(integer.to(torch.int32)).sub_((element.emin + 127) << element.mbits)
     sign = (x.view(torch.int32) >> (32 - element.bits)) & (1 << (element.bits - 1))  # bit 31 -> bit (bits - 1)
@@ -144,3 +210,159 @@ def e8m0_scales(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     decode = (c << 23).clamp_(min=1 << 22).view(torch.float32)
     factor = ((254 - c) << 23).clamp_(min=1 << 22).view(torch.float32)
     return decode, factor
+
+
+def _per_block(t: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+    """A per-block tensor (n, nb) broadcast over the elements of blocks (n, r, nb, c) or (n, r, nb)."""
+    return t[:, None, :, None] if blocks.dim() == 4 else t[:, None, :]
+
+
+def unscale(
+    values: torch.Tensor,
+    scales: torch.Tensor,
+    zero_points: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    sr_prescale: float,
+) -> torch.Tensor:
+    """Decoded elements (n, r, nb, c) -> values: (v - zero point) * scale * global / prescale,
+    each scale (n, nb) or (1, 1). dequantize and fake_quantize share it, so they round alike.
+    Elements (n, r, nb) are blocks of r x 1 (a column layout, see ``_fake_quantize_whole``)."""
+    if zero_points is not None:
+        values = values - _per_block(zero_points, values)
+    values = values * _per_block(scales, values)
+    if global_scale is not None:
+        values = values * global_scale
+    if sr_prescale != 1.0:
+        values = true_divide(values, sr_prescale)
+    return values
+
+
+def fake_quantize_blocks(
+    blocks: torch.Tensor,
+    factor: torch.Tensor,
+    decode: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    bits: torch.Tensor | None,
+    *,
+    element: ElementFormat,
+    rounding: str,
+    sr_prescale: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Elements (n, r, nb, c) of any float dtype, finite -> their fake-quantized values in ``out_dtype``:
+    times the block's encode factor (n, nb) (the SR prescale folded in), plus its zero point,
+    rounded to the format, unscaled. ``bits``: the SR bits of the elements (int32, their shape)."""
+    scaled = blocks.float() * _per_block(factor, blocks)
+    if zero_point is not None:
+        scaled = scaled + _per_block(zero_point, blocks)
+    values = _round(element if isinstance(element, _Constants) else _constants(element), scaled, rounding, bits)
+    return unscale(values, decode, zero_point, global_scale, sr_prescale).to(out_dtype)
+
+
+def _fake_quantize_whole(
+    blocks: torch.Tensor,
+    factor: torch.Tensor,
+    decode: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    keys: torch.Tensor | None,
+    column_index: torch.Tensor | None = None,
+    **options,
+) -> torch.Tensor:
+    """``fake_quantize_blocks`` of a whole tensor, its SR bits hashed from ``keys`` in the same kernel.
+    Element i's bits come from index i (row-major), or for r x 1 blocks (n, r, C) of a tensor t
+    (N = n r, C) from ``column_index[col] + row``: with ``column_index = arange(C) * N`` that is
+    the index of the element in tᵀ, whose 1 x r blocks these are. (An input rather than an
+    arange in the graph: inductor vectorizes a load, not a strided arange.)"""
+    bits = None
+    if keys is not None:
+        if column_index is None:
+            index = torch.arange(blocks.numel(), dtype=torch.int64, device=blocks.device).to(torch.int32)
+            index = index.view(blocks.shape)
+        else:
+            n, r, cols = blocks.shape
+            row = torch.arange(n * r, dtype=torch.int64, device=blocks.device).to(torch.int32).view(n, r, 1)
+            index = row + column_index.view(1, 1, cols)
+        bits = hash_bits(index, keys)
+    return fake_quantize_blocks(blocks, factor, decode, zero_point, global_scale, bits, **options)
+
+
+def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
+    """max |x| of every block of (n, r, nb, c) (or r x 1 blocks (n, r, nb)) -> (n, nb) float32 (NaN propagates)."""
+    return blocks.float().abs().amax(dim=(1, 3) if blocks.dim() == 4 else 1)
+
+
+@functools.cache
+def _compiled(fn, **constants):
+    """``torch.compile(fn)`` with ``constants`` bound, under a code object of its own: dynamo keeps
+    one cache per code object and checks its entries' guards in turn, so variants sharing ``fn``'s
+    would slow every call down (and hit the recompile limit)."""
+    namespace = {"_fn": functools.partial(fn, **constants)}
+    exec("def compiled_variant(*args):\n    return _fn(*args)\n", namespace)  # noqa: S102 - a fresh code object
+    return torch.compile(namespace["compiled_variant"], fullgraph=True)
+
+
+_compile_failed: list[str] = []  # the first failure's message: compiling is off for the process
+
+
+def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tuple[int, ...], ...], **constants):
+    """``fn(*tensors, **constants)`` as one compiled CPU kernel (inductor's C++ backend), or None
+    when torch.compile cannot build it here (no C++ compiler: a warning once, then the callers
+    run their eager code, the same numbers). ``dynamic``: per tensor, the dims that vary from
+    call to call (numbers of blocks: symbolic from the first call); the others (a block's own
+    shape) stay constants, so the kernel's inner loop is one whole block."""
+    if _compile_failed:
+        return None
+    for t, dims in zip(tensors, dynamic, strict=True):
+        for dim in dims:
+            if t is not None and t.dim() > dim:
+                torch._dynamo.maybe_mark_dynamic(t, dim)
+    try:
+        return _compiled(fn, **constants)(*tensors)
+    except Exception as err:  # noqa: BLE001 - any compile failure falls back to the same numbers, eagerly
+        _compile_failed.append(f"{type(err).__name__}: {err}".splitlines()[0])
+        warnings.warn(
+            f"lowbit: torch.compile could not build a CPU quantization kernel ({_compile_failed[0]}); "
+            "quantizing eagerly (same numbers, slower)",
+            stacklevel=3,
+        )
+        return None
+
+
+def compiled_fake_quantize(
+    blocks: torch.Tensor,
+    factor: torch.Tensor,
+    decode: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    rng: RandomBits | None,
+    *,
+    element: ElementFormat,
+    rounding: str,
+    sr_prescale: float,
+    out_dtype: torch.dtype,
+    columns: bool = False,
+) -> torch.Tensor | None:
+    """``fake_quantize_blocks`` of a whole tensor (``columns``: r x 1 blocks (n, r, C) of t standing
+    for the 1 x r blocks of tᵀ, SR bits in tᵀ's order) in one compiled kernel: one read, one write,
+    instead of ~15 passes over chunks; the same bits (tests/framework/numerics/test_numerics_fastpath.py).
+    None where it does not apply (an SR prescale, whose division inductor may turn into a
+    multiply; a chunk of a larger SR stream) or cannot be built."""
+    if sr_prescale != 1.0 or (rng is not None and rng.offset):
+        return None
+    keys = None if rng is None else rng.keys
+    column_index = None
+    if columns and keys is not None:  # blocks (n, r, C) of t stand for tᵀ's 1 x r blocks
+        n, r, cols = blocks.shape
+        column_index = (torch.arange(cols, dtype=torch.int64, device=blocks.device) * (n * r)).to(torch.int32)
+    tensors = (blocks, factor, decode, zero_point, global_scale, keys, column_index)
+    dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,))  # blocks (n, r, nb[, c]): n and nb vary
+    options = {"element": _constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
+    return run_compiled(_fake_quantize_whole, tensors, dynamic, **options)
+
+
+def compiled_block_amax(blocks: torch.Tensor) -> torch.Tensor | None:
+    """max |x| of every block (n, r, nb, c) or (n, r, nb) -> (n, nb) float32 in one compiled kernel
+    (the eager path's max-pool gives the same maxima), or None."""
+    return run_compiled(_block_amax, (blocks,), ((0, 2),))

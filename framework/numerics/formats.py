@@ -38,7 +38,7 @@ import torch
 
 from lowbit.errors import LowbitError
 from lowbit.numerics._chunks import map_elementwise
-from lowbit.numerics.rounding import check_rounding, round_to_integer
+from lowbit.numerics.rounding import RandomBits, check_rounding, round_to_integer
 
 __all__ = [
     "E2M1",
@@ -76,6 +76,15 @@ def _float32_exponent(bits: torch.Tensor) -> torch.Tensor:
 def _pow2_tensor(exponent: torch.Tensor) -> torch.Tensor:
     """2^exponent as float32, built from bits; exponent must lie in [-126, 127]."""
     return ((exponent + _F32_BIAS) << _F32_MANT).view(torch.float32)
+
+
+def _random_bits(
+    rounding: str, generator: torch.Generator | RandomBits | None, device: torch.device
+) -> RandomBits | None:
+    """The SR bits of a whole tensor (keys drawn once, so chunks continue one stream), else None."""
+    if rounding != "sr" or isinstance(generator, RandomBits):
+        return generator if rounding == "sr" else None
+    return RandomBits.draw(generator, device)
 
 
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -118,14 +127,16 @@ class ElementFormat:
         ``generator``). ``saturate``: clamp overflow to +-max (else the format's overflow value).
         """
         check_rounding(rounding, self.roundings)
-        return map_elementwise(lambda c: self._encode(c.float(), rounding, saturate, generator), x, self.code_dtype)
+        rng = _random_bits(rounding, generator, x.device)
+        fn = lambda c, start: self._encode(c.float(), rounding, saturate, rng and rng.at(start))
+        return map_elementwise(fn, x, self.code_dtype, offsets=True)
 
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Integer codes -> float32 values, bit-exact."""
         return map_elementwise(self._decode, codes, torch.float32)
 
     def _encode(
-        self, x: torch.Tensor, rounding: str, saturate: bool, generator: torch.Generator | None
+        self, x: torch.Tensor, rounding: str, saturate: bool, generator: torch.Generator | RandomBits | None
     ) -> torch.Tensor:
         raise NotImplementedError
 
@@ -251,11 +262,13 @@ class FloatFormat(ElementFormat):
         if native and self.native and rounding == "rne" and (saturate or self.has_inf):
             fn = lambda c: self._encode_native(c.float(), saturate)
         else:
-            fn = lambda c: self._encode(c.float(), rounding, saturate, generator)
+            rng = _random_bits(rounding, generator, x.device)
+            fn = lambda c, start: self._encode(c.float(), rounding, saturate, rng and rng.at(start))
+            return map_elementwise(fn, x, torch.uint8, offsets=True)
         return map_elementwise(fn, x, torch.uint8)
 
     def _encode(
-        self, x: torch.Tensor, rounding: str, saturate: bool, generator: torch.Generator | None
+        self, x: torch.Tensor, rounding: str, saturate: bool, generator: torch.Generator | RandomBits | None
     ) -> torch.Tensor:
         sign = (x.view(torch.int32) >> 31) & 1  # 1 for negative, -0 and -NaN
         mag = x.abs()
@@ -342,7 +355,7 @@ class E8M0Format(ElementFormat):
         return 127
 
     def _encode(
-        self, x: torch.Tensor, rounding: str, saturate: bool, generator: torch.Generator | None
+        self, x: torch.Tensor, rounding: str, saturate: bool, generator: torch.Generator | RandomBits | None
     ) -> torch.Tensor:
         nan = torch.isnan(x)
         mag = torch.clamp(x, min=0.0, max=self.max if saturate else math.inf)  # negatives -> 0
@@ -414,7 +427,7 @@ class IntFormat(ElementFormat):
         return 1.0
 
     def _encode(
-        self, x: torch.Tensor, rounding: str, saturate: bool, generator: torch.Generator | None
+        self, x: torch.Tensor, rounding: str, saturate: bool, generator: torch.Generator | RandomBits | None
     ) -> torch.Tensor:
         x = torch.nan_to_num(x, nan=0.0)
         mag = torch.clamp(x.abs(), max=float(-self.qmin))

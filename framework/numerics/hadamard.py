@@ -7,8 +7,10 @@ block b of the last dim to b R, i.e. flip signs then Hadamard (as TE's NVFP4 RHT
 Quartet); the inverse is y R^T = (y H) * s. Spreading an outlier over the block shrinks the
 block amax, which is why FP4 recipes apply it before quantizing (arXiv 2509.25149 section 4.2).
 
-Two equivalent evaluations: a matmul with R (BLAS; the default) and the fast Walsh-Hadamard
-butterfly (log2 n stages of add/sub), exposed as :func:`fwht`; the tests check they agree.
+The transform is defined, bit for bit on every device, as the fast Walsh-Hadamard butterfly
+(:func:`fwht`: log2 n stages of float32 a + b, a - b, then one multiply by 1/sqrt(n), exact for
+n = 16, 64, 256) applied to the sign-flipped block; a BLAS matmul with R gives the same up to
+the order of its sums (the tests check both), which varies between BLAS libraries and devices.
 """
 
 from __future__ import annotations
@@ -20,7 +22,18 @@ import torch
 
 from lowbit.errors import LowbitError
 
-__all__ = ["fwht", "hadamard_matrix", "inverse_rht", "random_hadamard", "random_signs", "rht"]
+__all__ = [
+    "fwht",
+    "hadamard_matrix",
+    "inverse_rht",
+    "random_hadamard",
+    "random_signs",
+    "rht",
+    "rotate_blocks",
+    "rotate_columns",
+    "unrotate_blocks",
+    "unrotate_columns",
+]
 
 
 def _check_size(n: int) -> int:
@@ -56,18 +69,27 @@ def random_hadamard(
     return (signs[:, None] * hadamard_matrix(n, dtype=torch.float64)).to(dtype=dtype, device=device)
 
 
+def _butterfly(lanes: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The Walsh-Hadamard butterfly (unnormalized) on n lanes: stage h maps each pair (i, i + h) of
+    a group of 2h to (a + b, a - b). Each output is a fixed tree of float32 sums, so the result
+    does not depend on how the lanes are laid out (and a compiled kernel fuses the whole tree)."""
+    n, h = len(lanes), 1
+    while h < n:
+        out = list(lanes)
+        for start in range(0, n, 2 * h):
+            for i in range(start, start + h):
+                a, b = lanes[i], lanes[i + h]
+                out[i], out[i + h] = a + b, a - b
+        lanes, h = out, 2 * h
+    return lanes
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal fast Walsh-Hadamard transform of the last dim (a power of two): x @ H_n."""
     n = _check_size(x.shape[-1])
-    lead = x.shape[:-1]
     y = x.reshape(-1, n)
-    h = 1
-    while h < n:
-        pairs = y.view(-1, n // (2 * h), 2, h)  # (M, groups, 2, h): the two halves of each group
-        a, b = pairs[:, :, 0, :], pairs[:, :, 1, :]
-        y = torch.stack((a + b, a - b), dim=2).view(-1, n)
-        h *= 2
-    return (y * (1.0 / math.sqrt(n))).view(*lead, n)
+    lanes = _butterfly([y[:, i] for i in range(n)])
+    return (torch.stack(lanes, dim=1) * (1.0 / math.sqrt(n))).view(x.shape)
 
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -79,19 +101,52 @@ def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=64)
-def _shared_random_hadamard(n: int, seed: int, device: torch.device) -> torch.Tensor:
-    """``random_hadamard(n, seed)`` on ``device``, built once: quantization applies the same R to
-    every operand of every step (building it costs ~40 us). Read only, never handed out."""
-    return random_hadamard(n, seed, device=device)
+def _shared_signs(n: int, seed: int, device: torch.device) -> torch.Tensor:
+    """``random_signs(n, seed)`` on ``device``, built once: quantization applies the same signs to
+    every operand of every step. Read only, never handed out."""
+    return random_signs(n, seed, device=device)
+
+
+def rotate_blocks(blocks: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """(M, n) blocks -> blocks @ diag(signs) H_n, float32: flip signs (exact), then the butterfly."""
+    return fwht(blocks.float() * signs)
+
+
+def unrotate_blocks(blocks: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rotate_blocks`: blocks @ H_n diag(signs) (H symmetric, R^T = H D)."""
+    return fwht(blocks.float()) * signs
+
+
+def _fwht_rows(y: torch.Tensor) -> torch.Tensor:
+    """:func:`fwht` along dim 1 of (G, n, C): the same sums as ``fwht`` of each column, with the
+    arithmetic on contiguous rows of C."""
+    n = y.shape[1]
+    lanes = _butterfly([y[:, i] for i in range(n)])
+    return torch.stack(lanes, dim=1) * (1.0 / math.sqrt(n))
+
+
+def rotate_columns(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """``rht`` of tᵀ for t = ``x`` (N, C), transposed back, without moving t: every length-n run
+    of rows is one block of a column; same bits as ``rht(x.t(), n).t()``. float32 (N, C)."""
+    n = signs.numel()
+    rows = x.float().view(x.shape[0] // n, n, x.shape[1]) * signs[None, :, None]
+    return _fwht_rows(rows).view(x.shape)
+
+
+def unrotate_columns(y: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`rotate_columns`: ``inverse_rht(y.t(), n).t()``, same bits."""
+    n = signs.numel()
+    rows = _fwht_rows(y.float().view(y.shape[0] // n, n, y.shape[1])) * signs[None, :, None]
+    return rows.view(y.shape)
 
 
 def rht(x: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Random Hadamard transform of each length-``size`` block of the last dim (float32 result)."""
-    blocks = _blocks(x, size).float()  # (M, size)
-    return (blocks @ _shared_random_hadamard(size, int(seed), x.device)).view(x.shape)
+    blocks = _blocks(x, size)
+    return rotate_blocks(blocks, _shared_signs(size, int(seed), x.device)).view(x.shape)
 
 
 def inverse_rht(y: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
-    """Inverse of :func:`rht` (its transpose): y @ R^T blockwise."""
-    blocks = _blocks(y, size).float()
-    return (blocks @ _shared_random_hadamard(size, int(seed), y.device).T).view(y.shape)
+    """Inverse of :func:`rht` (its transpose), blockwise."""
+    blocks = _blocks(y, size)
+    return unrotate_blocks(blocks, _shared_signs(size, int(seed), y.device)).view(y.shape)

@@ -44,9 +44,17 @@ from lowbit.numerics.blocks import (
     true_divide,
 )
 from lowbit.numerics.formats import ElementFormat, get_format
-from lowbit.numerics.hadamard import inverse_rht, rht
+from lowbit.numerics.hadamard import (
+    _shared_signs,
+    inverse_rht,
+    rht,
+    rotate_blocks,
+    rotate_columns,
+    unrotate_blocks,
+    unrotate_columns,
+)
 from lowbit.numerics.qtensor import QTensor
-from lowbit.numerics.rounding import make_generator
+from lowbit.numerics.rounding import RandomBits, make_generator
 from lowbit.numerics.scaling import tensor_amax
 from lowbit.numerics.spec import QuantSpec, get_spec
 
@@ -54,6 +62,7 @@ __all__ = ["dequantize", "fake_quantize", "quantize", "requantize"]
 
 SpecLike = str | Mapping[str, Any] | QuantSpec
 _FLT_MAX = torch.finfo(torch.float32).max
+_COMPILE_MIN_ELEMENTS = 1 << 16  # below this, eager chunks cost less than a compiled call's guards
 
 
 @dataclass
@@ -147,6 +156,17 @@ def _block_reduce(rows: torch.Tensor, layout: BlockLayout, reduce, absolute: boo
     return out
 
 
+def _rht(x: torch.Tensor, size: int, seed: int, compile: bool, inverse: bool = False) -> torch.Tensor:
+    """``rht`` (or ``inverse_rht``) of ``x``; ``compile``: as one compiled CPU kernel (same values)."""
+    if compile and x.dim() and x.shape[-1] % size == 0:  # else the eager call raises the clear error
+        blocks = x.reshape(-1, size)
+        fn = unrotate_blocks if inverse else rotate_blocks
+        out = _fast.run_compiled(fn, (blocks, _shared_signs(size, int(seed), x.device)), ((0,), ()))
+        if out is not None:
+            return out.view(x.shape)
+    return (inverse_rht if inverse else rht)(x, size, seed)
+
+
 def _finite_rows(n_rows: int, *extrema: torch.Tensor) -> torch.Tensor | None:
     """(B,) bool: block rows whose extrema (each (B, nb) or (1, 1)) are finite, i.e. rows without
     NaN/Inf input; None when every row is."""
@@ -192,7 +212,7 @@ class _Plan:
     rows: torch.Tensor  # (B, r, C) block rows of the (transformed) input, any float dtype
     scaling: _Scaling  # every block's scales, (B, C/c), or (1, 1) for one tensor scale
     global_encode: torch.Tensor | None  # NVFP4's global encode scale
-    generator: torch.Generator | None
+    rng: RandomBits | None  # SR bits of the rows' elements, by flat index
     fast: bool  # CPU and a format the arithmetic path covers
     finite_rows: torch.Tensor | None  # (B,) bool: block rows without NaN/Inf; None: all
 
@@ -200,27 +220,39 @@ class _Plan:
     def saturate(self) -> bool:
         return self.spec.saturate or self.spec.scale_format != "fp32"  # MX and NVFP4 always saturate
 
+    @property
+    def factor(self) -> torch.Tensor:
+        """The blocks' encode factors with the SR prescale folded in."""
+        factor = self.scaling.factor
+        return factor * self.spec.sr_prescale if self.spec.sr_prescale != 1.0 else factor
+
+    def chunks(self):
+        """Yield (block-row slice, slice of the block scales, whether the arithmetic path applies)
+        over chunks of block rows."""
+        for sl in row_chunks(self.rows.shape[0], self.rows[0].numel(), self.rows.device):
+            blocks_of = slice(None) if self.layout.per_tensor else sl
+            yield sl, blocks_of, self.fast and (self.finite_rows is None or bool(self.finite_rows[sl].all()))
+
     def scaled_chunks(self):
         """Yield (block-row slice, elements times their encode factor (n, r, nb, c) float32, whether
         the arithmetic path applies) over chunks of block rows."""
-        layout, scaling = self.layout, self.scaling
-        factor = scaling.factor
-        if self.spec.sr_prescale != 1.0:
-            factor = factor * self.spec.sr_prescale
-        for sl in row_chunks(self.rows.shape[0], self.rows[0].numel(), self.rows.device):
-            blocks_of = slice(None) if layout.per_tensor else sl
+        layout, scaling, factor = self.layout, self.scaling, self.factor
+        for sl, blocks_of, fast in self.chunks():
             scaled = layout.blocks(self.rows[sl].float()) * factor[blocks_of][:, None, :, None]
             if scaling.zero_point is not None:
                 scaled = scaled + scaling.zero_point[blocks_of][:, None, :, None]
-            fast = self.fast and (self.finite_rows is None or bool(self.finite_rows[sl].all()))
             yield sl, scaled, fast
 
-    def encode(self, scaled: torch.Tensor, fast: bool) -> torch.Tensor:
-        """Codes of scaled elements."""
+    def rng_of(self, sl: slice) -> RandomBits | None:
+        """The SR bits from the first element of block rows ``sl`` on."""
+        return None if self.rng is None else self.rng.at(sl.start * self.rows[0].numel())
+
+    def encode(self, scaled: torch.Tensor, fast: bool, sl: slice) -> torch.Tensor:
+        """Codes of the scaled elements of block rows ``sl``."""
         if fast:
-            return _fast.encode(self.element, scaled, self.spec.rounding, self.generator)
+            return _fast.encode(self.element, scaled, self.spec.rounding, self.rng_of(sl))
         return self.element.encode(
-            scaled, rounding=self.spec.rounding, saturate=self.saturate, generator=self.generator
+            scaled, rounding=self.spec.rounding, saturate=self.saturate, generator=self.rng_of(sl)
         )
 
     def encode_codes(self, stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -235,9 +267,18 @@ class _Plan:
                     else:
                         saturated = scaled.abs() > element.max
                     stats["saturated"] += saturated.sum()
-                yield sl, self.encode(scaled, fast)
+                yield sl, self.encode(scaled, fast, sl)
 
         return _fill(self.rows.shape, self.element.code_dtype, self.rows.device, parts())
+
+
+def _draw_bits(
+    spec: QuantSpec, generator: torch.Generator | None, seed: int | None, device: torch.device
+) -> RandomBits | None:
+    """The SR bits of one quantization (keys drawn once from the generator), or None without SR."""
+    if spec.rounding != "sr":
+        return None
+    return RandomBits.draw(make_generator(generator, seed, device), device)
 
 
 def _plan(
@@ -248,7 +289,9 @@ def _plan(
     amax: torch.Tensor | float | None,
     scale: torch.Tensor | float | None,
     fast: bool,
+    compile: bool = False,
 ) -> _Plan:
+    """``compile``: on CPU, the RHT and block amax of a large tensor as compiled kernels (same values)."""
     _check_input(x)
     element, scale_format = _formats(spec)
     layout = block_layout(x.shape, spec.block)
@@ -256,8 +299,9 @@ def _plan(
         raise LowbitError(f"amax/scale overrides need block='tensor' or global_scale=True, got block={spec.block!r}")
     if scale is not None and (not layout.per_tensor or spec.scale_format != "fp32"):
         raise LowbitError("a scale override needs block='tensor' with scale_format='fp32' (FP8 delayed scaling)")
-    gen = make_generator(generator, seed, x.device) if spec.rounding == "sr" else None
-    src = rht(x, spec.rht_size, spec.rht_seed) if spec.rht_size else x
+    rng = _draw_bits(spec, generator, seed, x.device)
+    compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
+    src = _rht(x, spec.rht_size, spec.rht_seed, compile) if spec.rht_size else x
     rows = layout.block_rows(src)  # (B, r, C)
     saturate = spec.saturate or spec.scale_format != "fp32"
     fast = fast and x.device.type == "cpu" and _fast.supported(element, saturate)
@@ -287,7 +331,9 @@ def _plan(
         if fast:
             finite_rows = _finite_rows(rows.shape[0], block_min, block_max)
     else:
-        block_amax = _block_reduce(rows, layout, torch.amax, absolute=True)  # NaN propagates
+        block_amax = _fast.compiled_block_amax(layout.blocks(rows)) if compile else None
+        if block_amax is None:
+            block_amax = _block_reduce(rows, layout, torch.amax, absolute=True)  # NaN propagates
         if fast:
             finite_rows = _finite_rows(rows.shape[0], block_amax)
         finite = fast and finite_rows is None
@@ -295,7 +341,7 @@ def _plan(
             global_encode = global_encode_from(block_amax if finite else None)
         scaling = _scaling_from_amax(block_amax, spec, element, scale_format, global_encode, finite)
     fast = fast and _finite_factors(scaling)
-    return _Plan(spec, element, layout, rows, scaling, global_encode, gen, fast, finite_rows)
+    return _Plan(spec, element, layout, rows, scaling, global_encode, rng, fast, finite_rows)
 
 
 def _quantize(
@@ -345,25 +391,6 @@ def quantize(
     return _quantize(x, get_spec(spec), generator, seed, amax, scale)
 
 
-def _unscale(
-    values: torch.Tensor,
-    scales: torch.Tensor,
-    zero_points: torch.Tensor | None,
-    global_scale: torch.Tensor | None,
-    sr_prescale: float,
-) -> torch.Tensor:
-    """Decoded elements (n, r, nb, c) -> values: (v - zero point) * scale * global / prescale,
-    each scale (n, nb) or (1, 1). dequantize and fake_quantize share it, so they round alike."""
-    if zero_points is not None:
-        values = values - zero_points[:, None, :, None]
-    values = values * scales[:, None, :, None]
-    if global_scale is not None:
-        values = values * global_scale
-    if sr_prescale != 1.0:
-        values = true_divide(values, sr_prescale)
-    return values
-
-
 def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True) -> torch.Tensor:
     """``dequantize``; ``fast=False`` forces the general decode (the tests' reference)."""
     if not isinstance(q, QTensor):
@@ -385,7 +412,7 @@ def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True)
                 values = element.decode(codes[sl])
             blocks_of = slice(None) if layout.per_tensor else sl
             zp = None if zero_points is None else zero_points[blocks_of]
-            yield sl, _unscale(layout.blocks(values), scales[blocks_of], zp, q.global_scale, spec.sr_prescale)
+            yield sl, _fast.unscale(layout.blocks(values), scales[blocks_of], zp, q.global_scale, spec.sr_prescale)
 
     out = _fill(codes.shape, torch.float32 if spec.rht_size else out_dtype, q.device, parts()).view(q.shape)
     if spec.rht_size:
@@ -406,28 +433,120 @@ def _fake_quantize(
     amax: torch.Tensor | float | None,
     scale: torch.Tensor | float | None,
     fast: bool = True,
+    compile: bool = False,
 ) -> torch.Tensor:
-    """``dequantize(quantize(x))`` without materializing codes: each chunk's elements are rounded
-    to the format's values directly (:func:`._fast.round_to_format`) where the arithmetic path
-    applies, else encoded and decoded; then unscaled exactly as ``dequantize`` does."""
-    plan = _plan(x, spec, generator, seed, amax, scale, fast)
-    scaling, element = plan.scaling, plan.element
+    """``dequantize(quantize(x))`` without materializing codes: where the arithmetic path applies,
+    each chunk's elements are rounded to the format's values directly and unscaled
+    (:func:`._fast.fake_quantize_blocks`), or the whole tensor in one compiled kernel (``compile``);
+    elsewhere encoded, decoded and unscaled exactly as ``dequantize`` does."""
+    compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
+    plan = _plan(x, spec, generator, seed, amax, scale, fast, compile)
+    scaling, element, layout = plan.scaling, plan.element, plan.layout
     global_scale = None if plan.global_encode is None else torch.reciprocal(plan.global_encode).reshape(())
+    out_dtype = torch.float32 if spec.rht_size else x.dtype
+    options = {"element": element, "rounding": spec.rounding, "sr_prescale": spec.sr_prescale, "out_dtype": out_dtype}
+    factor = plan.factor
+    out = None
+    if compile and plan.fast and plan.finite_rows is None:
+        out = _fast.compiled_fake_quantize(
+            layout.blocks(plan.rows), factor, scaling.decode, scaling.zero_point, global_scale, plan.rng, **options
+        )
 
     def parts():
-        for sl, scaled, fast_chunk in plan.scaled_chunks():
-            if fast_chunk:
-                values = _fast.round_to_format(element, scaled, spec.rounding, plan.generator)
-            else:
-                values = element.decode(plan.encode(scaled, fast=False))
-            blocks_of = slice(None) if plan.layout.per_tensor else sl
+        for sl, blocks_of, fast_chunk in plan.chunks():
             zp = None if scaling.zero_point is None else scaling.zero_point[blocks_of]
-            yield sl, _unscale(values, scaling.decode[blocks_of], zp, global_scale, spec.sr_prescale)
+            rng = plan.rng_of(sl)
+            if fast_chunk:
+                blocks = layout.blocks(plan.rows[sl])
+                bits = None if rng is None else rng.bits(blocks.shape)
+                args = (factor[blocks_of], scaling.decode[blocks_of], zp, global_scale, bits)
+                yield sl, _fast.fake_quantize_blocks(blocks, *args, **options)
+                continue
+            scaled = layout.blocks(plan.rows[sl].float()) * factor[blocks_of][:, None, :, None]
+            if zp is not None:
+                scaled = scaled + zp[:, None, :, None]
+            values = element.decode(plan.encode(scaled, False, sl))
+            yield sl, _fast.unscale(values, scaling.decode[blocks_of], zp, global_scale, spec.sr_prescale)
 
-    out_dtype = torch.float32 if spec.rht_size else x.dtype
-    out = _fill(plan.rows.shape, out_dtype, x.device, parts()).view(x.shape)
+    if out is None:
+        out = _fill(plan.rows.shape, out_dtype, x.device, parts())
+    out = out.view(x.shape)
     if spec.rht_size:
-        out = inverse_rht(out, spec.rht_size, spec.rht_seed).to(x.dtype)
+        out = _rht(out, spec.rht_size, spec.rht_seed, compile, inverse=True).to(x.dtype)
+    return out
+
+
+def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> bool:
+    """Whether :func:`_fake_quantize_columns` has a compiled path for ``spec`` on 2-D ``t`` (N, C): 1 x c
+    blocks with symmetric scales, the RHT (if any) and the blocks dividing N, the arithmetic path's formats."""
+    if t.dim() != 2 or t.device.type != "cpu" or t.numel() < _COMPILE_MIN_ELEMENTS:
+        return False
+    if isinstance(spec.block, str) or spec.block[0] != 1 or spec.asymmetric or spec.sr_prescale != 1.0:
+        return False
+    n = t.shape[0]
+    if n % spec.block[1] or (spec.rht_size and n % spec.rht_size):
+        return False
+    saturate = spec.saturate or spec.scale_format != "fp32"
+    return _fast.supported(element, saturate)
+
+
+def _fake_quantize_columns(
+    t: torch.Tensor, spec: QuantSpec, generator: torch.Generator | None = None, compile: bool = False
+) -> torch.Tensor:
+    """``fake_quantize(t.t(), spec)`` for 2-D ``t`` (N, C), same bits (SR too: the bits follow tᵀ's
+    element order), as a (C, N) view of an (N, C) tensor: with ``compile``, the blocks of tᵀ's rows
+    are quantized where they lie, down t's columns (blocks (N/c, c, C, 1) of t; the RHT along N as
+    a butterfly over rows), so nothing is transposed and the GEMM takes the view. What wgrad's
+    operands dyᵀ and xᵀ need. Otherwise (or for NaN/Inf input) tᵀ is copied and quantized."""
+    element, scale_format = _formats(spec)
+    if not (compile and _columns_apply(t, spec, element)):
+        return _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile)
+    rng = _draw_bits(spec, generator, None, t.device)
+    signs = _shared_signs(spec.rht_size, int(spec.rht_seed), t.device) if spec.rht_size else None
+    src = _fast.run_compiled(rotate_columns, (t, signs), ((0,), ())) if signs is not None else t
+    c = spec.block[1]
+    blocks = None if src is None else src.view(t.shape[0] // c, c, t.shape[1])  # (N/c, c, C): c x 1 blocks
+    block_amax = None if blocks is None else _fast.compiled_block_amax(blocks)  # (N/c, C): tᵀ's (C, N/c), transposed
+    if block_amax is None or not bool(torch.isfinite(block_amax).all()):
+        return _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile)
+    amax_t = block_amax.t()  # (C, N/c): the amax of tᵀ's blocks, as _plan computes them
+    global_encode = global_encode_scale(amax_t.amax(), element, scale_format) if spec.global_scale else None
+    scaling = _scaling_from_amax(amax_t, spec, element, scale_format, global_encode, finite=True)
+    if not _finite_factors(scaling):
+        return _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile)
+    global_scale = None if global_encode is None else torch.reciprocal(global_encode).reshape(())
+    out_dtype = torch.float32 if spec.rht_size else t.dtype
+    out = _fast.compiled_fake_quantize(
+        blocks,
+        scaling.factor.t().contiguous(),  # strided, inductor would transpose a tile per use
+        scaling.decode.t().contiguous(),
+        None,
+        global_scale,
+        rng,
+        element=element,
+        rounding=spec.rounding,
+        sr_prescale=1.0,
+        out_dtype=out_dtype,
+        columns=True,
+    )
+    if out is None:
+        return _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile)
+    out = out.view(t.shape)
+    if signs is not None:
+        inverse = _fast.run_compiled(unrotate_columns, (out, signs), ((0,), ()))
+        out = (inverse if inverse is not None else unrotate_columns(out, signs)).to(t.dtype)
+    return out.t()
+
+
+def _transposed(t: torch.Tensor) -> torch.Tensor:
+    """``t.t()`` contiguous, copied in tiles of 64 source rows on CPU: one plain copy reads a column
+    per output row, 3-4x slower when rows lie a power of two apart (cache-set conflicts)."""
+    src = t.contiguous()
+    if t.device.type != "cpu":
+        return src.t().contiguous()
+    out = torch.empty(src.shape[1], src.shape[0], dtype=src.dtype)
+    for start in range(0, src.shape[0], 64):
+        out[:, start : start + 64] = src[start : start + 64].t()
     return out
 
 
@@ -439,11 +558,15 @@ def fake_quantize(
     seed: int | None = None,
     amax: torch.Tensor | float | None = None,
     scale: torch.Tensor | float | None = None,
+    compile: bool = False,
 ) -> torch.Tensor:
     """``dequantize(quantize(x, spec))``: x rounded to the values the spec can represent.
 
-    Same bits as that composition (tested), computed without building codes."""
-    return _fake_quantize(x, get_spec(spec), generator, seed, amax, scale)
+    Same bits as that composition (tested), computed without building codes. ``compile``: on
+    CPU, round a finite tensor of 2^16 elements or more in one ``torch.compile``d kernel instead
+    of ~15 eager passes (same bits, 2-5x faster; the first call of each format, rounding and
+    dtype compiles, seconds each; without a working C++ compiler a warning, then eager)."""
+    return _fake_quantize(x, get_spec(spec), generator, seed, amax, scale, compile=compile)
 
 
 def _requantize(
@@ -460,7 +583,7 @@ def _requantize(
     spec = like.spec
     element, scale_format = _formats(spec)
     layout = block_layout(x.shape, spec.block)
-    gen = make_generator(generator, seed, x.device) if spec.rounding == "sr" else None
+    rng = _draw_bits(spec, generator, seed, x.device)
     src = rht(x, spec.rht_size, spec.rht_seed) if spec.rht_size else x
     rows = layout.block_rows(src)
     n_scale_rows = 1 if layout.per_tensor else layout.n_block_rows
@@ -477,7 +600,7 @@ def _requantize(
     scaling = _Scaling(decode, codes, factor, zero_point)
     fast = fast and x.device.type == "cpu" and _fast.supported(element, saturate) and _finite_factors(scaling)
     finite_rows = _finite_rows(rows.shape[0], tensor_amax(src).reshape(1, 1)) if fast else None
-    plan = _Plan(spec, element, layout, rows, scaling, None, gen, fast, finite_rows)
+    plan = _Plan(spec, element, layout, rows, scaling, None, rng, fast, finite_rows)
     return QTensor(
         plan.encode_codes().view(x.shape),
         like.scales,

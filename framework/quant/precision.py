@@ -30,7 +30,8 @@ class QuantPrecision(AutocastPrecision):
         recipe: the GemmRecipe (or its YAML mapping: ``{fprop: {x: ..., w: ..., rht: ...}, ...}``).
         keep: fully-qualified-name globs kept in high precision (``lm_head``, ``*.head``).
         keep_last_blocks: the last N blocks (an int) or the last fraction of them (a float < 1).
-        backend: ``auto`` (Triton kernels on CUDA where they cover the specs, else emulate), ``emulate``, ``triton``.
+        backend: ``auto`` (Triton kernels on CUDA where they cover the specs, else emulate; on CPU each
+            operand's rounding compiled, the same bits), ``emulate`` (the eager reference), ``triton``.
         delayed_scaling: None (current scaling) or ``{history_len, amax_compute, margin}`` for
             operands with one FP32 scale per tensor (FP8 delayed scaling, as Transformer Engine).
         device_type, mode: the autocast of ``AutocastPrecision``.

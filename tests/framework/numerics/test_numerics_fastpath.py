@@ -26,6 +26,7 @@ from lowbit.numerics import (
     INT8,
     UE5M3,
     QuantSpec,
+    RandomBits,
     _fast,
     get_format,
     preset_names,
@@ -84,19 +85,38 @@ def test_element_encode_and_round_match_the_general_path(fmt, rounding):
     assert _same(rounded, values)
 
 
-def test_stochastic_rounding_compares_the_draw_exactly():
-    """SR rounds up where the float64 draw u < frac; the fast path compares u truncated to float32.
-    Fractions at, just below and just above each draw's truncation (and 0, the largest float32
-    below 1) decide the same way as the float64 compare."""
+def test_stochastic_rounding_rounds_up_below_the_threshold():
+    """SR rounds y up exactly where its 31 random bits are below floor(frac * 2^31): fractions at,
+    just below and just above each element's bits / 2^31, 0, 2^-31, 2^-32 and 1 - 2^-24."""
     n = 1 << 12
-    u = torch.rand(n, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    u_trunc = (u.view(torch.int64) & ~((1 << 29) - 1)).view(torch.float64).float()
-    edges = torch.tensor([0.0, 1.0]).nextafter(torch.tensor([1.0, 0.0]))  # smallest subnormal, 1 - 2^-24
-    fracs = [u_trunc, u_trunc.nextafter(torch.tensor(1.0)), u_trunc.nextafter(torch.tensor(0.0)), u.float()]
-    for frac in [*fracs, torch.zeros(n), edges.repeat_interleave(n // 2)]:
-        y = frac + torch.arange(n).remainder(7).float()  # integer parts 0..6: exact sums
-        general = round_to_integer(y, "sr", torch.Generator().manual_seed(3))
-        assert _same(_fast._round_magnitude(y, "sr", torch.Generator().manual_seed(3)), general)
+    rng = RandomBits.draw(torch.Generator().manual_seed(3), "cpu")
+    bits = rng.bits((n,))
+    at = bits.double() / 2**31  # exact in float64; float32 rounds it, so take the exact float32 neighbours
+    frac32 = at.float()
+    edges = torch.tensor([0.0, 2.0**-31, 2.0**-32, 1.0 - 2.0**-24])
+    for frac in [frac32, frac32.nextafter(torch.tensor(1.0)), frac32.nextafter(torch.tensor(0.0)), edges.repeat(n // 4)]:
+        frac = frac.clamp(0.0, 1.0 - 2.0**-24)
+        y = frac + torch.arange(n).remainder(7).float()  # integer parts 0..6
+        up = bits.double() < torch.floor((y - torch.floor(y)).double() * 2**31)
+        expected = torch.floor(y) + up.float()
+        assert _same(round_to_integer(y, "sr", rng), expected)
+        assert _same(_fast.round_to_format(INT8, y, "sr", rng), expected.clamp(-128, 127))
+
+
+def test_random_bits_depend_only_on_keys_and_index():
+    """The bits of element i are hash(i, keys): a chunk's view gives the slice of the whole; the
+    same generator seed gives the same bits; the bits are uniform (mean and each bit's rate)."""
+    rng = RandomBits.draw(torch.Generator().manual_seed(5), "cpu")
+    whole = rng.bits((1 << 16,))
+    assert torch.equal(rng.at(1000).bits((24, 10)).flatten(), whole[1000:1240])
+    assert torch.equal(RandomBits.draw(torch.Generator().manual_seed(5), "cpu").bits((1 << 16,)), whole)
+    assert not torch.equal(RandomBits.draw(torch.Generator().manual_seed(6), "cpu").bits((1 << 16,)), whole)
+    assert int(whole.min()) >= 0
+    u = whole.double() / 2**31
+    assert abs(float(u.mean()) - 0.5) < 4 * (1 / 12 / u.numel()) ** 0.5
+    rates = torch.stack([(whole >> b) & 1 for b in range(31)]).double().mean(1)
+    assert float((rates - 0.5).abs().max()) < 4 * (0.25 / u.numel()) ** 0.5
+    assert float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1].abs()) < 4 / u.numel() ** 0.5  # neighbours
 
 
 @pytest.mark.parametrize("fmt", [*FORMATS, E3M4], ids=lambda f: f.name)
