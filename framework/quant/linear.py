@@ -3,6 +3,8 @@
 Backend ``emulate`` (the reference, any device): each operand is quantized and dequantized by
 ``lowbit.numerics`` (blocks along the GEMM's contraction dim, see ``recipe.py``), then the
 GEMM runs in the compute dtype (the autocast dtype when autocast is on, else the input's).
+A GEMM's RHT rotates both operands and is not undone: the GEMM of the two rotated, quantized
+operands is the product (H Hᵀ = I), which is what the kernels compute too.
 Backend ``auto`` on CPU emulates with ``fake_quantize(compile=True)``: each large operand's
 rounding is one ``torch.compile``d kernel, the same bits as the eager reference (tested), 3-6x
 faster; the first step compiles each operand spec once (seconds each).
@@ -28,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.numerics import DelayedScaling, QuantSpec, fake_quantize, get_format, quant_error, quantize, tensor_amax
-from lowbit.numerics.quantize import _fake_quantize_columns
+from lowbit.numerics import DelayedScaling, QuantSpec, get_format, quant_error, quantize, tensor_amax
+from lowbit.numerics.quantize import _fake_quantize, _fake_quantize_columns
 from lowbit.quant.recipe import GEMMS, OPERANDS, GemmRecipe
 
 __all__ = ["BACKENDS", "QuantLinear", "operand_health"]
@@ -230,18 +232,18 @@ class QuantLinear(nn.Linear):
         transposed = t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()  # wgrad's dyᵀ, xᵀ
         if transposed and not self.record_health and not self._delayed(spec):
             # Q(tᵀ) quantized down t's columns, same bits as from a copy; the GEMM takes the (C, N) view
-            return _fake_quantize_columns(t.t(), spec, self.sr_generator, compile).to(dtype)
+            return _fake_quantize_columns(t.t(), spec, self.sr_generator, compile, rotated=True).to(dtype)
         t = _contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
         if self.record_health:
             self.health[operand] = operand_health(t, spec)
         if self._delayed(spec):
             # FP8 delayed scaling: this step uses the scale from earlier steps' amaxes, then records its own
             state = self.delayed_state(operand, t.device)
-            out = fake_quantize(t, spec, scale=state.scale, generator=self.sr_generator, compile=compile)
+            out = _fake_quantize(t, spec, self.sr_generator, None, None, state.scale, compile=compile, rotated=True)
             state.observe(tensor_amax(t.detach()))
             state.update()
             return out.to(dtype)
-        return fake_quantize(t, spec, generator=self.sr_generator, compile=compile).to(dtype)
+        return _fake_quantize(t, spec, self.sr_generator, None, None, None, compile=compile, rotated=True).to(dtype)
 
     def _gemm(
         self, gemm: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, qa: Any = None, qb: Any = None

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.numerics import fake_quantize
+from lowbit.numerics import fake_quantize, rht
 from lowbit.quant import GemmRecipe, QuantLinear
 
 NVFP4 = {
@@ -33,10 +33,20 @@ def _pair(recipe, in_f=64, out_f=96, bias=True, seed=0):
     return ref, layer
 
 
+def _quantized(t, spec):
+    """An operand as QuantLinear feeds its GEMM: fake-quantized, and with the GEMM's RHT rotated
+    and left rotated (both operands are, so the transform cancels in the product)."""
+    if spec is None:
+        return t
+    if spec.rht_size:
+        return fake_quantize(rht(t, spec.rht_size, spec.rht_seed), spec.replace(rht_size=0))
+    return fake_quantize(t, spec)
+
+
 def _manual(recipe, x, w, b, dy):
     """The three GEMMs written out from the numerics functions, in QuantLinear's call order."""
     r = GemmRecipe.from_dict(recipe)
-    q = lambda t, op: t if r.spec_of(op) is None else fake_quantize(t, r.spec_of(op))
+    q = lambda t, op: _quantized(t, r.spec_of(op))
     y = q(x, "fprop.x") @ q(w, "fprop.w").t() + b
     dx = q(dy, "dgrad.dy") @ q(w.t().contiguous(), "dgrad.w").t()
     dw = q(dy.t().contiguous(), "wgrad.dy") @ q(x.t().contiguous(), "wgrad.x").t()
@@ -90,8 +100,8 @@ def test_tokens_not_a_multiple_of_the_block_are_zero_padded():
     w = ref.weight.detach()
     dx = fake_quantize(pad(dy), r.spec_of("dgrad.dy")) @ fake_quantize(w.t().contiguous(), r.spec_of("dgrad.w")).t()
     dw = (
-        fake_quantize(pad(dy).t().contiguous(), r.spec_of("wgrad.dy"))
-        @ fake_quantize(pad(x).t().contiguous(), r.spec_of("wgrad.x")).t()
+        _quantized(pad(dy).t().contiguous(), r.spec_of("wgrad.dy"))
+        @ _quantized(pad(x).t().contiguous(), r.spec_of("wgrad.x")).t()
     )
     assert torch.equal(xr.grad, dx[:37])
     assert torch.equal(layer.weight.grad, dw)
