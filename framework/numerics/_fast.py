@@ -46,6 +46,7 @@ __all__ = [
     "fake_quantize_blocks",
     "pow2_floor",
     "round_to_format",
+    "run_compiled",
     "supported",
     "unscale",
 ]
@@ -110,7 +111,7 @@ class _Constants(NamedTuple):
 
 
 @functools.cache
-def _constants(element: ElementFormat) -> _Constants:
+def constants(element: ElementFormat) -> _Constants:
     if isinstance(element, IntFormat):
         return _Constants(True, element.qmin, element.qmax, float(element.qmax), 0, 0, "")
     e5m2 = element.native if element.native and element.ebits == 5 else ""
@@ -129,7 +130,7 @@ def pow2_floor(a: torch.Tensor) -> torch.Tensor:
 
 
 def _round_to_format(element: ElementFormat, x: torch.Tensor, rounding: str, bits: torch.Tensor | None) -> torch.Tensor:
-    return _round(_constants(element), x, rounding, bits)
+    return _round(constants(element), x, rounding, bits)
 
 
 def _round(c: _Constants, x: torch.Tensor, rounding: str, bits: torch.Tensor | None) -> torch.Tensor:
@@ -226,7 +227,7 @@ def unscale(
 ) -> torch.Tensor:
     """Decoded elements (n, r, nb, c) -> values: (v - zero point) * scale * global / prescale,
     each scale (n, nb) or (1, 1). dequantize and fake_quantize share it, so they round alike.
-    Elements (n, r, nb) are blocks of r x 1 (a column layout, see ``_fake_quantize_whole``)."""
+    Elements (n, r, nb) are blocks of r x 1 (a column layout, see ``fake_quantize_whole``)."""
     if zero_points is not None:
         values = values - _per_block(zero_points, values)
     values = values * _per_block(scales, values)
@@ -256,7 +257,7 @@ def fake_quantize_blocks(
     scaled = blocks.float() * _per_block(factor, blocks)
     if zero_point is not None:
         scaled = scaled + _per_block(zero_point, blocks)
-    values = _round(element if isinstance(element, _Constants) else _constants(element), scaled, rounding, bits)
+    values = _round(element if isinstance(element, _Constants) else constants(element), scaled, rounding, bits)
     return unscale(values, decode, zero_point, global_scale, sr_prescale).to(out_dtype)
 
 
@@ -294,11 +295,11 @@ def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _compiled(fn, **constants):
-    """``torch.compile(fn)`` with ``constants`` bound, under a code object of its own: dynamo keeps
+def _compiled(fn, **bound):
+    """``torch.compile(fn)`` with the ``bound`` keywords, under a code object of its own: dynamo keeps
     one cache per code object and checks its entries' guards in turn, so variants sharing ``fn``'s
     would slow every call down (and hit the recompile limit)."""
-    namespace = {"_fn": functools.partial(fn, **constants)}
+    namespace = {"_fn": functools.partial(fn, **bound)}
     exec("def compiled_variant(*args):\n    return _fn(*args)\n", namespace)  # noqa: S102 - a fresh code object
     return torch.compile(namespace["compiled_variant"], fullgraph=True)
 
@@ -306,8 +307,8 @@ def _compiled(fn, **constants):
 _compile_failed: list[str] = []  # the first failure's message: compiling is off for the process
 
 
-def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tuple[int, ...], ...], **constants):
-    """``fn(*tensors, **constants)`` as one compiled CPU kernel (inductor's C++ backend), or None
+def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tuple[int, ...], ...], **bound):
+    """``fn(*tensors, **bound)`` as one compiled CPU kernel (inductor's C++ backend), or None
     when torch.compile cannot build it here (no C++ compiler: a warning once, then the callers
     run their eager code, the same numbers). ``dynamic``: per tensor, the dims that vary from
     call to call (numbers of blocks: symbolic from the first call); the others (a block's own
@@ -319,7 +320,7 @@ def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tu
             if t is not None and t.dim() > dim:
                 torch._dynamo.maybe_mark_dynamic(t, dim)
     try:
-        return _compiled(fn, **constants)(*tensors)
+        return _compiled(fn, **bound)(*tensors)
     except Exception as err:  # noqa: BLE001 - any compile failure falls back to the same numbers, eagerly
         _compile_failed.append(f"{type(err).__name__}: {err}".splitlines()[0])
         warnings.warn(
@@ -358,7 +359,7 @@ def compiled_fake_quantize(
         column_index = (torch.arange(cols, dtype=torch.int64, device=blocks.device) * (n * r)).to(torch.int32)
     tensors = (blocks, factor, decode, zero_point, global_scale, keys, column_index)
     dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,))  # blocks (n, r, nb[, c]): n and nb vary
-    options = {"element": _constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
+    options = {"element": constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
     return run_compiled(_fake_quantize_whole, tensors, dynamic, **options)
 
 

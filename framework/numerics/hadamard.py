@@ -84,12 +84,38 @@ def _butterfly(lanes: list[torch.Tensor]) -> list[torch.Tensor]:
     return lanes
 
 
+def _butterfly_by_output(y: torch.Tensor, dim: int) -> torch.Tensor:
+    """:func:`_butterfly` of the n lanes along ``dim`` of (M, n) or (G, n, C), written per output lane o:
+    the tree that ends in o sums its two halves as a + s b with s = -1 where bit k of o is set
+    (a + (-1) b is a - b exactly). One pointwise expression, which a compiled kernel evaluates in
+    a single pass; the stacked lanes of ``_butterfly`` make it write 2n intermediate buffers."""
+    n = y.shape[dim]
+    shape = [1] * y.dim()
+    shape[dim] = n
+    out_lane = torch.arange(n, device=y.device).view(shape)
+    level = [y.narrow(dim, k, 1) for k in range(n)]
+    bit = 0
+    while len(level) > 1:
+        sign = 1.0 - 2.0 * ((out_lane >> bit) & 1).to(y.dtype)
+        level = [level[2 * m] + sign * level[2 * m + 1] for m in range(len(level) // 2)]
+        bit += 1
+    return level[0]
+
+
+def _hadamard(y: torch.Tensor, dim: int) -> torch.Tensor:
+    """Orthonormal Walsh-Hadamard transform of the lanes along ``dim`` (1 or -1), float32 in and out."""
+    n = _check_size(y.shape[dim])
+    if torch.compiler.is_compiling():
+        out = _butterfly_by_output(y, dim)
+    else:
+        out = torch.stack(_butterfly([y.select(dim, i) for i in range(n)]), dim=dim)
+    return out * (1.0 / math.sqrt(n))
+
+
 def fwht(x: torch.Tensor) -> torch.Tensor:
     """Orthonormal fast Walsh-Hadamard transform of the last dim (a power of two): x @ H_n."""
     n = _check_size(x.shape[-1])
-    y = x.reshape(-1, n)
-    lanes = _butterfly([y[:, i] for i in range(n)])
-    return (torch.stack(lanes, dim=1) * (1.0 / math.sqrt(n))).view(x.shape)
+    return _hadamard(x.reshape(-1, n), -1).view(x.shape)
 
 
 def _blocks(x: torch.Tensor, size: int) -> torch.Tensor:
@@ -117,26 +143,18 @@ def unrotate_blocks(blocks: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     return fwht(blocks.float()) * signs
 
 
-def _fwht_rows(y: torch.Tensor) -> torch.Tensor:
-    """:func:`fwht` along dim 1 of (G, n, C): the same sums as ``fwht`` of each column, with the
-    arithmetic on contiguous rows of C."""
-    n = y.shape[1]
-    lanes = _butterfly([y[:, i] for i in range(n)])
-    return torch.stack(lanes, dim=1) * (1.0 / math.sqrt(n))
-
-
 def rotate_columns(x: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """``rht`` of tᵀ for t = ``x`` (N, C), transposed back, without moving t: every length-n run
     of rows is one block of a column; same bits as ``rht(x.t(), n).t()``. float32 (N, C)."""
     n = signs.numel()
     rows = x.float().view(x.shape[0] // n, n, x.shape[1]) * signs[None, :, None]
-    return _fwht_rows(rows).view(x.shape)
+    return _hadamard(rows, 1).view(x.shape)
 
 
 def unrotate_columns(y: torch.Tensor, signs: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`rotate_columns`: ``inverse_rht(y.t(), n).t()``, same bits."""
     n = signs.numel()
-    rows = _fwht_rows(y.float().view(y.shape[0] // n, n, y.shape[1])) * signs[None, :, None]
+    rows = _hadamard(y.float().view(y.shape[0] // n, n, y.shape[1]), 1) * signs[None, :, None]
     return rows.view(y.shape)
 
 

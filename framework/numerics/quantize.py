@@ -497,31 +497,37 @@ def _fake_quantize_columns(
     generator: torch.Generator | None = None,
     compile: bool = False,
     rotated: bool = False,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """``fake_quantize(t.t(), spec)`` for 2-D ``t`` (N, C), same bits (SR too: the bits follow tᵀ's
     element order), as a (C, N) view of an (N, C) tensor: with ``compile``, the blocks of tᵀ's rows
-    are quantized where they lie, down t's columns (blocks (N/c, c, C, 1) of t; the RHT along N as
-    a butterfly over rows), so nothing is transposed and the GEMM takes the view. What wgrad's
-    operands dyᵀ and xᵀ need. Otherwise (or for NaN/Inf input) tᵀ is copied and quantized.
-    ``rotated``: with an RHT, the values before the inverse transform (float32), as ``_fake_quantize``."""
+    are quantized where they lie, down t's columns (c x 1 blocks (N/c, c, C) of t; the RHT along N
+    as a butterfly over rows), so nothing is transposed and the GEMM takes the view. What wgrad's operands dyᵀ and xᵀ need. Otherwise (or for NaN/Inf input)
+    tᵀ is copied and quantized. ``rotated``: with an RHT, the values before the inverse transform
+    (float32, or cast to ``dtype`` when given: one rounding either way), as ``_fake_quantize``."""
     element, scale_format = _formats(spec)
+
+    def reference() -> torch.Tensor:
+        out = _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile, rotated=rotated)
+        return out if dtype is None else out.to(dtype)
+
     if not (compile and _columns_apply(t, spec, element)):
-        return _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile, rotated=rotated)
+        return reference()
     rng = _draw_bits(spec, generator, None, t.device)
     signs = _shared_signs(spec.rht_size, int(spec.rht_seed), t.device) if spec.rht_size else None
-    src = _fast.run_compiled(rotate_columns, (t, signs), ((0,), ())) if signs is not None else t
+    src = _fast.run_compiled(rotate_columns, (t, signs), ((0, 1), ())) if signs is not None else t
     c = spec.block[1]
     blocks = None if src is None else src.view(t.shape[0] // c, c, t.shape[1])  # (N/c, c, C): c x 1 blocks
     block_amax = None if blocks is None else _fast.compiled_block_amax(blocks)  # (N/c, C): tᵀ's (C, N/c), transposed
     if block_amax is None or not bool(torch.isfinite(block_amax).all()):
-        return _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile, rotated=rotated)
+        return reference()
     amax_t = block_amax.t()  # (C, N/c): the amax of tᵀ's blocks, as _plan computes them
     global_encode = global_encode_scale(amax_t.amax(), element, scale_format) if spec.global_scale else None
     scaling = _scaling_from_amax(amax_t, spec, element, scale_format, global_encode, finite=True)
     if not _finite_factors(scaling):
-        return _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile, rotated=rotated)
+        return reference()
     global_scale = None if global_encode is None else torch.reciprocal(global_encode).reshape(())
-    out_dtype = torch.float32 if spec.rht_size else t.dtype
+    out_dtype = (dtype or torch.float32) if signs is not None and rotated else torch.float32 if signs is not None else t.dtype
     out = _fast.compiled_fake_quantize(
         blocks,
         scaling.factor.t().contiguous(),  # strided, inductor would transpose a tile per use
@@ -536,12 +542,12 @@ def _fake_quantize_columns(
         columns=True,
     )
     if out is None:
-        return _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile, rotated=rotated)
+        return reference()
     out = out.view(t.shape)
     if signs is not None and not rotated:
-        inverse = _fast.run_compiled(unrotate_columns, (out, signs), ((0,), ()))
+        inverse = _fast.run_compiled(unrotate_columns, (out, signs), ((0, 1), ()))
         out = (inverse if inverse is not None else unrotate_columns(out, signs)).to(t.dtype)
-    return out.t()
+    return (out if dtype is None else out.to(dtype)).t()
 
 
 def _transposed(t: torch.Tensor) -> torch.Tensor:

@@ -232,7 +232,7 @@ class QuantLinear(nn.Linear):
         transposed = t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()  # wgrad's dyᵀ, xᵀ
         if transposed and not self.record_health and not self._delayed(spec):
             # Q(tᵀ) quantized down t's columns, same bits as from a copy; the GEMM takes the (C, N) view
-            return _fake_quantize_columns(t.t(), spec, self.sr_generator, compile, rotated=True).to(dtype)
+            return _fake_quantize_columns(t.t(), spec, self.sr_generator, compile, rotated=True, dtype=dtype)
         t = _contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
         if self.record_health:
             self.health[operand] = operand_health(t, spec)
