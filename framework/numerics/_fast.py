@@ -367,3 +367,52 @@ def compiled_block_amax(blocks: torch.Tensor) -> torch.Tensor | None:
     """max |x| of every block (n, r, nb, c) or (n, r, nb) -> (n, nb) float32 in one compiled kernel
     (the eager path's max-pool gives the same maxima), or None."""
     return run_compiled(_block_amax, (blocks,), ((0, 2),))
+
+
+_FLT_MAX = torch.finfo(torch.float32).max
+
+
+def _e4m3_block_scales(
+    blocks: torch.Tensor, emax: torch.Tensor, numerator: torch.Tensor, *, scale: _Constants, global_scale: bool
+):
+    """Block amax -> E4M3 block scales, as ``blocks.global_encode_scale`` and ``blocks.lowp_block_scales``
+    compute them (the same operations in the same order; the E4M3 rounding by ``_round``, which
+    gives the saturating cast's values). ``emax``: the element format's max, ``numerator``: S.max * E.max
+    (float32 0-d inputs, so no constant is folded differently). -> (decode, factor, global encode, all finite)."""
+    amax = _block_amax(blocks)
+    finite = torch.isfinite(amax).all()
+    g = None
+    if global_scale:
+        g = torch.clamp(numerator / amax.amax(), max=_FLT_MAX)
+        g = torch.where(g == 0, 1.0, g)
+        target = torch.clamp(amax * (g * torch.reciprocal(emax)), max=_FLT_MAX)
+    else:
+        target = amax / emax
+    scales = _round(scale, target, "rne", None)
+    factor = torch.reciprocal(scales) if g is None else torch.reciprocal(scales * torch.reciprocal(g))
+    return scales, torch.clamp(factor, max=_FLT_MAX), g, finite
+
+
+@functools.cache
+def _scale_inputs(element: ElementFormat, scale_format: ElementFormat) -> tuple[torch.Tensor, torch.Tensor]:
+    emax = torch.tensor(element.max, dtype=torch.float32)
+    return emax, torch.tensor(scale_format.max, dtype=torch.float32) * emax
+
+
+def compiled_block_scales(
+    blocks: torch.Tensor, element: ElementFormat, scale_format: ElementFormat, global_scale: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """E4M3 block scales of blocks (n, r, nb, c) or (n, r, nb) straight from the elements, in one
+    compiled graph: (decode scales, encode factors, global encode scale or None), each block's
+    (n, nb), or None when the scales are not E4M3, an amax is not finite, or it cannot be built
+    (callers then take the eager path, the same numbers)."""
+    if type(scale_format) is not FloatFormat or scale_format.name != "e4m3" or blocks.device.type != "cpu":
+        return None
+    emax, numerator = _scale_inputs(element, scale_format)
+    dims = ((0, 2), (), ())
+    out = run_compiled(
+        _e4m3_block_scales, (blocks, emax, numerator), dims, scale=constants(scale_format), global_scale=global_scale
+    )
+    if out is None or not bool(out[3]):
+        return None
+    return out[0], out[1], out[2]

@@ -70,7 +70,7 @@ class _Scaling:
     """Scales of a set of blocks, each (n, blocks_per_row) or (1, 1) for one tensor scale."""
 
     decode: torch.Tensor  # float32 decode scales
-    codes: torch.Tensor  # the scales in the scale format
+    codes: torch.Tensor | None  # the scales in the scale format (None: fake_quantize's compiled path)
     factor: torch.Tensor  # float32 factor that multiplies elements before encoding
     zero_point: torch.Tensor | None = None  # int32, asymmetric integers
 
@@ -154,6 +154,19 @@ def _block_reduce(rows: torch.Tensor, layout: BlockLayout, reduce, absolute: boo
             blocks = blocks.abs()
         out[sl] = reduce(reduce(blocks, dim=3), dim=1)
     return out
+
+
+def _compiled_scales(
+    rows: torch.Tensor, layout: BlockLayout, spec: QuantSpec
+) -> tuple[_Scaling, torch.Tensor | None] | None:
+    """Block amax, global and E4M3 block scales of the block rows in one compiled graph, when they
+    apply (:func:`._fast.compiled_block_scales`); codes are left out (fake_quantize needs none)."""
+    element, scale_format = _formats(spec)
+    out = _fast.compiled_block_scales(layout.blocks(rows), element, scale_format, spec.global_scale)
+    if out is None:
+        return None
+    decode, factor, global_encode = out
+    return _Scaling(decode, None, factor), global_encode
 
 
 def _rht(x: torch.Tensor, size: int, seed: int, compile: bool, inverse: bool = False) -> torch.Tensor:
@@ -330,6 +343,9 @@ def _plan(
         scaling = _Scaling(decode, decode.view(torch.int32), torch.reciprocal(decode), zero_point)
         if fast:
             finite_rows = _finite_rows(rows.shape[0], block_min, block_max)
+    elif compile and fast and amax is None and (scales := _compiled_scales(rows, layout, spec)) is not None:
+        scaling, global_encode = scales  # every amax finite: finite factors, and no row takes the general path
+        return _Plan(spec, element, layout, rows, scaling, global_encode, rng, fast, None)
     else:
         block_amax = _fast.compiled_block_amax(layout.blocks(rows)) if compile else None
         if block_amax is None:
@@ -518,20 +534,29 @@ def _fake_quantize_columns(
     src = _fast.run_compiled(rotate_columns, (t, signs), ((0, 1), ())) if signs is not None else t
     c = spec.block[1]
     blocks = None if src is None else src.view(t.shape[0] // c, c, t.shape[1])  # (N/c, c, C): c x 1 blocks
-    block_amax = None if blocks is None else _fast.compiled_block_amax(blocks)  # (N/c, C): tᵀ's (C, N/c), transposed
-    if block_amax is None or not bool(torch.isfinite(block_amax).all()):
+    if blocks is None:
         return reference()
-    amax_t = block_amax.t()  # (C, N/c): the amax of tᵀ's blocks, as _plan computes them
-    global_encode = global_encode_scale(amax_t.amax(), element, scale_format) if spec.global_scale else None
-    scaling = _scaling_from_amax(amax_t, spec, element, scale_format, global_encode, finite=True)
-    if not _finite_factors(scaling):
-        return reference()
+    # every block's scales as (N/c, C), tᵀ's (C, N/c) transposed: elementwise from the amax, so either layout
+    scales = _fast.compiled_block_scales(blocks, element, scale_format, spec.global_scale)
+    if scales is not None:
+        decode, factor, global_encode = scales
+    else:
+        block_amax = _fast.compiled_block_amax(blocks)
+        if block_amax is None or not bool(torch.isfinite(block_amax).all()):
+            return reference()
+        amax_t = block_amax.t()  # (C, N/c): the amax of tᵀ's blocks, as _plan computes them
+        global_encode = global_encode_scale(amax_t.amax(), element, scale_format) if spec.global_scale else None
+        scaling = _scaling_from_amax(amax_t, spec, element, scale_format, global_encode, finite=True)
+        if not _finite_factors(scaling):
+            return reference()
+        decode = scaling.decode.t().contiguous()  # strided, inductor would transpose a tile per use
+        factor = scaling.factor.t().contiguous()
     global_scale = None if global_encode is None else torch.reciprocal(global_encode).reshape(())
     out_dtype = (dtype or torch.float32) if signs is not None and rotated else torch.float32 if signs is not None else t.dtype
     out = _fast.compiled_fake_quantize(
         blocks,
-        scaling.factor.t().contiguous(),  # strided, inductor would transpose a tile per use
-        scaling.decode.t().contiguous(),
+        factor,
+        decode,
         None,
         global_scale,
         rng,
