@@ -68,11 +68,11 @@ _FMIX_1, _FMIX_2 = _signed32(0x85EBCA6B), _signed32(0xC2B2AE35)
 def _fmix32(h: torch.Tensor) -> torch.Tensor:
     """MurmurHash3's 32-bit finalizer on int32 bit patterns (multiplies wrap mod 2^32; ``>>`` on
     int32 is arithmetic, so the masks make each shift logical)."""
-    h = h ^ ((h >> 16) & 0xFFFF)
-    h = h * _FMIX_1
-    h = h ^ ((h >> 13) & 0x7FFFF)
-    h = h * _FMIX_2
-    return h ^ ((h >> 16) & 0xFFFF)
+    h = h ^ ((h >> 16) & 0xFFFF)  # a fresh tensor: the rest runs in place
+    h.mul_(_FMIX_1)
+    h.bitwise_xor_((h >> 13).bitwise_and_(0x7FFFF))
+    h.mul_(_FMIX_2)
+    return h.bitwise_xor_((h >> 16).bitwise_and_(0xFFFF))
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ class RandomBits:
 
 def hash_bits(index: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
     """The 31 random bits of the elements at int32 flat indices ``index`` under ``keys``."""
-    return _fmix32(_fmix32(index + keys[0]) ^ keys[1]) & 0x7FFFFFFF
+    return _fmix32(_fmix32(index + keys[0]).bitwise_xor_(keys[1])).bitwise_and_(0x7FFFFFFF)
 
 
 def sr_round_up(frac: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,153 @@
+"""The compiled CPU path (``fake_quantize(compile=True)``, ``_fake_quantize_columns``) gives the eager
+path's bits, and the float-only pieces it relies on are exact.
+
+Compiled kernels come from inductor's C++ backend; these tests compile a handful of variants
+(seconds each, cached on disk afterwards). Bits are compared as integers, so the sign of zero
+and NaN payloads count.
+"""
+
+import math
+import warnings
+
+import pytest
+import torch
+
+import lowbit.numerics._fast as fast
+from lowbit.numerics import get_spec
+from lowbit.numerics.blocks import global_encode_scale, lowp_block_scales
+from lowbit.numerics.formats import E2M1, E4M3
+from lowbit.numerics.hadamard import _butterfly, _butterfly_by_output, rotate_columns, random_signs, rht
+from lowbit.numerics.quantize import _fake_quantize, _fake_quantize_columns
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a.contiguous()), _bits(b.contiguous()))
+
+
+def _adversarial(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+    """Columns spanning 2^-100..2^100, zero and -0 blocks, all-equal blocks, exact FP4 ties after
+    scaling, float32 subnormals; finite everywhere (NaN rows take the eager path by design)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, cols, generator=gen) * torch.logspace(-30, 30, cols, base=10.0)[None, :]
+    x[:16, :16] = 0.0
+    x[16:32, :16] = -0.0
+    x[:, 16:48] = 3.0
+    x[32:48, 48:64] = torch.tensor([6.0, 5.0, 3.5, 2.5, 1.75, 1.25, 0.75, 0.25] * 2)  # E2M1 ties, amax 6
+    x[48:64, :16] = 1e-42
+    return x.to(dtype)
+
+
+def test_pow2_floor_is_the_exponent_of_every_float32_significand():
+    significands = ((127 << 23) | torch.arange(0, 1 << 23, dtype=torch.int32)).view(torch.float32)
+    for exponent in (-126, -14, -9, 0, 1, 8, 15, 100):
+        a = significands * 2.0**exponent
+        assert torch.equal(fast.pow2_floor(a), (a.view(torch.int32) & 0x7F800000).view(torch.float32))
+    subnormals = torch.arange(0, 1 << 23, 4099, dtype=torch.int32).view(torch.float32)
+    assert bool((fast.pow2_floor(subnormals) <= 2.0**-126).all())
+
+
+@pytest.mark.parametrize("n", [2, 16, 32])
+def test_the_butterfly_per_output_lane_has_the_stacked_butterflys_bits(n):
+    x = torch.randn(64, n, 24) * torch.logspace(-8, 8, 24)
+    stacked = torch.stack(_butterfly([x[:, i] for i in range(n)]), dim=1)
+    assert _same(_butterfly_by_output(x, 1), stacked)
+    y = x.transpose(1, 2).contiguous()  # lanes along the last dim
+    assert _same(_butterfly_by_output(y, -1), torch.stack(_butterfly([y[..., i] for i in range(n)]), dim=-1))
+
+
+def test_columns_rotation_is_the_rht_of_the_transpose():
+    t = torch.randn(256, 40).bfloat16()
+    assert _same(rotate_columns(t, random_signs(16, 3)), rht(t.t().contiguous(), 16, 3).t())
+
+
+@pytest.mark.parametrize(
+    ("preset", "changes", "dtype"),
+    [
+        ("nvfp4", {}, torch.float32),
+        ("nvfp4", {"rounding": "sr"}, torch.bfloat16),
+        ("nvfp4_2d", {}, torch.bfloat16),
+        ("nvfp4", {"rounding": "sr", "rht_size": 16}, torch.float32),
+        ("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.bfloat16),
+        ("fp8_e5m2_tensor", {}, torch.float32),
+        ("int8_channel", {"rounding": "sr"}, torch.float32),
+    ],
+)
+def test_compiled_fake_quantize_has_the_eager_bits(preset, changes, dtype):
+    spec = get_spec(preset).replace(**changes) if changes else get_spec(preset)
+    x = _adversarial(512, 256, dtype)
+    eager = _fake_quantize(x, spec, torch.Generator().manual_seed(2), None, None, None)
+    compiled = _fake_quantize(x, spec, torch.Generator().manual_seed(2), None, None, None, compile=True)
+    assert _same(compiled, eager)
+    if spec.rht_size:  # the rotated values too (what QuantLinear multiplies)
+        eager_rot = _fake_quantize(x, spec, torch.Generator().manual_seed(2), None, None, None, rotated=True)
+        compiled_rot = _fake_quantize(
+            x, spec, torch.Generator().manual_seed(2), None, None, None, compile=True, rotated=True
+        )
+        assert _same(compiled_rot, eager_rot)
+
+
+def test_a_tensor_with_nan_rows_falls_back_and_matches():
+    spec = get_spec("nvfp4").replace(rounding="sr")
+    x = _adversarial(512, 256, torch.float32)
+    x[100, 7], x[300, 200] = math.nan, math.inf
+    eager = _fake_quantize(x, spec, torch.Generator().manual_seed(5), None, None, None)
+    compiled = _fake_quantize(x, spec, torch.Generator().manual_seed(5), None, None, None, compile=True)
+    assert _same(compiled, eager)
+    assert torch.isnan(compiled[100]).any()
+
+
+@pytest.mark.parametrize(
+    ("preset", "changes", "dtype"),
+    [
+        ("nvfp4", {"rounding": "sr", "rht_size": 16}, torch.bfloat16),
+        ("nvfp4", {}, torch.float32),
+        ("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.float32),
+    ],
+)
+def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes, dtype):
+    spec = get_spec(preset).replace(**changes)
+    t = _adversarial(512, 192, dtype)
+    reference = _fake_quantize(t.t().contiguous(), spec, torch.Generator().manual_seed(9), None, None, None)
+    columns = _fake_quantize_columns(t, spec, torch.Generator().manual_seed(9), compile=True)
+    assert columns.shape == (192, 512) and columns.stride() == (1, 192)  # a view, nothing transposed
+    assert _same(columns, reference)
+    rotated = _fake_quantize_columns(t, spec, torch.Generator().manual_seed(9), True, rotated=True, dtype=torch.bfloat16)
+    rotated_reference = _fake_quantize(
+        t.t().contiguous(), spec, torch.Generator().manual_seed(9), None, None, None, rotated=True
+    ).to(torch.bfloat16)
+    assert _same(rotated, rotated_reference)
+
+
+@pytest.mark.parametrize("global_scale", [True, False])
+def test_compiled_e4m3_block_scales_are_the_eager_scales(global_scale):
+    x = _adversarial(256, 256, torch.float32).view(256, 1, 16, 16)
+    x[5, 0, 3] = 1e-30  # a block whose scale underflows to 0: factor FLT_MAX
+    out = fast.compiled_block_scales(x, E2M1, E4M3, global_scale)
+    assert out is not None
+    decode, factor, global_encode = out
+    amax = x.abs().amax(dim=(1, 3))
+    g = global_encode_scale(amax.amax(), E2M1, E4M3) if global_scale else None
+    _, decode_ref, factor_ref = lowp_block_scales(amax, E2M1, E4M3, g)
+    assert _same(decode, decode_ref) and _same(factor, factor_ref)
+    assert (global_encode is None) == (not global_scale) and (g is None or _same(global_encode, g))
+
+
+def test_without_a_compiler_it_warns_once_and_gives_the_same_numbers(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(fast, "_compile_failed", [])
+    monkeypatch.setattr(fast, "_compiled", broken)
+    spec = get_spec("nvfp4").replace(rounding="sr")
+    x = _adversarial(512, 256, torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = _fake_quantize(x, spec, torch.Generator().manual_seed(1), None, None, None, compile=True)
+        _fake_quantize(x, spec, None, None, None, None, compile=True)
+    assert _same(compiled, _fake_quantize(x, spec, torch.Generator().manual_seed(1), None, None, None))
+    messages = [str(w.message) for w in caught if "torch.compile could not build" in str(w.message)]
+    assert len(messages) == 1 and "no C++ compiler" in messages[0]
