@@ -5,7 +5,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
@@ -63,6 +63,10 @@ def test_rne_error_is_at_most_half_an_ulp_times_the_scale(preset, x):
     if spec.block == (16, 16):
         x = x.repeat(16 // x.shape[0] + 1, 1)[:16]
     q = quantize(x, spec)
+    if q.global_scale is not None:
+        # amax below ~2^-115 (NVFP4): the global decode scale 1/g is a float32 subnormal and the
+        # element factors overflow to FLT_MAX, so the two-level scale loses the bound (TE's formula too)
+        assume(float(q.global_scale) >= 2.0**-126)
     fmt = get_format(spec.element)
     rows, nb = q.codes.shape[0], q.scales.shape[-1]
     scale = q.scales.double()
