@@ -167,7 +167,9 @@ def _round(c: _Constants, x: torch.Tensor, rounding: str, bits: torch.Tensor | N
     return torch.copysign(integer.mul_(ulp), x)
 
 
-def encode(element: ElementFormat, x: torch.Tensor, rounding: str, rng: RandomBits | torch.Generator | None) -> torch.Tensor:
+def encode(
+    element: ElementFormat, x: torch.Tensor, rounding: str, rng: RandomBits | torch.Generator | None
+) -> torch.Tensor:
     """``element.encode(x, saturate=True)`` for finite float32 ``x``: uint8 (int8) codes."""
     if isinstance(element, IntFormat):
         return round_to_format(element, x, rounding, rng).to(torch.int8)
@@ -304,6 +306,7 @@ def _compiled(fn, **bound):
     return torch.compile(namespace["compiled_variant"], fullgraph=True)
 
 
+_RECOMPILE_LIMIT = 64  # graphs per variant: size-1 dims, dtypes and strides each specialize one
 _compile_failed: list[str] = []  # the first failure's message: compiling is off for the process
 
 
@@ -320,7 +323,10 @@ def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tu
             if t is not None and t.dim() > dim:
                 torch._dynamo.maybe_mark_dynamic(t, dim)
     try:
-        return _compiled(fn, **bound)(*tensors)
+        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+            return _compiled(fn, **bound)(*tensors)
+    except torch._dynamo.exc.FailOnRecompileLimitHit:
+        return None  # this variant has seen too many shape/dtype/stride mixes: eager from here on
     except Exception as err:  # noqa: BLE001 - any compile failure falls back to the same numbers, eagerly
         _compile_failed.append(f"{type(err).__name__}: {err}".splitlines()[0])
         warnings.warn(

@@ -41,7 +41,6 @@ from lowbit.numerics.blocks import (
     lowp_block_scales,
     mx_scale_codes,
     pow2_from_exponent,
-    true_divide,
 )
 from lowbit.numerics.formats import ElementFormat, get_format
 from lowbit.numerics.hadamard import (
@@ -552,7 +551,9 @@ def _fake_quantize_columns(
         decode = scaling.decode.t().contiguous()  # strided, inductor would transpose a tile per use
         factor = scaling.factor.t().contiguous()
     global_scale = None if global_encode is None else torch.reciprocal(global_encode).reshape(())
-    out_dtype = (dtype or torch.float32) if signs is not None and rotated else torch.float32 if signs is not None else t.dtype
+    out_dtype = (
+        (dtype or torch.float32) if signs is not None and rotated else torch.float32 if signs is not None else t.dtype
+    )
     out = _fast.compiled_fake_quantize(
         blocks,
         factor,

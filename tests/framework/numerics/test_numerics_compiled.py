@@ -16,7 +16,7 @@ import lowbit.numerics._fast as fast
 from lowbit.numerics import get_spec
 from lowbit.numerics.blocks import global_encode_scale, lowp_block_scales
 from lowbit.numerics.formats import E2M1, E4M3
-from lowbit.numerics.hadamard import _butterfly, _butterfly_by_output, rotate_columns, random_signs, rht
+from lowbit.numerics.hadamard import _butterfly, _butterfly_by_output, random_signs, rht, rotate_columns
 from lowbit.numerics.quantize import _fake_quantize, _fake_quantize_columns
 
 
@@ -115,7 +115,9 @@ def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes
     columns = _fake_quantize_columns(t, spec, torch.Generator().manual_seed(9), compile=True)
     assert columns.shape == (192, 512) and columns.stride() == (1, 192)  # a view, nothing transposed
     assert _same(columns, reference)
-    rotated = _fake_quantize_columns(t, spec, torch.Generator().manual_seed(9), True, rotated=True, dtype=torch.bfloat16)
+    rotated = _fake_quantize_columns(
+        t, spec, torch.Generator().manual_seed(9), True, rotated=True, dtype=torch.bfloat16
+    )
     rotated_reference = _fake_quantize(
         t.t().contiguous(), spec, torch.Generator().manual_seed(9), None, None, None, rotated=True
     ).to(torch.bfloat16)
@@ -151,3 +153,16 @@ def test_without_a_compiler_it_warns_once_and_gives_the_same_numbers(monkeypatch
     assert _same(compiled, _fake_quantize(x, spec, torch.Generator().manual_seed(1), None, None, None))
     messages = [str(w.message) for w in caught if "torch.compile could not build" in str(w.message)]
     assert len(messages) == 1 and "no C++ compiler" in messages[0]
+
+
+def test_a_variant_past_its_recompile_limit_runs_eagerly_and_compiling_stays_on(monkeypatch):
+    monkeypatch.setattr(fast, "_RECOMPILE_LIMIT", 1)
+    monkeypatch.setattr(fast, "_compile_failed", [])
+    fast._compiled.cache_clear()
+    spec = get_spec("nvfp4")
+    for rows, dtype in ((512, torch.float32), (512, torch.bfloat16), (1024, torch.float16)):
+        x = _adversarial(rows, 256, dtype)
+        compiled = _fake_quantize(x, spec, None, None, None, None, compile=True)
+        assert _same(compiled, _fake_quantize(x, spec, None, None, None, None))
+    assert fast._compile_failed == []
+    fast._compiled.cache_clear()

@@ -94,7 +94,12 @@ def test_stochastic_rounding_rounds_up_below_the_threshold():
     at = bits.double() / 2**31  # exact in float64; float32 rounds it, so take the exact float32 neighbours
     frac32 = at.float()
     edges = torch.tensor([0.0, 2.0**-31, 2.0**-32, 1.0 - 2.0**-24])
-    for frac in [frac32, frac32.nextafter(torch.tensor(1.0)), frac32.nextafter(torch.tensor(0.0)), edges.repeat(n // 4)]:
+    for frac in [
+        frac32,
+        frac32.nextafter(torch.tensor(1.0)),
+        frac32.nextafter(torch.tensor(0.0)),
+        edges.repeat(n // 4),
+    ]:
         frac = frac.clamp(0.0, 1.0 - 2.0**-24)
         y = frac + torch.arange(n).remainder(7).float()  # integer parts 0..6
         up = bits.double() < torch.floor((y - torch.floor(y)).double() * 2**31)
