@@ -20,6 +20,13 @@ unchanged (value = fp16(code bits) * 2^(15 - bias), exact, no float32 subnormal 
 
 E5M2 is float16's top byte, so its fake-quantized values are torch's cast and a shift.
 
+Compiled (``fake_quantize(compile=True)``): the element step of a whole finite tensor
+(scale, round, unscale, SR bits hashed in place) is one ``torch.compile``d kernel, as are the
+block amax and NVFP4's E4M3 block scales (:func:`run_compiled`). Inductor's C++ would turn a
+bitcast into a scalar loop, so a compiled kernel finds the binade with float arithmetic
+(:func:`pow2_floor`), which gives the same powers of two; the tests compare compiled and eager
+bits on adversarial inputs (tests/framework/numerics/test_numerics_compiled.py).
+
 :mod:`lowbit.numerics.quantize` calls these on CPU only, for formats :func:`supported`
 accepts, in chunks whose input is finite and whose encode factors are finite (anything else,
 NaN included, takes the general path, so even NaN payloads match). The tests compare both
@@ -111,7 +118,7 @@ class _Constants(NamedTuple):
 
 
 @functools.cache
-def constants(element: ElementFormat) -> _Constants:
+def _constants(element: ElementFormat) -> _Constants:
     if isinstance(element, IntFormat):
         return _Constants(True, element.qmin, element.qmax, float(element.qmax), 0, 0, "")
     e5m2 = element.native if element.native and element.ebits == 5 else ""
@@ -130,7 +137,7 @@ def pow2_floor(a: torch.Tensor) -> torch.Tensor:
 
 
 def _round_to_format(element: ElementFormat, x: torch.Tensor, rounding: str, bits: torch.Tensor | None) -> torch.Tensor:
-    return _round(constants(element), x, rounding, bits)
+    return _round(_constants(element), x, rounding, bits)
 
 
 def _round(c: _Constants, x: torch.Tensor, rounding: str, bits: torch.Tensor | None) -> torch.Tensor:
@@ -259,7 +266,7 @@ def fake_quantize_blocks(
     scaled = blocks.float() * _per_block(factor, blocks)
     if zero_point is not None:
         scaled = scaled + _per_block(zero_point, blocks)
-    values = _round(element if isinstance(element, _Constants) else constants(element), scaled, rounding, bits)
+    values = _round(element if isinstance(element, _Constants) else _constants(element), scaled, rounding, bits)
     return unscale(values, decode, zero_point, global_scale, sr_prescale).to(out_dtype)
 
 
@@ -353,7 +360,7 @@ def compiled_fake_quantize(
 ) -> torch.Tensor | None:
     """``fake_quantize_blocks`` of a whole tensor (``columns``: r x 1 blocks (n, r, C) of t standing
     for the 1 x r blocks of tᵀ, SR bits in tᵀ's order) in one compiled kernel: one read, one write,
-    instead of ~15 passes over chunks; the same bits (tests/framework/numerics/test_numerics_fastpath.py).
+    instead of ~15 passes over chunks; the same bits (tests/framework/numerics/test_numerics_compiled.py).
     None where it does not apply (an SR prescale, whose division inductor may turn into a
     multiply; a chunk of a larger SR stream) or cannot be built."""
     if sr_prescale != 1.0 or (rng is not None and rng.offset):
@@ -365,7 +372,7 @@ def compiled_fake_quantize(
         column_index = (torch.arange(cols, dtype=torch.int64, device=blocks.device) * (n * r)).to(torch.int32)
     tensors = (blocks, factor, decode, zero_point, global_scale, keys, column_index)
     dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,))  # blocks (n, r, nb[, c]): n and nb vary
-    options = {"element": constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
+    options = {"element": _constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
     return run_compiled(_fake_quantize_whole, tensors, dynamic, **options)
 
 
@@ -417,7 +424,7 @@ def compiled_block_scales(
     emax, numerator = _scale_inputs(element, scale_format)
     dims = ((0, 2), (), ())
     out = run_compiled(
-        _e4m3_block_scales, (blocks, emax, numerator), dims, scale=constants(scale_format), global_scale=global_scale
+        _e4m3_block_scales, (blocks, emax, numerator), dims, scale=_constants(scale_format), global_scale=global_scale
     )
     if out is None or not bool(out[3]):
         return None

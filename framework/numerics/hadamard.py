@@ -72,7 +72,7 @@ def random_hadamard(
 def _butterfly(lanes: list[torch.Tensor]) -> list[torch.Tensor]:
     """The Walsh-Hadamard butterfly (unnormalized) on n lanes: stage h maps each pair (i, i + h) of
     a group of 2h to (a + b, a - b). Each output is a fixed tree of float32 sums, so the result
-    does not depend on how the lanes are laid out (and a compiled kernel fuses the whole tree)."""
+    does not depend on how the lanes are laid out."""
     n, h = len(lanes), 1
     while h < n:
         out = list(lanes)

@@ -285,11 +285,13 @@ class _Plan:
 
 
 def _draw_bits(
-    spec: QuantSpec, generator: torch.Generator | None, seed: int | None, device: torch.device
+    spec: QuantSpec, generator: torch.Generator | RandomBits | None, seed: int | None, device: torch.device
 ) -> RandomBits | None:
-    """The SR bits of one quantization (keys drawn once from the generator), or None without SR."""
+    """The SR bits of one quantization (keys drawn once from the generator, or given), or None without SR."""
     if spec.rounding != "sr":
         return None
+    if isinstance(generator, RandomBits):
+        return generator
     return RandomBits.draw(make_generator(generator, seed, device), device)
 
 
@@ -303,7 +305,8 @@ def _plan(
     fast: bool,
     compile: bool = False,
 ) -> _Plan:
-    """``compile``: on CPU, the RHT and block amax of a large tensor as compiled kernels (same values)."""
+    """``compile``: on CPU, the RHT, block amax and E4M3 block scales of a large tensor as compiled
+    kernels (same values)."""
     _check_input(x)
     element, scale_format = _formats(spec)
     layout = block_layout(x.shape, spec.block)
@@ -517,18 +520,19 @@ def _fake_quantize_columns(
     """``fake_quantize(t.t(), spec)`` for 2-D ``t`` (N, C), same bits (SR too: the bits follow tᵀ's
     element order), as a (C, N) view of an (N, C) tensor: with ``compile``, the blocks of tᵀ's rows
     are quantized where they lie, down t's columns (c x 1 blocks (N/c, c, C) of t; the RHT along N
-    as a butterfly over rows), so nothing is transposed and the GEMM takes the view. What wgrad's operands dyᵀ and xᵀ need. Otherwise (or for NaN/Inf input)
-    tᵀ is copied and quantized. ``rotated``: with an RHT, the values before the inverse transform
-    (float32, or cast to ``dtype`` when given: one rounding either way), as ``_fake_quantize``."""
+    as a butterfly over rows), so nothing is transposed and the GEMM takes the view: what wgrad's
+    operands dyᵀ and xᵀ need. Otherwise (or for NaN/Inf input) tᵀ is copied and quantized, with
+    the same SR keys. ``rotated``: with an RHT, the values before the inverse transform (float32,
+    or cast to ``dtype`` when given: one rounding either way), as ``_fake_quantize``."""
     element, scale_format = _formats(spec)
+    rng = _draw_bits(spec, generator, None, t.device)
 
     def reference() -> torch.Tensor:
-        out = _fake_quantize(_transposed(t), spec, generator, None, None, None, compile=compile, rotated=rotated)
+        out = _fake_quantize(_transposed(t), spec, rng, None, None, None, compile=compile, rotated=rotated)
         return out if dtype is None else out.to(dtype)
 
     if not (compile and _columns_apply(t, spec, element)):
         return reference()
-    rng = _draw_bits(spec, generator, None, t.device)
     signs = _shared_signs(spec.rht_size, int(spec.rht_seed), t.device) if spec.rht_size else None
     src = _fast.run_compiled(rotate_columns, (t, signs), ((0, 1), ())) if signs is not None else t
     c = spec.block[1]
