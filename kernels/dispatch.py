@@ -8,7 +8,8 @@ stochastic rounding; Hadamard sizes 16-128 (not on FP8). ``quantize`` returns a
 :class:`KernelQTensor` (the GEMM operand plus its spec; ``to_qtensor()`` gives the numerics'
 ``QTensor`` for comparisons), ``quantize_pair`` a tensor and its transpose from one read, and
 ``matmul`` runs ``gemm_blockscaled``. Stochastic rounding draws Philox bits from a seed tensor
-(:func:`draw_seed`): its stream is not the emulate backend's ``torch.rand`` stream.
+(:func:`draw_seed`): its stream is not the emulate backend's (``lowbit.numerics.RandomBits``),
+though both compare 31 random bits against floor(frac * 2^31).
 """
 
 from __future__ import annotations
