@@ -6,15 +6,15 @@ GEMM runs in the compute dtype (the autocast dtype when autocast is on, else the
 A GEMM's RHT rotates both operands and is not undone: the GEMM of the two rotated, quantized
 operands is the product (H Hᵀ = I), which is what the kernels compute too.
 Backend ``auto`` on CPU emulates with ``fake_quantize(compile=True)``: each large operand's
-rounding is one ``torch.compile``d kernel, the same bits as the eager reference (tested), 3-6x
-faster; the first step compiles each operand spec once (seconds each).
+rounding is one ``torch.compile``d kernel, the same bits as the eager reference (tested), 2-10x
+faster per operand; the first step compiles each operand spec once (seconds each).
 Backend ``triton`` (CUDA) runs ``lowbit.kernels``: fused quantize kernels and block-scaled GEMMs on
 the codes, the same numbers up to the order of the FP32 accumulation; ``auto`` takes it on CUDA for
 every GEMM whose two operand specs the kernels cover (``lowbit.kernels.dispatch.supports``: FP8,
 MXFP8, MXFP4, NVFP4 and custom specs built from them) and emulates the others, and on CPU always
 emulates. With stochastic rounding the kernels draw Philox bits seeded from ``sr_generator``, a
-different random stream from emulate's hashed counter (same rounding rule, both unbiased). Master weights stay in high
-precision: the parameters are the ``nn.Linear``'s own, so a checkpoint moves between precisions
+different random stream from emulate's hashed counter (same rounding rule, both unbiased). Master
+weights stay in high precision: the parameters are the ``nn.Linear``'s own, so a checkpoint moves between precisions
 unchanged. Saved for backward: the input in the compute dtype and the weight parameter itself — no
 more than a BF16 ``nn.Linear`` keeps. Where dgrad's Q(Wᵀ) equals fprop's Q(W) transposed (square
 or whole-tensor weight blocks, deterministic rounding), emulate quantizes the weight once and saves
