@@ -14,8 +14,8 @@ every GEMM whose two operand specs the kernels cover (``lowbit.kernels.dispatch.
 MXFP8, MXFP4, NVFP4 and custom specs built from them) and emulates the others, and on CPU always
 emulates. With stochastic rounding the kernels draw Philox bits seeded from ``sr_generator``, a
 different random stream from emulate's hashed counter (same rounding rule, both unbiased). Master
-weights stay in high precision: the parameters are the ``nn.Linear``'s own, so a checkpoint moves between precisions
-unchanged. Saved for backward: the input in the compute dtype and the weight parameter itself — no
+weights stay in high precision: the parameters are the ``nn.Linear``'s own, so a checkpoint moves
+between precisions unchanged. Saved for backward: the input in the compute dtype and the weight parameter itself — no
 more than a BF16 ``nn.Linear`` keeps. Where dgrad's Q(Wᵀ) equals fprop's Q(W) transposed (square
 or whole-tensor weight blocks, deterministic rounding), emulate quantizes the weight once and saves
 Q(W) in the compute dtype instead of W (a BF16 ``nn.Linear`` keeps its BF16 weight copy too).
