@@ -92,9 +92,8 @@ def _round_magnitude(y: torch.Tensor, rounding: str, bits: torch.Tensor | None) 
 
 
 def _sr_bits(rounding: str, x: torch.Tensor, rng: RandomBits | torch.Generator | None) -> torch.Tensor | None:
-    if rounding != "sr":
-        return None
-    return (rng if isinstance(rng, RandomBits) else RandomBits.draw(rng, x.device)).bits(x.shape)
+    bits = RandomBits.of(rng, x.device, rounding)
+    return None if bits is None else bits.bits(x.shape)
 
 
 def round_to_format(

@@ -78,15 +78,6 @@ def _pow2_tensor(exponent: torch.Tensor) -> torch.Tensor:
     return ((exponent + _F32_BIAS) << _F32_MANT).view(torch.float32)
 
 
-def _random_bits(
-    rounding: str, generator: torch.Generator | RandomBits | None, device: torch.device
-) -> RandomBits | None:
-    """The SR bits of a whole tensor (keys drawn once, so chunks continue one stream), else None."""
-    if rounding != "sr" or isinstance(generator, RandomBits):
-        return generator if rounding == "sr" else None
-    return RandomBits.draw(generator, device)
-
-
 _TABLES: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
@@ -127,7 +118,7 @@ class ElementFormat:
         ``generator``). ``saturate``: clamp overflow to +-max (else the format's overflow value).
         """
         check_rounding(rounding, self.roundings)
-        rng = _random_bits(rounding, generator, x.device)
+        rng = RandomBits.of(generator, x.device, rounding)  # keys drawn once: the chunks continue one stream
         fn = lambda c, start: self._encode(c.float(), rounding, saturate, rng and rng.at(start))
         return map_elementwise(fn, x, self.code_dtype, offsets=True)
 
@@ -262,7 +253,7 @@ class FloatFormat(ElementFormat):
         if native and self.native and rounding == "rne" and (saturate or self.has_inf):
             fn = lambda c: self._encode_native(c.float(), saturate)
         else:
-            rng = _random_bits(rounding, generator, x.device)
+            rng = RandomBits.of(generator, x.device, rounding)  # keys drawn once: the chunks continue one stream
             fn = lambda c, start: self._encode(c.float(), rounding, saturate, rng and rng.at(start))
             return map_elementwise(fn, x, torch.uint8, offsets=True)
         return map_elementwise(fn, x, torch.uint8)

@@ -21,6 +21,7 @@ private ``_quantize`` / ``_dequantize`` / ``_fake_quantize`` / ``_requantize`` t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
 from lowbit.numerics import _fast
-from lowbit.numerics._chunks import row_chunks
+from lowbit.numerics._chunks import contiguous, row_chunks
 from lowbit.numerics.blocks import (
     BlockLayout,
     block_layout,
@@ -232,9 +233,9 @@ class _Plan:
     def saturate(self) -> bool:
         return self.spec.saturate or self.spec.scale_format != "fp32"  # MX and NVFP4 always saturate
 
-    @property
+    @functools.cached_property
     def factor(self) -> torch.Tensor:
-        """The blocks' encode factors with the SR prescale folded in."""
+        """The blocks' encode factors with the SR prescale folded in (computed once per quantization)."""
         factor = self.scaling.factor
         return factor * self.spec.sr_prescale if self.spec.sr_prescale != 1.0 else factor
 
@@ -245,15 +246,18 @@ class _Plan:
             blocks_of = slice(None) if self.layout.per_tensor else sl
             yield sl, blocks_of, self.fast and (self.finite_rows is None or bool(self.finite_rows[sl].all()))
 
+    def scaled(self, sl: slice, blocks_of: slice) -> torch.Tensor:
+        """Elements of block rows ``sl`` times their encode factor, plus their zero point, (n, r, nb, c) float32."""
+        scaled = self.layout.blocks(self.rows[sl].float()) * self.factor[blocks_of][:, None, :, None]
+        if self.scaling.zero_point is not None:
+            scaled = scaled + self.scaling.zero_point[blocks_of][:, None, :, None]
+        return scaled
+
     def scaled_chunks(self):
-        """Yield (block-row slice, elements times their encode factor (n, r, nb, c) float32, whether
-        the arithmetic path applies) over chunks of block rows."""
-        layout, scaling, factor = self.layout, self.scaling, self.factor
+        """Yield (block-row slice, ``scaled`` elements, whether the arithmetic path applies) over
+        chunks of block rows."""
         for sl, blocks_of, fast in self.chunks():
-            scaled = layout.blocks(self.rows[sl].float()) * factor[blocks_of][:, None, :, None]
-            if scaling.zero_point is not None:
-                scaled = scaled + scaling.zero_point[blocks_of][:, None, :, None]
-            yield sl, scaled, fast
+            yield sl, self.scaled(sl, blocks_of), fast
 
     def rng_of(self, sl: slice) -> RandomBits | None:
         """The SR bits from the first element of block rows ``sl`` on."""
@@ -289,10 +293,8 @@ def _draw_bits(
 ) -> RandomBits | None:
     """The SR bits of one quantization (keys drawn once from the generator, or given), or None without SR."""
     if spec.rounding != "sr":
-        return None
-    if isinstance(generator, RandomBits):
-        return generator
-    return RandomBits.draw(make_generator(generator, seed, device), device)
+        return None  # no generator to make
+    return RandomBits.of(make_generator(generator, seed, device), device)
 
 
 def _plan(
@@ -305,8 +307,8 @@ def _plan(
     fast: bool,
     compile: bool = False,
 ) -> _Plan:
-    """``compile``: on CPU, the RHT, block amax and E4M3 block scales of a large tensor as compiled
-    kernels (same values)."""
+    """``compile``: the RHT, block amax and E4M3 block scales as compiled kernels (same values); the
+    caller decides where that applies (``_fake_quantize``: CPU, 2^16 elements or more)."""
     _check_input(x)
     element, scale_format = _formats(spec)
     layout = block_layout(x.shape, spec.block)
@@ -315,7 +317,6 @@ def _plan(
     if scale is not None and (not layout.per_tensor or spec.scale_format != "fp32"):
         raise LowbitError("a scale override needs block='tensor' with scale_format='fp32' (FP8 delayed scaling)")
     rng = _draw_bits(spec, generator, seed, x.device)
-    compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
     src = _rht(x, spec.rht_size, spec.rht_seed, compile) if spec.rht_size else x
     rows = layout.block_rows(src)  # (B, r, C)
     saturate = spec.saturate or spec.scale_format != "fp32"
@@ -474,17 +475,14 @@ def _fake_quantize(
     def parts():
         for sl, blocks_of, fast_chunk in plan.chunks():
             zp = None if scaling.zero_point is None else scaling.zero_point[blocks_of]
-            rng = plan.rng_of(sl)
             if fast_chunk:
+                rng = plan.rng_of(sl)
                 blocks = layout.blocks(plan.rows[sl])
                 bits = None if rng is None else rng.bits(blocks.shape)
                 args = (factor[blocks_of], scaling.decode[blocks_of], zp, global_scale, bits)
                 yield sl, _fast.fake_quantize_blocks(blocks, *args, **options)
                 continue
-            scaled = layout.blocks(plan.rows[sl].float()) * factor[blocks_of][:, None, :, None]
-            if zp is not None:
-                scaled = scaled + zp[:, None, :, None]
-            values = element.decode(plan.encode(scaled, False, sl))
+            values = element.decode(plan.encode(plan.scaled(sl, blocks_of), False, sl))
             yield sl, _fast.unscale(values, scaling.decode[blocks_of], zp, global_scale, spec.sr_prescale)
 
     if out is None:
@@ -528,7 +526,7 @@ def _fake_quantize_columns(
     rng = _draw_bits(spec, generator, None, t.device)
 
     def reference() -> torch.Tensor:
-        out = _fake_quantize(_transposed(t), spec, rng, None, None, None, compile=compile, rotated=rotated)
+        out = _fake_quantize(contiguous(t.t()), spec, rng, None, None, None, compile=compile, rotated=rotated)
         return out if dtype is None else out.to(dtype)
 
     if not (compile and _columns_apply(t, spec, element)):
@@ -578,18 +576,6 @@ def _fake_quantize_columns(
         inverse = _fast.run_compiled(unrotate_columns, (out, signs), ((0, 1), ()))
         out = (inverse if inverse is not None else unrotate_columns(out, signs)).to(t.dtype)
     return (out if dtype is None else out.to(dtype)).t()
-
-
-def _transposed(t: torch.Tensor) -> torch.Tensor:
-    """``t.t()`` contiguous, copied in tiles of 64 source rows on CPU: one plain copy reads a column
-    per output row, 3-4x slower when rows lie a power of two apart (cache-set conflicts)."""
-    src = t.contiguous()
-    if t.device.type != "cpu":
-        return src.t().contiguous()
-    out = torch.empty(src.shape[1], src.shape[0], dtype=src.dtype)
-    for start in range(0, src.shape[0], 64):
-        out[:, start : start + 64] = src[start : start + 64].t()
-    return out
 
 
 def fake_quantize(

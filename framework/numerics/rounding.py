@@ -91,6 +91,16 @@ class RandomBits:
         keys = torch.randint(-(2**31), 2**31, (2,), generator=generator, device=gen_device, dtype=torch.int32)
         return cls(keys.to(device))
 
+    @classmethod
+    def of(
+        cls, generator: torch.Generator | RandomBits | None, device: torch.device | str, rounding: str = "sr"
+    ) -> RandomBits | None:
+        """The bits one rounding call uses: None without SR; ``generator`` itself when it is already
+        RandomBits (a chunk continuing a larger tensor's stream); else fresh keys drawn from it."""
+        if rounding != "sr":
+            return None
+        return generator if isinstance(generator, RandomBits) else cls.draw(generator, device)
+
     def at(self, offset: int) -> RandomBits:
         """The bits of the elements from flat index ``offset`` on."""
         return RandomBits(self.keys, self.offset + int(offset))
@@ -115,11 +125,6 @@ def sr_round_up(frac: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
     return bits < torch.floor(frac * 2147483648.0).to(torch.int32)
 
 
-def _random_bits(generator: torch.Generator | RandomBits | None, y: torch.Tensor) -> torch.Tensor:
-    source = generator if isinstance(generator, RandomBits) else RandomBits.draw(generator, y.device)
-    return source.bits(y.shape)
-
-
 def round_to_integer(
     y: torch.Tensor, rounding: str = "rne", generator: torch.Generator | RandomBits | None = None
 ) -> torch.Tensor:
@@ -136,5 +141,5 @@ def round_to_integer(
     if rounding == "ta":
         return floor + (frac >= 0.5).to(y.dtype)
     if rounding == "sr":
-        return floor + sr_round_up(frac, _random_bits(generator, y)).to(y.dtype)
+        return floor + sr_round_up(frac, RandomBits.of(generator, y.device).bits(y.shape)).to(y.dtype)
     raise LowbitError(f"unknown rounding '{rounding}'; valid: {', '.join(ROUNDING_MODES)}")

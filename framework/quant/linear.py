@@ -31,6 +31,7 @@ from torch import nn
 
 from lowbit.errors import LowbitError
 from lowbit.numerics import DelayedScaling, QuantSpec, get_format, quant_error, quantize, tensor_amax
+from lowbit.numerics._chunks import contiguous
 from lowbit.numerics.quantize import _fake_quantize, _fake_quantize_columns
 from lowbit.quant.recipe import GEMMS, OPERANDS, GemmRecipe
 
@@ -50,19 +51,6 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad dim 0 to a multiple: zero rows add nothing to any product or amax."""
     extra = -t.shape[0] % multiple
     return F.pad(t, (0, 0, 0, extra)) if extra else t
-
-
-def _contiguous(t: torch.Tensor, tile: int = 64) -> torch.Tensor:
-    """``t.contiguous()``; a transposed 2-D CPU tensor (dyᵀ, xᵀ of wgrad) is copied 64 rows of the
-    source at a time: one plain copy reads a column per output row, 3-4x slower when rows lie a
-    power of two apart (cache-set conflicts). Same values, same layout."""
-    if t.is_contiguous() or t.dim() != 2 or t.device.type != "cpu" or not t.t().is_contiguous():
-        return t.contiguous()
-    src = t.t()  # (cols, rows), contiguous
-    out = torch.empty(t.shape, dtype=t.dtype)
-    for start in range(0, src.shape[0], tile):
-        out[:, start : start + tile] = src[start : start + tile].t()
-    return out
 
 
 def _kernels_serve(t: torch.Tensor) -> bool:
@@ -157,7 +145,7 @@ class _QuantLinearFn(torch.autograd.Function):
         dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)
         if ctx.needs_input_grad[0]:
             # Q(Wᵀ) laid out as quantizing Wᵀ lays it out: (in, out), contiguous
-            w_q = _contiguous(weight.t()) if ctx.shares_weight else None
+            w_q = contiguous(weight.t()) if ctx.shares_weight else None
             dx = layer._gemm("dgrad", dy_pad, weight.t(), dtype, dy_dgrad, qb=w_q)  # (N', out) x (in, out)
             dx = dx[:n].view(*dy.shape[:-1], in_features)  # (N, in)
         if ctx.needs_input_grad[1]:
@@ -233,7 +221,7 @@ class QuantLinear(nn.Linear):
         if transposed and not self.record_health and not self._delayed(spec):
             # Q(tᵀ) quantized down t's columns, same bits as from a copy; the GEMM takes the (C, N) view
             return _fake_quantize_columns(t.t(), spec, self.sr_generator, compile, rotated=True, dtype=dtype)
-        t = _contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
+        t = contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
         if self.record_health:
             self.health[operand] = operand_health(t, spec)
         if self._delayed(spec):
