@@ -54,11 +54,16 @@ ELEMENTS = ("e4m3", "e5m2", "e2m1")
 """Element formats the kernels encode and multiply."""
 SCALE_FORMATS = ("e4m3", "ue5m3")
 """Low-precision (non power-of-two) block-scale formats the kernels encode, besides E8M0 and FP32."""
-FLT_MAX = 3.4028234663852886e38
+FLT_MAX = tl.constexpr(3.4028234663852886e38)
+"""float32's largest finite value, a compile-time constant (a kernel reads only constexpr globals)."""
 
 
 def _f32_bits(value: float) -> int:
     return struct.unpack("<i", struct.pack("<f", value))[0]
+
+
+# Computed here, not inside ``fmt_const``: a constexpr function may call only other Triton functions.
+_MAX_BITS = {name: _f32_bits(f.max) for name, f in _FORMATS.items()}
 
 
 @triton.constexpr_function
@@ -66,7 +71,7 @@ def fmt_const(name, field):
     """A constant of float format ``name`` at compile time (mbits, emin, max_bits, max_code, ...)."""
     f = _FORMATS[name]
     if field == "max_bits":
-        return _f32_bits(f.max)
+        return _MAX_BITS[name]
     if field == "nan_code":
         return f.nan_code if f.has_nan else -1
     if field == "mag_bits":

@@ -48,10 +48,8 @@ BLOCKS = ((1, 16), (16, 16), (1, 32))
 """Block shapes (rows, cols) the kernel quantizes; cols run along the contraction dim."""
 
 
-@triton.constexpr_function
-def _reciprocal_f32(value):
-    """float32(1 / float32(value)), the reference's ``torch.reciprocal(torch.tensor(value))``."""
-    return torch.reciprocal(torch.tensor(float(value), dtype=torch.float32)).item()
+_RECIPROCAL_6 = tl.constexpr(torch.reciprocal(torch.tensor(6.0)).item())
+"""float32(1 / 6), the reference's ``torch.reciprocal(emax)`` for E2M1's max 6 (exact as a float32 constant)."""
 
 
 @triton.jit
@@ -81,7 +79,7 @@ def _lowp_tile(
     """y [ROWS, COLS] float32 -> (E2M1 codes [ROWS, COLS], scale codes [ROWS // BLOCK_ROWS, COLS // BLOCK_COLS])."""
     amax = block_amax(y, ROWS, COLS, BLOCK_ROWS, BLOCK_COLS)
     if GLOBAL:
-        target = amax * (g * _reciprocal_f32(6.0))
+        target = amax * (g * _RECIPROCAL_6)
         target = tl.where(target > FLT_MAX, FLT_MAX, target)  # keeps NaN, as torch.clamp
     else:
         target = tl.math.div_rn(amax, 6.0)
