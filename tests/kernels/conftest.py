@@ -107,6 +107,43 @@ def adversarial():
 
 
 @pytest.fixture
+def accumulation_rtol():
+    """A function (mode) -> the GEMM error allowed, relative to the sum of |products|: FP32 accumulation
+    (1e-5) everywhere but a real GPU's FP8 MMAs, which add E4M3/E5M2 products at reduced precision
+    (Hopper: errors up to ~2^-14 of the sum measured on an H200; DeepSeek-V3 sec. 3.3.2 reports ~14
+    bits), so there the bound is 2^-12."""
+
+    def rtol(mode: str) -> float:
+        return 2**-12 if mode == "fp8" and torch.cuda.is_available() else 1e-5
+
+    return rtol
+
+
+@pytest.fixture
+def codes_equal(bits):
+    """A function (got, expected, x) that asserts equal codes and, where they differ, names the first
+    few positions with the input's bits and both codes."""
+
+    def check(got: torch.Tensor, expected: torch.Tensor, x: torch.Tensor | None = None, what: str = "codes") -> None:
+        got = got.cpu()
+        if torch.equal(got, expected):
+            return
+        if got.shape != expected.shape:
+            raise AssertionError(f"{what}: shape {tuple(got.shape)} != {tuple(expected.shape)}")
+        where = (got != expected).nonzero().tolist()[:6]
+        lines = [f"{what}: {int((got != expected).sum())} of {got.numel()} differ"]
+        for idx in where:
+            source = ""
+            if x is not None and x.dim() == got.dim() and x.shape == got.shape:
+                value = x.cpu()[tuple(idx)]
+                source = f" input {value.item()!r} bits {int(bits(value.reshape(1))[0]) & 0xFFFFFFFF:#x}"
+            lines.append(f"  at {tuple(idx)}:{source} got {got[tuple(idx)].item()} expected {expected[tuple(idx)].item()}")
+        raise AssertionError("\n".join(lines))
+
+    return check
+
+
+@pytest.fixture
 def bits():
     """A function: a tensor's bit pattern as integers (NaN payloads and -0 compare exactly)."""
 

@@ -116,6 +116,7 @@ RNE_RECIPES = {
 def _run(recipe, backend, x, dy, state):
     layer = QuantLinear.from_linear(nn.Linear(64, 96), GemmRecipe.from_dict(recipe), backend=backend)
     layer.load_state_dict(state)
+    layer.to(x.device)
     x = x.clone().requires_grad_()
     with _CountOps() as counter:
         y = layer(x)
@@ -184,6 +185,7 @@ def test_quantlinear_fp8_delayed_scaling_on_the_kernels(device, monkeypatch):
     for backend in ("emulate", "auto"):
         layer = QuantLinear.from_linear(nn.Linear(64, 96), GemmRecipe.from_dict(RNE_RECIPES["fp8"]), backend=backend)
         layer.load_state_dict(state)
+        layer.to(device)
         layer.delayed_scaling = {"history_len": 4}
         outputs = []
         for step in range(3):

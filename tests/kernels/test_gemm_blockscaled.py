@@ -59,7 +59,7 @@ def _dequantized(t: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("pair", list(PAIRS))
-def test_every_pair_on_every_path_equals_dequantize_then_matmul(pair, device):
+def test_every_pair_on_every_path_equals_dequantize_then_matmul(pair, device, accumulation_rtol):
     gen = torch.Generator().manual_seed(len(pair))
     m, n, k = 37, 48, 96  # odd M; K = 96 is not a multiple of the 64-wide K step
     x = (torch.randn(m if "2d" not in pair else 48, k, generator=gen) * torch.logspace(-3, 3, k)).to(device)
@@ -72,7 +72,8 @@ def test_every_pair_on_every_path_equals_dequantize_then_matmul(pair, device):
     for mode in _modes(a, b):
         c = gemm_blockscaled(a, b, out_dtype=torch.float32, mode=mode).cpu().double()
         assert c.shape == expected.shape
-        assert ((c - expected).abs() <= 1e-5 * bound + 1e-30).all(), mode
+        worst = ((c - expected).abs() / (bound + 1e-30)).max().item()
+        assert worst <= accumulation_rtol(mode), f"{mode}: error {worst:.3g} of the sum of |products|"
 
 
 def test_bias_and_output_dtypes(device):
@@ -86,9 +87,9 @@ def test_bias_and_output_dtypes(device):
         torch.testing.assert_close(c.cpu().double(), expected, rtol=rel, atol=rel * expected.abs().max().item())
 
 
-def test_default_path_per_device():
-    cpu = torch.device("cpu")  # under the interpreter: Hopper's choice (capability 9.0)
-    mx, nv = _mx(torch.randn(32, 64), "e2m1")[0], _nvfp4(torch.randn(32, 64))[0]
+def test_default_path_per_device(device):
+    cpu = torch.device("cpu")  # what pick_mode answers for the CPU: Hopper's choice (capability 9.0)
+    mx, nv = _mx(torch.randn(32, 64, device=device), "e2m1")[0], _nvfp4(torch.randn(32, 64, device=device))[0]
     assert pick_mode(mx, mx, cpu) == "fp8"  # E2M1 upcast to E4M3, one FP8 MMA per 32-block
     assert pick_mode(nv, nv, cpu) == "bf16"  # 16-element blocks: BF16 MMAs with folded scales
     assert pick_mode(mx, nv, cpu) == "bf16"

@@ -67,7 +67,7 @@ def test_hadamard_and_stochastic_rounding_at_llm_shapes(name):
         ("fp8_e4m3_row", "fp8_e4m3_row"),
     ],
 )
-def test_gemms_at_llm_shapes_equal_dequantize_then_matmul(pair):
+def test_gemms_at_llm_shapes_equal_dequantize_then_matmul(pair, accumulation_rtol):
     m, n, k = 2048, 4096, 4096
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     w = torch.randn(n, k, device="cuda", dtype=torch.bfloat16) * 0.02
@@ -80,7 +80,9 @@ def test_gemms_at_llm_shapes_equal_dequantize_then_matmul(pair):
     modes = {pick_mode(qa.operand, qb.operand, x.device), "bf16"}
     for mode in modes:
         c = gemm_blockscaled(qa.operand, qb.operand, out_dtype=torch.float32, mode=mode).double()
-        assert ((c - expected).abs() <= 1e-5 * bound + 1e-30).all(), mode
+        worst = ((c - expected).abs() / (bound + 1e-30)).max().item()
+        print(f"{pair} {mode}: worst error {worst:.3g} of the sum of |products|")
+        assert worst <= accumulation_rtol(mode), f"{mode}: error {worst:.3g} of the sum of |products|"
     c = dispatch.matmul(qa, qb, out_dtype=torch.bfloat16)  # the default path (torch._scaled_mm for FP8)
     torch.testing.assert_close(c.double(), expected, rtol=2**-7, atol=2**-7 * expected.abs().max().item())
 
