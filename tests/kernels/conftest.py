@@ -137,7 +137,9 @@ def codes_equal(bits):
             if x is not None and x.dim() == got.dim() and x.shape == got.shape:
                 value = x.cpu()[tuple(idx)]
                 source = f" input {value.item()!r} bits {int(bits(value.reshape(1))[0]) & 0xFFFFFFFF:#x}"
-            lines.append(f"  at {tuple(idx)}:{source} got {got[tuple(idx)].item()} expected {expected[tuple(idx)].item()}")
+            lines.append(
+                f"  at {tuple(idx)}:{source} got {got[tuple(idx)].item()} expected {expected[tuple(idx)].item()}"
+            )
         raise AssertionError("\n".join(lines))
 
     return check
