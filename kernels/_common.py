@@ -43,6 +43,7 @@ __all__ = [
     "kernel_input",
     "pack_fp4",
     "rht_tile",
+    "scale_keeping_nan",
     "sr_bits",
     "store_codes",
     "to_float32",
@@ -143,6 +144,14 @@ def encode_float(x, rbits, FMT: tl.constexpr, SR: tl.constexpr):
     if NAN_CODE < 0:
         code = tl.where(is_nan, 0, code)
     return code
+
+
+@triton.jit
+def scale_keeping_nan(x, factor):
+    """x * factor, with a NaN of ``x`` passed through as it is: a GPU's multiply returns its canonical
+    NaN (positive), the reference's CPU multiply the NaN operand, whose sign the NaN code keeps (an
+    H200 encoded a negative BFloat16 NaN as E4M3 0x7F instead of 0xFF before this)."""
+    return tl.where(x != x, x, x * factor)
 
 
 @triton.jit

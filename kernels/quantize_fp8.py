@@ -26,6 +26,7 @@ from lowbit.kernels._common import (
     fmt_const,
     interpreting,
     kernel_input,
+    scale_keeping_nan,
     sr_bits,
     store_codes,
     to_float32,
@@ -76,11 +77,13 @@ def _quantize_fp8_tensor_kernel(
     seed = tl.load(seed_ptr)
     if ROWWISE:
         offsets = offs_m[:, None] * K + offs_k[None, :]
-        codes = encode_float(x * (factor * row_prescale), sr_bits(seed, offsets, ROW_SR), FMT, ROW_SR)
+        codes = encode_float(scale_keeping_nan(x, factor * row_prescale), sr_bits(seed, offsets, ROW_SR), FMT, ROW_SR)
         store_codes(q_ptr, codes, offs_m, pid_k * BLOCK_K, M, K, stride_qm, FMT, BLOCK_M, BLOCK_K)
     if COLWISE:
         offsets = M * K + offs_k[:, None] * M + offs_m[None, :]
-        codes = encode_float(tl.trans(x) * (factor * col_prescale), sr_bits(seed, offsets, COL_SR), FMT, COL_SR)
+        codes = encode_float(
+            scale_keeping_nan(tl.trans(x), factor * col_prescale), sr_bits(seed, offsets, COL_SR), FMT, COL_SR
+        )
         store_codes(qt_ptr, codes, offs_k, pid_m * BLOCK_M, K, M, stride_qtk, FMT, BLOCK_K, BLOCK_M)
 
 
@@ -112,7 +115,7 @@ def _quantize_fp8_row_kernel(
             tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk, mask=mask, other=0), BF16_BITS
         )
         offsets = stream + offs_m[:, None] * K + offs_k[None, :]
-        codes = encode_float(x * factor[:, None], sr_bits(seed, offsets, SR), FMT, SR)
+        codes = encode_float(scale_keeping_nan(x, factor[:, None]), sr_bits(seed, offsets, SR), FMT, SR)
         store_codes(q_ptr, codes, offs_m, k, M, K, stride_qm, FMT, BLOCK_M, BLOCK_K)
 
 

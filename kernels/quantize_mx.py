@@ -33,6 +33,7 @@ from lowbit.kernels._common import (
     interpreting,
     kernel_input,
     rht_tile,
+    scale_keeping_nan,
     sr_bits,
     store_codes,
     to_float32,
@@ -60,7 +61,7 @@ def _mx_tile(
     """y [ROWS, COLS] float32 -> (int32 codes [ROWS, COLS], E8M0 codes [ROWS, COLS // 32]), blocks along COLS."""
     scale_codes = e8m0_code(block_amax(y, ROWS, COLS, 1, 32), RULE, ELEM)
     factor = e8m0_factor(scale_codes) * prescale  # as the reference: factor * sr_prescale, then x * factor
-    scaled = y * expand_blocks(factor, ROWS, COLS, 1, 32)
+    scaled = scale_keeping_nan(y, expand_blocks(factor, ROWS, COLS, 1, 32))
     codes = encode_float(scaled, sr_bits(seed, offsets, SR), ELEM, SR)
     return codes, scale_codes
 
