@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
 from lowbit.errors import LowbitError
-from lowbit.registry import registry
+from lowbit.registry import CONFIG_GROUPS, registry
 
 __all__ = ["Composed", "compose", "expand_sweeps", "list_recipes", "recipe_packages"]
 
@@ -96,32 +96,56 @@ def compose(overrides: Sequence[str] = ()) -> Composed:
     with initialize_config_module(config_module=PRIMARY, version_base="1.3"):
         loader = GlobalHydra.instance().config_loader()
         groups = set(loader.list_groups(""))
-        try:
-            cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-        except MissingConfigException as err:
-            match = re.search(r"Could not find '([^/']+)/([^']+)'", str(err))
-            if not match:
+        generated: set[tuple[str, str]] = set()
+        while True:
+            try:
+                cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
+                break
+            except MissingConfigException as err:
+                match = re.search(r"Could not find '([^/']+)/([^']+)'", str(err))
+                if not match:
+                    raise LowbitError(_one_line(err)) from err
+                group, option = match.groups()
+                if (group, option) not in generated and _store_plugin_config(group, option):
+                    generated.add((group, option))
+                    continue  # the plugin ships no YAML: its generated config is in Hydra's ConfigStore now
+                valid = ", ".join(sorted({*_group_options(loader, group), *_plugin_names(group)}))
+                hint = f" (lowbit {group}s)" if group == "recipe" else " (lowbit plugins)"
+                note = f"; note: {'; '.join(broken)}" if broken else ""
+                raise LowbitError(f"unknown {group} '{option}'; valid: {valid}{hint}{note}") from err
+            except OverrideParseException as err:
+                raise LowbitError(f"bad override: {_one_line(err)}") from err
+            except HydraException as err:
+                cause = err.__cause__
+                match = re.search(r"Could not override '([^']+)'", str(err))
+                if match and isinstance(cause, OmegaConfBaseException):
+                    raise LowbitError(_unknown_key_message(match.group(1), _selections(overrides, groups))) from err
                 raise LowbitError(_one_line(err)) from err
-            group, option = match.groups()
-            valid = ", ".join(_group_options(loader, group))
-            hint = f" (lowbit {group}s)" if group == "recipe" else ""
-            note = f"; note: {'; '.join(broken)}" if broken else ""
-            raise LowbitError(f"unknown {group} '{option}'; valid: {valid}{hint}{note}") from err
-        except OverrideParseException as err:
-            raise LowbitError(f"bad override: {_one_line(err)}") from err
-        except HydraException as err:
-            cause = err.__cause__
-            match = re.search(r"Could not override '([^']+)'", str(err))
-            if match and isinstance(cause, OmegaConfBaseException):
-                raise LowbitError(_unknown_key_message(match.group(1), _selections(overrides, groups))) from err
-            raise LowbitError(_one_line(err)) from err
-        except OmegaConfBaseException as err:
-            raise LowbitError(_one_line(err)) from err
+            except OmegaConfBaseException as err:
+                raise LowbitError(_one_line(err)) from err
         choices = dict(OmegaConf.to_container(cfg.hydra.runtime.choices))
     with open_dict(cfg):
         del cfg["hydra"]
     _check_types(cfg, overrides, groups)
     return Composed(cfg, choices, user_overrides)
+
+
+def _plugin_names(group: str) -> list[str]:
+    """Installed plugins a config group selects from (``precision`` -> the ``lowbit.precision`` entry points)."""
+    return registry.names(CONFIG_GROUPS[group]) if group in CONFIG_GROUPS else []
+
+
+def _store_plugin_config(group: str, option: str) -> bool:
+    """Put the generated config of an installed plugin without YAML into Hydra's ConfigStore, so
+    ``precision=NAME`` selects it like any other option; False when no such plugin is installed.
+    A plugin that fails to import stops here with its own error (never "unknown")."""
+    from hydra.core.config_store import ConfigStore
+
+    if option not in _plugin_names(group):
+        return False
+    node = registry.default_config(CONFIG_GROUPS[group], option)
+    ConfigStore.instance().store(group=group, name=option, node=node, provider="lowbit")
+    return True
 
 
 def _parse(overrides: Sequence[str]) -> list[Any]:
@@ -155,6 +179,13 @@ def _check_types(cfg: DictConfig, overrides: Sequence[str], groups: set[str]) ->
         return
     base = compose([o.input_line for o in parsed if o.key_or_group in groups]).cfg
     for o in key_overrides:
+        group, _, key = o.key_or_group.partition(".")
+        if key == "name" and group in CONFIG_GROUPS and OmegaConf.select(cfg, o.key_or_group) != base[group].name:
+            others = ", ".join(k for k in base[group] if k != "name") or "none"
+            raise LowbitError(
+                f"{o.key_or_group}={OmegaConf.select(cfg, o.key_or_group)} would keep {base[group].name}'s options "
+                f"({others}); select the plugin with {group}={OmegaConf.select(cfg, o.key_or_group)}"
+            )
         default = OmegaConf.select(base, o.key_or_group, default=None, throw_on_missing=False)
         value = OmegaConf.select(cfg, o.key_or_group, default=None, throw_on_missing=False)
         if default is None or value is None:

@@ -11,19 +11,40 @@ it targets with an attribute ``lowbit_plugin_api = 1``.
 
 from __future__ import annotations
 
+import collections.abc
 import importlib
 import importlib.metadata as md
 import inspect
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from lowbit.errors import LowbitError
 
-__all__ = ["GROUPS", "PLUGIN_API", "PluginInfo", "Registry", "registry"]
+__all__ = [
+    "CONFIG_GROUPS",
+    "CONTEXT",
+    "GROUPS",
+    "PLUGIN_API",
+    "PluginInfo",
+    "Registry",
+    "call_with_options",
+    "registry",
+]
 
 PLUGIN_API = 1
 GROUPS = ("formats", "precision", "posenc", "layers", "models", "data", "recipes")
+CONTEXT = {
+    "precision": ("device_type",),
+    "posenc": ("dim", "n_heads", "head_dim", "max_len", "grid"),
+    "layers": ("f",),
+    "models": ("posenc",),
+    "data": ("seed",),
+}
+"""Constructor arguments lowbit passes to a plugin of each group itself (not options a user sets)."""
+CONFIG_GROUPS = {"precision": "precision", "posenc": "posenc", "model": "models", "data": "data"}
+"""Config groups (``precision=NAME``) and the plugin group each selects from."""
 
 
 @dataclass
@@ -105,9 +126,12 @@ class Registry:
         info = infos[name]
         try:
             obj = _import_value(info.value)
-        except Exception as err:  # any import failure is the plugin's, never the run's
-            info.status = f"error: {type(err).__name__}: {err}"
-            raise LowbitError(f"{info.label} failed to import: {type(err).__name__}: {err}") from err
+        except KeyboardInterrupt:
+            raise
+        except BaseException as err:  # any import failure (a sys.exit too) is the plugin's, never the run's
+            reason = f"{type(err).__name__}: {_first_line(err)}"
+            info.status = f"error: {reason}"
+            raise LowbitError(f"{info.label} failed to import: {reason}") from err
         api = getattr(obj, "lowbit_plugin_api", None)
         if api != PLUGIN_API:
             what = "declares no lowbit_plugin_api" if api is None else f"targets plugin API {api}"
@@ -130,6 +154,21 @@ class Registry:
                 rows.append(self.infos(group)[name])
         return rows
 
+    def default_config(self, group: str, name: str) -> dict[str, Any]:
+        """The config of a plugin that ships no YAML: ``name`` and each constructor option with its
+        default (a required option is ``???``, which the user must set); context keys excluded."""
+        factory = self.load(group, name)
+        params, _ = _accepted_params(factory)
+        config: dict[str, Any] = {"name": name}
+        for key, param in params.items():
+            if key in CONTEXT.get(group, ()) or param.kind not in (param.KEYWORD_ONLY, param.POSITIONAL_OR_KEYWORD):
+                continue
+            if param.default is param.empty:
+                config[key] = "???"
+            elif _yaml_value(param.default):
+                config[key] = param.default
+        return config
+
     # ---- building ----------------------------------------------------------------------------
     def build(self, group: str, spec: str | Mapping[str, Any], **context: Any) -> Any:
         """Build a plugin from a name or a mapping ``{name: ..., **options}``.
@@ -150,6 +189,22 @@ class Registry:
         return call_with_options(factory, f"{group} '{name}'", options, context)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _yaml_value(value: Any) -> bool:
+    """Whether a default can stand in a YAML config as it is."""
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_yaml_value(v) for v in value)
+    if isinstance(value, Mapping):
+        return all(isinstance(k, str) and _yaml_value(v) for k, v in value.items())
+    return False
+
+
 def _import_value(value: str) -> Any:
     module, _, attr = value.partition(":")
     obj = importlib.import_module(module.strip())
@@ -158,12 +213,30 @@ def _import_value(value: str) -> Any:
     return obj
 
 
+_BASE_INITS = ("object.__init__", "Module.__init__", "Precision.__init__")
+
+
+def _forwards(fn: Any, kwargs_name: str) -> bool:
+    """Whether ``__init__`` passes its ``**kwargs`` on to a base (``super().__init__(..., **kwargs)``)."""
+    try:
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
+        return False
+    return re.search(rf"(?<!def )__init__\([^)]*\*\*{re.escape(kwargs_name)}\b", source) is not None
+
+
 def _accepted_params(factory: Any) -> tuple[dict[str, inspect.Parameter], bool]:
-    """Keyword parameters a factory accepts; a class forwarding ``**kwargs`` to its base is followed up the MRO."""
+    """(keyword parameters a factory names, whether it takes any keyword through ``**kwargs``).
+
+    ``**kwargs`` passed on to a base's ``__init__`` accept that base's named parameters (followed up
+    the MRO); ``**kwargs`` a constructor keeps for itself (or passes to ``object``, ``nn.Module``,
+    Lightning's ``Precision``) accept any option."""
     classes = [c for c in factory.__mro__ if "__init__" in vars(c)] if inspect.isclass(factory) else []
     functions = [c.__init__ for c in classes] or [factory]
     params: dict[str, inspect.Parameter] = {}
-    for fn in functions:
+    for i, fn in enumerate(functions):
+        if classes and getattr(fn, "__qualname__", "") in _BASE_INITS:
+            return params, i > 0  # reached through **kwargs: the plugin consumes them itself
         own = inspect.signature(fn).parameters
         params.update(
             {
@@ -172,14 +245,12 @@ def _accepted_params(factory: Any) -> tuple[dict[str, inspect.Parameter], bool]:
                 if n != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD) and n not in params
             }
         )
-        if not any(p.kind is p.VAR_KEYWORD for p in own.values()):
+        var_keyword = next((p.name for p in own.values() if p.kind is p.VAR_KEYWORD), None)
+        if var_keyword is None:
             return params, False
-        if fn is getattr(object, "__init__", None) or getattr(fn, "__qualname__", "") in (
-            "Module.__init__",
-            "object.__init__",
-        ):
-            break
-    return params, not classes  # a plain function with **kwargs takes anything
+        if not classes or not _forwards(fn, var_keyword):
+            return params, True  # a function's or a constructor's own **kwargs take anything
+    return params, True
 
 
 def call_with_options(factory: Any, what: str, options: Mapping[str, Any], context: Mapping[str, Any]) -> Any:
@@ -189,7 +260,8 @@ def call_with_options(factory: Any, what: str, options: Mapping[str, Any], conte
     unknown = [k for k in options if k not in params and not takes_any]
     if unknown:
         raise LowbitError(f"{what} has no option '{unknown[0]}'; valid: {', '.join(valid) or 'none'}")
-    kwargs = {k: v for k, v in context.items() if k in params or takes_any}
+    _check_option_types(factory, what, options)
+    kwargs = {k: v for k, v in context.items() if k in params}
     kwargs.update(options)
     missing = [
         n
@@ -199,6 +271,61 @@ def call_with_options(factory: Any, what: str, options: Mapping[str, Any], conte
     if missing:
         raise LowbitError(f"{what} needs option '{missing[0]}'")
     return factory(**kwargs)
+
+
+def _check_option_types(factory: Any, what: str, options: Mapping[str, Any]) -> None:
+    """Each option matches its constructor annotation where that is a plain type (bool, int, float,
+    str, a Literal, a list or tuple, a mapping, or an Optional / union of those)."""
+    import typing
+
+    fn = factory.__init__ if inspect.isclass(factory) else factory
+    try:
+        hints = typing.get_type_hints(fn)
+    except Exception:  # annotations that do not resolve here are the plugin's business
+        return
+    for key, value in options.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise LowbitError(f"{what} option '{key}' must be {_type_name(hints[key])}, got {value!r}")
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any or isinstance(hint, typing.TypeVar):
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (list, tuple, collections.abc.Sequence) or hint in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin in (dict, collections.abc.Mapping) or hint in (dict,):
+        return isinstance(value, Mapping)
+    return True  # classes, callables, tensors, ...: not checked
+
+
+def _type_name(hint: Any) -> str:
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if args and origin is not None and origin not in (list, tuple, dict):
+        return " or ".join(_type_name(a) for a in args)
+    names = {bool: "a boolean", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, names.get(origin, getattr(hint, "__name__", str(hint))))
 
 
 registry = Registry()

@@ -95,6 +95,14 @@ def _build_target(node: dict[str, Any], what: str, **context: Any) -> Any:
     return call_with_options(factory, f"{what} '{target}'", options, context)
 
 
+def _against_baseline(value: float, baseline: float) -> str:
+    """``12.3% below the baseline`` or ``4.5% above the baseline`` (never a negative 'below')."""
+    change = 100 * (value / baseline - 1)
+    if round(change, 1) == 0:
+        return "level with the baseline"
+    return f"{abs(change):.1f}% {'above' if change > 0 else 'below'} the baseline"
+
+
 def build(cfg: DictConfig) -> Built:
     """Build precision, data, model and task from a composed config (nothing runs yet)."""
     plain(cfg)  # every interpolation resolves, or one clear error
@@ -230,8 +238,7 @@ def train(composed: Composed, echo=print) -> RunResult:
     result.metrics = {k: float(v) for k, v in metrics.items()}
     bpb = result.metrics.get("val/bpb")
     if bpb is not None and baseline:
-        gain = 1 - bpb / baseline
-        echo(f"val bits/byte: {bpb:.4f} | unigram baseline: {baseline:.4f} | {100 * gain:.1f}% below the baseline")
+        echo(f"val bits/byte: {bpb:.4f} | unigram baseline: {baseline:.4f} | {_against_baseline(bpb, baseline)}")
     elif result.metrics:
         echo("val: " + ", ".join(f"{k}={v:.4f}" for k, v in result.metrics.items() if math.isfinite(v)))
     return result

@@ -105,17 +105,52 @@ future = "lowbit_broken.future:FuturePE"
 """
 
 
+BARE = {  # plugins that ship no YAML: their configs come from their constructors
+    "lowbit_bare/__init__.py": "",
+    "lowbit_bare/precision.py": """
+        from lowbit.plugins.precision.bf16 import BF16Precision
+
+        class LevelPrecision(BF16Precision):
+            "BF16 with a typed option and any extra keyword (kept in .extra)."
+            lowbit_plugin_api = 1
+
+            def __init__(self, *, device_type: str = "cpu", level: int = 3, label: str = "x", **extra):
+                super().__init__(device_type=device_type)
+                self.level, self.label, self.extra = level, label, extra
+    """,
+    "lowbit_bare/posenc.py": """
+        from lowbit.nn.posenc import PositionalEncoding
+
+        class ScaledNoPE(PositionalEncoding):
+            lowbit_plugin_api = 1
+
+            def __init__(self, *, dim: int, strength: float = 0.5):
+                super().__init__()
+                self.strength = strength
+    """,
+    "lowbit_bare/exits.py": "import sys\nsys.exit(3)\n",
+}
+BARE_EP = """
+[project.entry-points."lowbit.precision"]
+level = "lowbit_bare.precision:LevelPrecision"
+exits = "lowbit_bare.exits:Nothing"
+[project.entry-points."lowbit.posenc"]
+scaled_nope = "lowbit_bare.posenc:ScaledNoPE"
+"""
+
+
 @pytest.fixture(scope="module")
 def third_party(tmp_path_factory):
-    """Install the good and the broken distribution into one target folder on sys.path."""
+    """Install the good, the broken and the YAML-less distributions into one target folder on sys.path."""
     tmp = tmp_path_factory.mktemp("dists")
     site = _install(tmp, "lowbit_fancy", FANCY, FANCY_EP)
     _install(tmp, "lowbit_broken", BROKEN, BROKEN_EP)
+    _install(tmp, "lowbit_bare", BARE, BARE_EP)
     sys.path.insert(0, str(site))
     registry.refresh()
     yield site
     sys.path.remove(str(site))
-    for mod in [m for m in sys.modules if m.startswith(("lowbit_fancy", "lowbit_broken"))]:
+    for mod in [m for m in sys.modules if m.startswith(("lowbit_fancy", "lowbit_broken", "lowbit_bare"))]:
         del sys.modules[mod]
     registry.refresh()
 
@@ -218,3 +253,54 @@ def test_third_party_recipe_trains_from_the_console_script(third_party, tmp_path
     )
     line = next(row for row in listing.stdout.splitlines() if row.split()[:2] == ["posenc", "broken"])
     assert "lowbit-broken" in line and "0.3.1" in line and "error: ModuleNotFoundError" in line
+
+
+def test_a_plugin_without_yaml_is_selected_by_name_with_its_constructor_defaults(third_party):
+    from lowbit.config import compose
+    from lowbit.run import build
+
+    composed = compose(["recipe=bf16_llm", "precision=level", "posenc=scaled_nope", "debug=smoke"])
+    assert dict(composed.cfg.precision) == {"name": "level", "level": 3, "label": "x"}  # no 'mode' left over
+    assert dict(composed.cfg.posenc) == {"name": "scaled_nope", "strength": 0.5}  # 'dim' is context
+    built = build(composed.cfg)
+    assert (built.precision.level, built.precision.extra) == (3, {})
+    assert type(built.task.model.posenc).__name__ == "ScaledNoPE" and built.task.model.posenc.strength == 0.5
+    changed = compose(["recipe=bf16_llm", "precision=level", "precision.level=5", "+precision.gain=0.25"])
+    precision = build(changed.cfg).precision
+    assert (precision.level, precision.extra) == (5, {"gain": 0.25})  # **extra takes any option
+
+
+def test_options_are_checked_against_the_constructor_annotations(third_party):
+    from lowbit.config import compose
+
+    factory = registry.load("precision", "level")
+    with pytest.raises(LowbitError, match=r"precision 'level' option 'level' must be an integer, got 'high'"):
+        call_with_options(factory, "precision 'level'", {"level": "high"}, {})
+    with pytest.raises(LowbitError, match=r"precision.level must be an integer \(default 3\), got 'high'"):
+        compose(["precision=level", "precision.level=high"])
+    pe = registry.load("posenc", "scaled_nope")
+    with pytest.raises(LowbitError, match=r"posenc 'scaled_nope' has no option 'strenght'; valid: strength"):
+        call_with_options(pe, "posenc 'scaled_nope'", {"strenght": 1.0}, {"dim": 8})
+
+
+def test_selecting_a_broken_plugin_names_its_error_not_unknown(third_party):
+    from lowbit.config import compose
+
+    with pytest.raises(LowbitError) as err:
+        compose(["posenc=broken"])
+    assert "posenc plugin 'broken' (lowbit-broken 0.3.1) failed to import: ModuleNotFoundError" in str(err.value)
+    with pytest.raises(
+        LowbitError, match=r"precision plugin 'exits' \(lowbit-bare 0.3.1\) failed to import: SystemExit"
+    ):
+        compose(["precision=exits"])
+    with pytest.raises(LowbitError) as err:
+        compose(["precision=nope"])
+    assert "unknown precision 'nope'; valid: " in str(err.value) and "level" in str(err.value)
+
+
+def test_renaming_a_group_name_key_points_to_selecting_the_plugin():
+    from lowbit.config import compose
+
+    message = r"precision.name=nvfp4 would keep bf16's options \(mode\); select the plugin with precision=nvfp4"
+    with pytest.raises(LowbitError, match=message):
+        compose(["precision.name=nvfp4"])

@@ -94,3 +94,11 @@ def test_output_names_precision_and_baseline(tmp_path):
     assert "precision: " in text and ("FP32 on cpu" in text or "BF16 autocast on cpu" in text)
     assert f"unigram baseline: {result.baseline_bpb:.4f}" in text
     assert f"val bits/byte: {result.metrics['val/bpb']:.4f}" in text
+
+
+def test_the_summary_says_above_or_below_the_baseline():
+    from lowbit.run import _against_baseline
+
+    assert _against_baseline(2.0, 2.5) == "20.0% below the baseline"
+    assert _against_baseline(2.5, 2.0) == "25.0% above the baseline"
+    assert _against_baseline(2.0001, 2.0) == "level with the baseline"
