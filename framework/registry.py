@@ -329,3 +329,14 @@ def _type_name(hint: Any) -> str:
 
 
 registry = Registry()
+
+
+def _resolve_formats_through_the_registry() -> None:
+    """Format names in a spec beyond the built-ins (``hif8``, a third party's) resolve through the
+    entry points: the numerics stay free of the registry, which plugs itself in here."""
+    from lowbit.numerics import formats
+
+    formats.set_format_resolver(lambda name: registry.load("formats", name), lambda: registry.names("formats"))
+
+
+_resolve_formats_through_the_registry()

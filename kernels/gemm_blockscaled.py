@@ -35,7 +35,7 @@ import triton.language as tl
 from lowbit.errors import LowbitError
 from lowbit.kernels._common import check_device, decode_scale, e2m1_to_e4m3, expand_blocks, interpreting, unpack_fp4
 
-__all__ = ["MODES", "Operand", "benchmark", "default_mode", "gemm_blockscaled", "pick_mode"]
+__all__ = ["MODES", "Operand", "benchmark", "default_mode", "gemm_blockscaled", "pick_mode", "scaled_mm"]
 
 MODES = ("scaled", "fp8", "bf16", "scaled_mm")
 _SCALE_FORMATS = ("fp32", "e8m0", "e4m3", "ue5m3")
@@ -335,7 +335,8 @@ def _scaled_mm_fits(a: Operand, b: Operand, out_dtype: torch.dtype) -> bool:
     return not rowwise or (a.element == b.element == "e4m3" and out_dtype == torch.bfloat16)
 
 
-def _scaled_mm(a: Operand, b: Operand, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def scaled_mm(a: Operand, b: Operand, bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """An FP8 tensorwise / rowwise pair through ``torch._scaled_mm`` (cuBLASLt), the ``scaled_mm`` mode."""
     fp8 = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
     rowwise = a.scales.numel() > 1 or b.scales.numel() > 1
     sa = a.scales.expand(a.codes.shape[0], 1).contiguous() if rowwise else a.scales.reshape(())
@@ -380,7 +381,7 @@ def _gemm_op(
     a = Operand(a_codes, a_element, a_scales, a_scale_format, (a_block_rows, a_block_cols), a_global, a_prescale)
     b = Operand(b_codes, b_element, b_scales, b_scale_format, (b_block_rows, b_block_cols), b_global, b_prescale)
     if mode == "scaled_mm":
-        return _scaled_mm(a, b, bias, out_dtype)
+        return scaled_mm(a, b, bias, out_dtype)
     m, n, k = a.codes.shape[0], b.codes.shape[0], a.k
     c = torch.empty(m, n, dtype=out_dtype, device=a.codes.device)
 
@@ -481,5 +482,5 @@ def benchmark(size: int = 8192) -> dict[str, float]:
     a8, b8 = fp8(x), fp8(w)
     out["fp8_tensor_triton"] = tflops(lambda: gemm_blockscaled(a8, b8, mode="fp8"))
     out["torch_bf16"] = tflops(lambda: torch.matmul(x, w.t()))
-    out["torch_scaled_mm_fp8"] = tflops(lambda: _scaled_mm(a8, b8, None, torch.bfloat16))
+    out["torch_scaled_mm_fp8"] = tflops(lambda: scaled_mm(a8, b8, None, torch.bfloat16))
     return out

@@ -172,7 +172,7 @@ def quantize_rows(size: int, device: str = "cuda") -> tuple[float, list[list[str
 
 def gemm_rows(sizes: list[int], device: str = "cuda") -> list[list[str]]:
     """Rows: size, GEMM, path, TFLOP/s, x BF16 torch.matmul."""
-    from lowbit.kernels.gemm_blockscaled import Operand, _scaled_mm, default_mode, gemm_blockscaled
+    from lowbit.kernels.gemm_blockscaled import Operand, default_mode, gemm_blockscaled, scaled_mm
     from lowbit.kernels.quantize_fp8 import quantize_fp8
     from lowbit.kernels.quantize_mx import quantize_mx
     from lowbit.kernels.quantize_nvfp4 import quantize_nvfp4
@@ -196,7 +196,7 @@ def gemm_rows(sizes: list[int], device: str = "cuda") -> list[list[str]]:
         results = [("bf16", "torch.matmul (cuBLAS)", bf16_ms)]
         a8, b8 = fp8(x), fp8(w)
         results.append(
-            ("fp8 e4m3 tensor", "torch._scaled_mm (cuBLASLt)", _timed(lambda: _scaled_mm(a8, b8, None, torch.bfloat16)))
+            ("fp8 e4m3 tensor", "torch._scaled_mm (cuBLASLt)", _timed(lambda: scaled_mm(a8, b8, None, torch.bfloat16)))
         )
         results.append(("fp8 e4m3 tensor", "lowbit Triton, fp8", _timed(lambda: gemm_blockscaled(a8, b8, mode="fp8"))))
         r8a, r8b = fp8(x, "row"), fp8(w, "row")

@@ -7,6 +7,7 @@ current and delayed scaling (``scaling``), the random Hadamard transform (``hada
 (``error``). Pure functions over tensors: no modules, no autograd.
 """
 
+from lowbit.numerics._chunks import contiguous as tiled_contiguous
 from lowbit.numerics.blocks import BlockLayout, block_layout, mx_scale_codes
 from lowbit.numerics.error import QuantError, quant_error
 from lowbit.numerics.formats import (
@@ -27,11 +28,12 @@ from lowbit.numerics.formats import (
     IntFormat,
     format_names,
     get_format,
+    set_format_resolver,
 )
 from lowbit.numerics.hadamard import fwht, hadamard_matrix, inverse_rht, random_hadamard, random_signs, rht
 from lowbit.numerics.packing import pack_fp4, unpack_fp4, unpack_int4
 from lowbit.numerics.qtensor import QTensor
-from lowbit.numerics.quantize import dequantize, fake_quantize, quantize, requantize
+from lowbit.numerics.quantize import dequantize, fake_quantize, fake_quantize_columns, quantize, requantize
 from lowbit.numerics.rounding import ROUNDING_MODES, RandomBits, round_to_integer
 from lowbit.numerics.scaling import (
     DelayedScaling,
@@ -73,7 +75,9 @@ __all__ = [
     "current_scale",
     "dequantize",
     "fake_quantize",
+    "fake_quantize_columns",
     "format_names",
+    "set_format_resolver",
     "fwht",
     "get_format",
     "get_spec",
@@ -92,6 +96,7 @@ __all__ = [
     "round_scale_to_pow2",
     "round_to_integer",
     "tensor_amax",
+    "tiled_contiguous",
     "unpack_fp4",
     "unpack_int4",
 ]

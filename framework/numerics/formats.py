@@ -32,6 +32,7 @@ Special values (decided here where a spec leaves it open):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -56,8 +57,10 @@ __all__ = [
     "FP32Format",
     "FloatFormat",
     "IntFormat",
+    "BUILTIN_FORMATS",
     "format_names",
     "get_format",
+    "set_format_resolver",
 ]
 
 _F32_MANT = 23
@@ -505,19 +508,40 @@ INT4 = IntFormat("int4", bits=4)
 FP32 = FP32Format()
 
 
-def format_names() -> list[str]:
-    """Names of every installed format (entry-point group ``lowbit.formats``)."""
-    from lowbit.registry import registry
+BUILTIN_FORMATS: dict[str, ElementFormat] = {
+    f.name: f for f in (E4M3, E5M2, E2M3, E3M2, E2M1, INT8, INT4, E8M0, UE5M3, FP32)
+}
+"""The formats this module defines, by name."""
 
-    return registry.names("formats")
+_resolver: Callable[[str], ElementFormat] | None = None
+_names: Callable[[], list[str]] | None = None
+
+
+def set_format_resolver(resolve: Callable[[str], ElementFormat], names: Callable[[], list[str]]) -> None:
+    """How names beyond the built-in formats resolve. ``lowbit.registry`` installs its entry-point
+    lookup (group ``lowbit.formats``) when imported, so the numerics import nothing of the rest
+    of lowbit and third-party formats still resolve by name in a spec."""
+    global _resolver, _names
+    _resolver, _names = resolve, names
+
+
+def format_names() -> list[str]:
+    """Names of every format a spec can name: the built-ins and, once the registry is imported,
+    every installed ``lowbit.formats`` plugin."""
+    return sorted({*BUILTIN_FORMATS, *(_names() if _names is not None else ())})
 
 
 def get_format(name: str | ElementFormat) -> ElementFormat:
-    """A format by name, through the plugin registry (so third-party formats work too)."""
+    """A format by name: a built-in, or a plugin through the resolver the registry installs."""
     if isinstance(name, ElementFormat):
         return name
     if not isinstance(name, str):
         raise LowbitError(f"a format is named by a string, got {name!r}; installed: {', '.join(format_names())}")
-    from lowbit.registry import registry
-
-    return registry.load("formats", name)
+    if name in BUILTIN_FORMATS:
+        return BUILTIN_FORMATS[name]
+    if _resolver is not None:
+        return _resolver(name)
+    raise LowbitError(
+        f"unknown format '{name}'; built in: {', '.join(sorted(BUILTIN_FORMATS))} "
+        "(plugin formats resolve once lowbit.registry is imported)"
+    )

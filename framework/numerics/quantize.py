@@ -58,7 +58,7 @@ from lowbit.numerics.rounding import RandomBits, make_generator
 from lowbit.numerics.scaling import tensor_amax
 from lowbit.numerics.spec import QuantSpec, get_spec
 
-__all__ = ["dequantize", "fake_quantize", "quantize", "requantize"]
+__all__ = ["dequantize", "fake_quantize", "fake_quantize_columns", "quantize", "requantize"]
 
 SpecLike = str | Mapping[str, Any] | QuantSpec
 _FLT_MAX = torch.finfo(torch.float32).max
@@ -494,7 +494,7 @@ def _fake_quantize(
 
 
 def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> bool:
-    """Whether :func:`_fake_quantize_columns` has a compiled path for ``spec`` on 2-D ``t`` (N, C): 1 x c
+    """Whether :func:`fake_quantize_columns` has a compiled path for ``spec`` on 2-D ``t`` (N, C): 1 x c
     blocks with symmetric scales, the RHT (if any) and the blocks dividing N, the arithmetic path's formats."""
     if t.dim() != 2 or t.device.type != "cpu" or t.numel() < _COMPILE_MIN_ELEMENTS:
         return False
@@ -507,9 +507,10 @@ def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> 
     return _fast.supported(element, saturate)
 
 
-def _fake_quantize_columns(
+def fake_quantize_columns(
     t: torch.Tensor,
     spec: QuantSpec,
+    *,
     generator: torch.Generator | None = None,
     compile: bool = False,
     rotated: bool = False,
@@ -587,14 +588,17 @@ def fake_quantize(
     amax: torch.Tensor | float | None = None,
     scale: torch.Tensor | float | None = None,
     compile: bool = False,
+    rotated: bool = False,
 ) -> torch.Tensor:
     """``dequantize(quantize(x, spec))``: x rounded to the values the spec can represent.
 
     Same bits as that composition (tested), computed without building codes. ``compile``: on
     CPU, round a finite tensor of 2^16 elements or more in one ``torch.compile``d kernel instead
     of ~15 eager passes (same bits, 2-5x faster; the first call of each format, rounding and
-    dtype compiles, seconds each; without a working C++ compiler a warning, then eager)."""
-    return _fake_quantize(x, get_spec(spec), generator, seed, amax, scale, compile=compile)
+    dtype compiles, seconds each; without a working C++ compiler a warning, then eager).
+    ``rotated``: with an RHT in the spec, the values in the rotated basis (float32, before the
+    inverse transform), what a GEMM whose two operands share the rotation multiplies."""
+    return _fake_quantize(x, get_spec(spec), generator, seed, amax, scale, compile=compile, rotated=rotated)
 
 
 def _requantize(

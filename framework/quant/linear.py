@@ -30,9 +30,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.numerics import DelayedScaling, QuantSpec, get_format, quant_error, quantize, tensor_amax
-from lowbit.numerics._chunks import contiguous
-from lowbit.numerics.quantize import _fake_quantize, _fake_quantize_columns
+from lowbit.numerics import (
+    DelayedScaling,
+    QuantSpec,
+    fake_quantize,
+    fake_quantize_columns,
+    get_format,
+    quant_error,
+    quantize,
+    tensor_amax,
+    tiled_contiguous,
+)
 from lowbit.quant.recipe import GEMMS, OPERANDS, GemmRecipe
 
 __all__ = ["BACKENDS", "QuantLinear", "operand_health"]
@@ -145,7 +153,7 @@ class _QuantLinearFn(torch.autograd.Function):
         dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)
         if ctx.needs_input_grad[0]:
             # Q(Wᵀ) laid out as quantizing Wᵀ lays it out: (in, out), contiguous
-            w_q = contiguous(weight.t()) if ctx.shares_weight else None
+            w_q = tiled_contiguous(weight.t()) if ctx.shares_weight else None
             dx = layer._gemm("dgrad", dy_pad, weight.t(), dtype, dy_dgrad, qb=w_q)  # (N', out) x (in, out)
             dx = dx[:n].view(*dy.shape[:-1], in_features)  # (N, in)
         if ctx.needs_input_grad[1]:
@@ -220,18 +228,20 @@ class QuantLinear(nn.Linear):
         transposed = t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()  # wgrad's dyᵀ, xᵀ
         if transposed and not self.record_health and not self._delayed(spec):
             # Q(tᵀ) quantized down t's columns, same bits as from a copy; the GEMM takes the (C, N) view
-            return _fake_quantize_columns(t.t(), spec, self.sr_generator, compile, rotated=True, dtype=dtype)
-        t = contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
+            return fake_quantize_columns(
+                t.t(), spec, generator=self.sr_generator, compile=compile, rotated=True, dtype=dtype
+            )
+        t = tiled_contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
         if self.record_health:
             self.health[operand] = operand_health(t, spec)
         if self._delayed(spec):
             # FP8 delayed scaling: this step uses the scale from earlier steps' amaxes, then records its own
             state = self.delayed_state(operand, t.device)
-            out = _fake_quantize(t, spec, self.sr_generator, None, None, state.scale, compile=compile, rotated=True)
+            out = fake_quantize(t, spec, generator=self.sr_generator, scale=state.scale, compile=compile, rotated=True)
             state.observe(tensor_amax(t.detach()))
             state.update()
             return out.to(dtype)
-        return _fake_quantize(t, spec, self.sr_generator, None, None, None, compile=compile, rotated=True).to(dtype)
+        return fake_quantize(t, spec, generator=self.sr_generator, compile=compile, rotated=True).to(dtype)
 
     def _gemm(
         self, gemm: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, qa: Any = None, qb: Any = None

@@ -1,4 +1,4 @@
-"""The compiled CPU path (``fake_quantize(compile=True)``, ``_fake_quantize_columns``) gives the eager
+"""The compiled CPU path (``fake_quantize(compile=True)``, ``fake_quantize_columns``) gives the eager
 path's bits, and the float-only pieces it relies on are exact.
 
 Compiled kernels come from inductor's C++ backend; these tests compile a handful of variants
@@ -18,7 +18,7 @@ from lowbit.numerics import get_spec
 from lowbit.numerics.blocks import global_encode_scale, lowp_block_scales
 from lowbit.numerics.formats import E2M1, E4M3
 from lowbit.numerics.hadamard import _butterfly, _butterfly_by_output, random_signs, rht, rotate_columns
-from lowbit.numerics.quantize import _fake_quantize, _fake_quantize_columns
+from lowbit.numerics.quantize import _fake_quantize, fake_quantize_columns
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -113,11 +113,11 @@ def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes
     spec = get_spec(preset).replace(**changes)
     t = _adversarial(512, 192, dtype)
     reference = _fake_quantize(t.t().contiguous(), spec, torch.Generator().manual_seed(9), None, None, None)
-    columns = _fake_quantize_columns(t, spec, torch.Generator().manual_seed(9), compile=True)
+    columns = fake_quantize_columns(t, spec, generator=torch.Generator().manual_seed(9), compile=True)
     assert columns.shape == (192, 512) and columns.stride() == (1, 192)  # a view, nothing transposed
     assert _same(columns, reference)
-    rotated = _fake_quantize_columns(
-        t, spec, torch.Generator().manual_seed(9), True, rotated=True, dtype=torch.bfloat16
+    rotated = fake_quantize_columns(
+        t, spec, generator=torch.Generator().manual_seed(9), compile=True, rotated=True, dtype=torch.bfloat16
     )
     rotated_reference = _fake_quantize(
         t.t().contiguous(), spec, torch.Generator().manual_seed(9), None, None, None, rotated=True
