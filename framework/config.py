@@ -180,8 +180,9 @@ def _check_types(cfg: DictConfig, overrides: Sequence[str], groups: set[str]) ->
     base = compose([o.input_line for o in parsed if o.key_or_group in groups]).cfg
     for o in key_overrides:
         group, _, key = o.key_or_group.partition(".")
-        if key == "name" and group in CONFIG_GROUPS and OmegaConf.select(cfg, o.key_or_group) != base[group].name:
-            others = ", ".join(k for k in base[group] if k != "name") or "none"
+        new_name = OmegaConf.select(cfg, o.key_or_group) if key == "name" and group in CONFIG_GROUPS else None
+        others = ", ".join(k for k in base[group] if k != "name") if new_name is not None else ""
+        if new_name is not None and new_name != base[group].name and others and new_name in _plugin_names(group):
             raise LowbitError(
                 f"{o.key_or_group}={OmegaConf.select(cfg, o.key_or_group)} would keep {base[group].name}'s options "
                 f"({others}); select the plugin with {group}={OmegaConf.select(cfg, o.key_or_group)}"

@@ -156,7 +156,8 @@ class Registry:
 
     def default_config(self, group: str, name: str) -> dict[str, Any]:
         """The config of a plugin that ships no YAML: ``name`` and each constructor option with its
-        default (a required option is ``???``, which the user must set); context keys excluded."""
+        default (a required option is ``???``, which the user must set; context keys excluded),
+        updated by the plugin's ``config_defaults()`` classmethod where it has one."""
         factory = self.load(group, name)
         params, _ = _accepted_params(factory)
         config: dict[str, Any] = {"name": name}
@@ -166,7 +167,10 @@ class Registry:
             if param.default is param.empty:
                 config[key] = "???"
             elif _yaml_value(param.default):
-                config[key] = param.default
+                config[key] = _config_value(param)
+        extra = getattr(factory, "config_defaults", None)
+        if callable(extra):  # options whose constructor default is a placeholder (None = the class's recipe)
+            config.update(extra())
         return config
 
     # ---- building ----------------------------------------------------------------------------
@@ -192,6 +196,17 @@ class Registry:
 def _first_line(err: BaseException) -> str:
     text = str(err).strip()
     return text.splitlines()[0] if text else "(no message)"
+
+
+def _config_value(param: inspect.Parameter) -> Any:
+    """A default as a config holds it: a tuple as a list, an int as a float where the annotation
+    takes floats (so ``keep_last_blocks: int | float = 0`` accepts ``=0.15`` on the command line)."""
+    value = param.default
+    if isinstance(value, tuple):
+        return list(value)
+    if type(value) is int and "float" in str(param.annotation):
+        return float(value)
+    return value
 
 
 def _yaml_value(value: Any) -> bool:

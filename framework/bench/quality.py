@@ -49,13 +49,13 @@ VARIANTS = {
             (
                 "precision=mxfp4",
                 *_rne_gradients("sr_prescale=1.0"),
-                "precision.dgrad.rht=false",
-                "precision.wgrad.rht=false",
+                "precision.dgrad.rht=0",
+                "precision.wgrad.rht=0",
             ),
         ),
         Variant("mxfp4", "MXFP4 all GEMMs, SR + RHT on backward", ("precision=mxfp4",)),
         Variant("nvfp4", "NVFP4 full recipe", ("precision=nvfp4",)),
-        Variant("nvfp4_no_rht", "NVFP4 without the wgrad RHT", ("precision=nvfp4", "precision.wgrad.rht=false")),
+        Variant("nvfp4_no_rht", "NVFP4 without the wgrad RHT", ("precision=nvfp4", "precision.wgrad.rht=0")),
         Variant(
             "nvfp4_no_sr",
             "NVFP4 with RNE gradients",

@@ -18,7 +18,7 @@ from torch import nn
 from lowbit.autocast import AutocastPrecision
 from lowbit.errors import LowbitError
 from lowbit.quant.convert import ConversionReport, convert_linears, quant_layers
-from lowbit.quant.recipe import GemmRecipe
+from lowbit.quant.recipe import OPERANDS, GemmRecipe
 
 __all__ = ["GemmPrecision", "QuantPrecision"]
 
@@ -113,6 +113,19 @@ class GemmPrecision(QuantPrecision):
     each defaulting to the subclass's ``defaults``: what the mxfp8/mxfp4/nvfp4/custom plugins share."""
 
     defaults: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def config_defaults(cls) -> dict[str, Any]:
+        """Each GEMM's options as a config shows them (``precision.wgrad.rht=0`` overrides one):
+        the class's ``defaults``, every operand named (null = high precision) and ``rht`` a size.
+        The YAML ``precision=NAME`` selects is generated from this and the constructor, so the
+        recipe is defined once, here."""
+        GemmRecipe.from_dict(cls.defaults)  # a bad class recipe fails here, before any config shows it
+        config = {}
+        for gemm, (a, b) in OPERANDS.items():
+            node = dict(cls.defaults.get(gemm, {}))
+            config[gemm] = {a: node.pop(a, None), b: node.pop(b, None), "rht": node.pop("rht", 0), **node}
+        return config
 
     def __init__(
         self,

@@ -26,7 +26,6 @@ __all__ = ["GEMMS", "OPERANDS", "GemmRecipe", "GemmSpecs"]
 
 GEMMS = ("fprop", "dgrad", "wgrad")
 OPERANDS = {"fprop": ("x", "w"), "dgrad": ("dy", "w"), "wgrad": ("dy", "x")}
-DEFAULT_RHT_SIZE = 16
 
 
 def _spec_or_none(value: Any, where: str) -> QuantSpec | None:
@@ -38,17 +37,20 @@ def _spec_or_none(value: Any, where: str) -> QuantSpec | None:
         raise LowbitError(f"{where}: {err}") from err
 
 
-def _rht_size(value: Any, size: Any, where: str) -> int:
-    """``rht``: true/false (size from ``rht_size``) or a size directly; 0 means off."""
-    if not (isinstance(size, int) and not isinstance(size, bool) and size >= 2 and size & (size - 1) == 0):
-        raise LowbitError(f"{where}.rht_size must be a power of two >= 2 such as 16, got {size!r}")
-    if value is True:
-        return size
+def _rht_size(value: Any, where: str) -> int:
+    """A GEMM's ``rht``: the transform size, a power of two >= 2, or 0 / false / null for none."""
     if value is None or value is False:
         return 0
-    if isinstance(value, int) and value >= 0 and (value == 0 or value & (value - 1) == 0):
+    if (
+        isinstance(value, int)
+        and not isinstance(value, bool)
+        and (value == 0 or (value >= 2 and value & (value - 1) == 0))
+    ):
         return value
-    raise LowbitError(f"{where}.rht must be true, false or a power of two such as 16, got {value!r}")
+    raise LowbitError(
+        f"{where}.rht is the random Hadamard transform's size: a power of two such as 16 or 32, or 0 for none; "
+        f"got {value!r}"
+    )
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,9 @@ class GemmRecipe:
     """Specs for fprop (x, w), dgrad (dy, w) and wgrad (dy, x); see the module docstring.
 
     Built from YAML with ``GemmRecipe.from_dict({"fprop": {"x": "nvfp4", "w": "nvfp4_2d"},
-    "wgrad": {"dy": {"preset": "nvfp4", "rounding": "sr"}, "x": "nvfp4", "rht": True}, ...})``:
-    each operand is a preset name, a QuantSpec mapping, or null (high precision); ``rht`` is
-    true/false with its size in ``rht_size`` (default 16), or a size directly.
+    "wgrad": {"dy": {"preset": "nvfp4", "rounding": "sr"}, "x": "nvfp4", "rht": 16}, ...})``:
+    each operand is a preset name, a QuantSpec mapping, or null (high precision); ``rht`` is the
+    size of the random Hadamard transform both operands share (0 for none).
     """
 
     fprop: GemmSpecs = GemmSpecs(None, None)
@@ -96,14 +98,14 @@ class GemmRecipe:
         for gemm in GEMMS:
             node = dict(d.get(gemm) or {})
             a_name, b_name = OPERANDS[gemm]
-            valid = (a_name, b_name, "rht", "rht_size", "rht_seed")
+            valid = (a_name, b_name, "rht", "rht_seed")
             bad = [k for k in node if k not in valid]
             if bad:
                 raise LowbitError(f"precision.{gemm} has no key '{bad[0]}'; valid: {', '.join(valid)}")
             gemms[gemm] = GemmSpecs(
                 _spec_or_none(node.get(a_name), f"precision.{gemm}.{a_name}"),
                 _spec_or_none(node.get(b_name), f"precision.{gemm}.{b_name}"),
-                _rht_size(node.get("rht", 0), node.get("rht_size", DEFAULT_RHT_SIZE), f"precision.{gemm}"),
+                _rht_size(node.get("rht", 0), f"precision.{gemm}"),
                 int(node.get("rht_seed", 0)),
             )
         return cls(**gemms)
@@ -116,8 +118,7 @@ class GemmRecipe:
             out[gemm] = {
                 a_name: None if specs.a is None else specs.a.to_dict(),
                 b_name: None if specs.b is None else specs.b.to_dict(),
-                "rht": bool(specs.rht),
-                "rht_size": specs.rht or DEFAULT_RHT_SIZE,
+                "rht": specs.rht,
                 "rht_seed": specs.rht_seed,
             }
         return out

@@ -24,10 +24,16 @@ def test_operands_take_presets_mappings_and_null():
     assert r.quantized and not GemmRecipe.from_dict({}).quantized
 
 
-def test_rht_true_means_16_and_round_trips_through_dicts():
-    r = GemmRecipe.from_dict({"wgrad": {"dy": "nvfp4", "x": "nvfp4", "rht": True}})
-    assert r.wgrad.rht == 16
+def test_rht_is_one_field_the_size_and_round_trips_through_dicts():
+    r = GemmRecipe.from_dict({"wgrad": {"dy": "nvfp4", "x": "nvfp4", "rht": 16}})
+    assert r.wgrad.rht == 16 and r.to_dict()["wgrad"]["rht"] == 16 and "rht_size" not in r.to_dict()["wgrad"]
     assert GemmRecipe.from_dict(r.to_dict()) == r
+    assert GemmRecipe.from_dict({"wgrad": {"dy": "nvfp4", "rht": False}}).wgrad.rht == 0
+    for bad in (True, 24, -16, 1):
+        with pytest.raises(LowbitError, match=r"precision.wgrad.rht is the random Hadamard transform's size"):
+            GemmRecipe.from_dict({"wgrad": {"dy": "nvfp4", "rht": bad}})
+    with pytest.raises(LowbitError, match="precision.wgrad has no key 'rht_size'; valid: dy, x, rht, rht_seed"):
+        GemmRecipe.from_dict({"wgrad": {"dy": "nvfp4", "rht": 16, "rht_size": 16}})
 
 
 def test_multiples_follow_the_contraction_dims():
@@ -47,8 +53,8 @@ def test_multiples_follow_the_contraction_dims():
     "d,message",
     [
         ({"fwd": {}}, "a GEMM recipe has no GEMM 'fwd'; valid: fprop, dgrad, wgrad"),
-        ({"fprop": {"dy": "nvfp4"}}, "precision.fprop has no key 'dy'; valid: x, w, rht, rht_size, rht_seed"),
-        ({"wgrad": {"x": "nvfp4", "rht": 12}}, "precision.wgrad.rht must be true, false or a power of two"),
+        ({"fprop": {"dy": "nvfp4"}}, "precision.fprop has no key 'dy'; valid: x, w, rht, rht_seed"),
+        ({"wgrad": {"x": "nvfp4", "rht": 12}}, "precision.wgrad.rht is the random Hadamard transform.s size"),
         ({"fprop": {"x": "nvfp5"}}, "precision.fprop.x: unknown quantization preset 'nvfp5'"),
     ],
 )

@@ -64,7 +64,7 @@ def test_nvfp4_keeps_the_last_blocks_and_the_head_by_default():
 
 def test_every_knob_is_a_cli_override():
     p = _precision(
-        "nvfp4", "precision.wgrad.rht=false", "precision.keep_last_blocks=0", "precision.dgrad.dy.rounding=rne"
+        "nvfp4", "precision.wgrad.rht=0", "precision.keep_last_blocks=0", "precision.dgrad.dy.rounding=rne"
     )
     assert p.recipe.wgrad.rht == 0 and p.keep_last_blocks == 0
     assert p.recipe.spec_of("dgrad.dy") == NV
