@@ -104,9 +104,12 @@ def _check_triton_backend(recipe: GemmRecipe) -> None:
 
 
 def operand_health(t: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
-    """Quantization health of one operand: amax, block-scale range, underflow, saturation, SNR (dB)."""
-    err = quant_error(t.detach(), spec)
-    q = quantize(t.detach(), spec)
+    """Quantization health of one operand: amax, block-scale range, underflow, saturation, SNR (dB).
+
+    Stochastic rounding here draws from a fixed seed, never torch's global generator: recording
+    health must not change what training draws next (a DiT's noise and timesteps did move)."""
+    err = quant_error(t.detach(), spec, seed=0)
+    q = quantize(t.detach(), spec, seed=0)
     scales = q.scales if q.global_scale is None else q.scales * q.global_scale
     nonzero = scales[scales > 0]
     return {

@@ -222,3 +222,15 @@ def test_backend_auto_on_cpu_compiles_and_matches_the_eager_reference_bit_for_bi
         results.append((y, xr.grad, layer.weight.grad))
     for eager, compiled in zip(*results, strict=True):
         assert torch.equal(eager.float().view(torch.int32), compiled.float().view(torch.int32))
+
+
+def test_recording_health_leaves_the_global_generator_alone():
+    from lowbit.numerics import get_spec
+    from lowbit.quant.linear import operand_health
+
+    t = torch.randn(64, 64)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    first = operand_health(t, get_spec("nvfp4").replace(rounding="sr"))
+    assert torch.equal(torch.get_rng_state(), before)
+    assert operand_health(t, get_spec("nvfp4").replace(rounding="sr")) == first  # and it repeats
