@@ -1,5 +1,9 @@
 """``QuantLinear``: an ``nn.Linear`` whose three GEMMs run on quantized operands (a GemmRecipe).
 
+Each GEMM runs on the first of the layer's backends (``backends.py``: one class each, the
+``backend`` option naming the order, chosen once at conversion) that runs on the device and
+takes both operand specs; this module holds the autograd function that calls them.
+
 Backend ``emulate`` (the reference, any device): each operand is quantized and dequantized by
 ``lowbit.numerics`` (blocks along the GEMM's contraction dim, see ``recipe.py``), then the
 GEMM runs in the compute dtype (the autocast dtype when autocast is on, else the input's).
@@ -33,19 +37,17 @@ from lowbit.errors import LowbitError
 from lowbit.numerics import (
     DelayedScaling,
     QuantSpec,
-    fake_quantize,
-    fake_quantize_columns,
     get_format,
     quant_error,
     quantize,
-    tensor_amax,
     tiled_contiguous,
 )
-from lowbit.quant.recipe import GEMMS, OPERANDS, GemmRecipe
+from lowbit.quant.backends import CHAINS, Backend, chain
+from lowbit.quant.recipe import OPERANDS, GemmRecipe
 
 __all__ = ["BACKENDS", "QuantLinear", "operand_health"]
 
-BACKENDS = ("auto", "emulate", "triton")
+BACKENDS = tuple(CHAINS)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -59,48 +61,6 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     """Zero-pad dim 0 to a multiple: zero rows add nothing to any product or amax."""
     extra = -t.shape[0] % multiple
     return F.pad(t, (0, 0, 0, extra)) if extra else t
-
-
-def _kernels_serve(t: torch.Tensor) -> bool:
-    """Whether the fused kernels run on ``t``'s device: CUDA (tests patch this to run them on CPU under
-    ``TRITON_INTERPRET=1``)."""
-    return t.is_cuda
-
-
-def _kernel_ops(backend: str, t: torch.Tensor):
-    """``lowbit.kernels.dispatch`` for backend auto/triton on a device the kernels serve, else None.
-    Imported on first use, so ``import lowbit`` never loads Triton."""
-    if backend == "emulate" or not _kernels_serve(t):
-        return None
-    try:
-        from lowbit.kernels import dispatch
-    except ImportError:  # auto without a working Triton: emulate (backend triton checked it at build)
-        return None
-    return dispatch
-
-
-def _check_triton_backend(recipe: GemmRecipe) -> None:
-    """Backend ``triton``: a CUDA GPU, an importable ``lowbit.kernels``, and kernels for every quantized operand."""
-    if not torch.cuda.is_available():
-        raise LowbitError(
-            "QuantLinear backend 'triton' needs a CUDA GPU and none is available; use backend auto or emulate"
-        )
-    try:
-        from lowbit.kernels import dispatch
-    except ImportError as err:
-        raise LowbitError(
-            f"QuantLinear backend 'triton' cannot import lowbit.kernels ({err}); use backend auto or emulate"
-        ) from err
-    for gemm in GEMMS:
-        if not getattr(recipe, gemm).quantized:
-            continue
-        for name in OPERANDS[gemm]:
-            reason = dispatch.supports(recipe.spec_of(f"{gemm}.{name}"))
-            if reason is not None:
-                raise LowbitError(
-                    f"QuantLinear backend 'triton' has no kernels for {gemm}.{name} ({reason}); use backend auto, "
-                    "which emulates the GEMMs the kernels do not cover"
-                )
 
 
 def operand_health(t: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
@@ -134,7 +94,7 @@ class _QuantLinearFn(torch.autograd.Function):
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         n = x2.shape[0]
         # dgrad's Q(Wᵀ) is Q(W)ᵀ for some specs: quantize W once and keep Q(W) instead of W
-        w_q = layer._quant(weight, "fprop.w", dtype) if layer._shares_weight(x) else None  # (out, in)
+        w_q = layer._emulator.quantize(layer, weight, "fprop.w", dtype) if layer._shares_weight(x) else None
         y = layer._gemm("fprop", _pad_rows(x2, tokens), weight, dtype, qb=w_q)[:n]  # (N', in) x (out, in) -> (N, out)
         if bias is not None:
             y = y + bias.to(dtype)
@@ -153,7 +113,7 @@ class _QuantLinearFn(torch.autograd.Function):
         n = dy2.shape[0]
         dx = dw = db = None
         dy_pad = _pad_rows(dy2, tokens)  # (N', out)
-        dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)
+        dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)  # fused
         if ctx.needs_input_grad[0]:
             # Q(Wᵀ) laid out as quantizing Wᵀ lays it out: (in, out), contiguous
             w_q = tiled_contiguous(weight.t()) if ctx.shares_weight else None
@@ -199,15 +159,14 @@ class QuantLinear(nn.Linear):
         return layer
 
     def _setup(self, recipe: GemmRecipe, backend: str) -> None:
-        if backend not in BACKENDS:
-            raise LowbitError(f"unknown QuantLinear backend '{backend}'; valid: {', '.join(BACKENDS)}")
-        if backend == "triton":
-            _check_triton_backend(recipe)
+        backends = chain(backend, recipe)  # chosen once: each GEMM takes the first that runs and fits it
         multiples = recipe.multiples()
         for dim, size in (("in", self.in_features), ("out", self.out_features)):
             if size % multiples[dim]:
                 raise LowbitError(f"{dim}_features {size} does not divide by the recipe's block size {multiples[dim]}")
         self.recipe, self.backend = recipe, backend
+        self._backends: tuple[Backend, ...] = backends
+        self._emulator = backends[-1]  # the last backend takes any GEMM: the emulation
         self.token_multiple = multiples["tokens"]
         self.record_health = False
         self.health = {}
@@ -222,44 +181,28 @@ class QuantLinear(nn.Linear):
             self.scaling_state[operand] = DelayedScaling(fmt_max, device=device, **(self.delayed_scaling or {}))
         return self.scaling_state[operand]
 
-    def _quant(self, t: torch.Tensor, operand: str, dtype: torch.dtype) -> torch.Tensor:
-        """One operand (``fprop.x``, ...) through its spec (emulated), in the compute dtype."""
-        spec = self.recipe.spec_of(operand)
-        if spec is None:
-            return t.to(dtype)
-        compile = self.backend == "auto"  # "emulate" stays the eager reference
-        transposed = t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()  # wgrad's dyᵀ, xᵀ
-        if transposed and not self.record_health and not self._delayed(spec):
-            # Q(tᵀ) quantized down t's columns, same bits as from a copy; the GEMM takes the (C, N) view
-            return fake_quantize_columns(
-                t.t(), spec, generator=self.sr_generator, compile=compile, rotated=True, dtype=dtype
-            )
-        t = tiled_contiguous(t)  # same values; wgrad's transposed operands copy faster here than in a reshape
+    def _record_health(self, operand: str, t: torch.Tensor, spec: QuantSpec) -> None:
         if self.record_health:
             self.health[operand] = operand_health(t, spec)
-        if self._delayed(spec):
-            # FP8 delayed scaling: this step uses the scale from earlier steps' amaxes, then records its own
-            state = self.delayed_state(operand, t.device)
-            out = fake_quantize(t, spec, generator=self.sr_generator, scale=state.scale, compile=compile, rotated=True)
-            state.observe(tensor_amax(t.detach()))
-            state.update()
-            return out.to(dtype)
-        return fake_quantize(t, spec, generator=self.sr_generator, compile=compile, rotated=True).to(dtype)
+
+    def _backend_for(self, gemm: str, a: torch.Tensor) -> Backend:
+        """The first of the layer's backends that runs on ``a``'s device and takes both operand specs."""
+        specs = [self.recipe.spec_of(f"{gemm}.{name}") for name in OPERANDS[gemm]]
+        return next(b for b in self._backends if b.active(a) and all(b.supports(s) for s in specs))
 
     def _gemm(
         self, gemm: str, a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype, qa: Any = None, qb: Any = None
     ) -> torch.Tensor:
-        """``a @ b.t()`` with each operand through its spec of ``gemm``: the kernels when they serve both
-        operands here (``qa``: ``a`` already quantized by them), else quantize-dequantize-matmul
-        (``qb``: ``b`` already quantized and dequantized, see ``_shares_weight``)."""
+        """``a @ b.t()`` with each operand through its spec of ``gemm``, on the backend that serves it
+        (``qa``: ``a`` already quantized by the fused backend; ``qb``: ``b`` already quantized and
+        dequantized by the emulation, see ``_shares_weight``)."""
         a_name, b_name = (f"{gemm}.{name}" for name in OPERANDS[gemm])
         if qb is not None:
-            return self._quant(a, a_name, dtype) @ qb.t()
-        ops = _kernel_ops(self.backend, a)
-        if ops is not None and all(ops.supports(self.recipe.spec_of(name)) is None for name in (a_name, b_name)):
-            qa = qa if qa is not None else self._kernel_quant(ops, a, a_name)
-            return ops.matmul(qa, self._kernel_quant(ops, b, b_name), out_dtype=dtype)
-        return self._quant(a, a_name, dtype) @ self._quant(b, b_name, dtype).t()
+            return self._emulator.quantize(self, a, a_name, dtype) @ qb.t()
+        backend = self._backend_for(gemm, a)
+        if qa is None or not backend.fused:
+            qa = backend.quantize(self, a, a_name, dtype)
+        return backend.matmul(qa, backend.quantize(self, b, b_name, dtype), dtype)
 
     def _delayed(self, spec: QuantSpec) -> bool:
         """Whether ``spec`` takes its scale from FP8 delayed scaling (amax history) instead of the operand."""
@@ -273,41 +216,17 @@ class QuantLinear(nn.Linear):
         spec = self.recipe.spec_of("fprop.w")
         if spec is None or spec != self.recipe.spec_of("dgrad.w") or spec.rounding == "sr" or spec.rht_size:
             return False
-        if self.record_health or _kernel_ops(self.backend, x) is not None:
+        if self.record_health or any(b.fused and b.active(x) for b in self._backends):
             return False
         if self._delayed(spec):
             return False
         return spec.block == "tensor" or (not isinstance(spec.block, str) and spec.block[0] == spec.block[1])
 
-    def _kernel_quant(self, ops: Any, t: torch.Tensor, operand: str) -> Any:
-        """One operand through the kernels (a ``KernelQTensor``); health and FP8 delayed scaling as ``_quant``."""
-        spec = self.recipe.spec_of(operand)
-        if self.record_health:
-            self.health[operand] = operand_health(t, spec)
-        seed = ops.draw_seed(self.sr_generator, t.device) if spec.rounding == "sr" else None
-        if self._delayed(spec):
-            state = self.delayed_state(operand, t.device)
-            q = ops.quantize(t, spec, seed=seed, scale=state.scale)
-            state.observe(tensor_amax(t.detach()))
-            state.update()
-            return q
-        return ops.quantize(t, spec, seed=seed)
-
     def _quantize_dy(self, dy: torch.Tensor) -> tuple[Any, Any]:
-        """dy for dgrad and dyᵀ for wgrad from one read of dy, when both GEMMs run on the kernels and the
-        two specs fit one kernel call (``dispatch.pairable``); else (None, None)."""
-        ops = _kernel_ops(self.backend, dy)
-        specs = [self.recipe.spec_of(op) for op in ("dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x")]
-        if ops is None or self.delayed_scaling is not None or any(ops.supports(s) is not None for s in specs):
-            return None, None
-        if not ops.pairable(specs[0], specs[2]):
-            return None, None
-        if self.record_health:
-            self.health["dgrad.dy"] = operand_health(dy, specs[0])
-            self.health["wgrad.dy"] = operand_health(dy.t(), specs[2])
-        sr = any(s.rounding == "sr" for s in (specs[0], specs[2]))
-        seed = ops.draw_seed(self.sr_generator, dy.device) if sr else None
-        return ops.quantize_pair(dy, specs[0], specs[2], seed=seed)
+        """dy for dgrad and dyᵀ for wgrad from one read of dy, where a fused backend runs on dy's device
+        and can (its ``quantize_dy``); else (None, None) and each GEMM quantizes its own."""
+        fused = next((b for b in self._backends if b.fused and b.active(dy)), None)
+        return fused.quantize_dy(self, dy) if fused is not None else (None, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantLinearFn.apply(x, self.weight, self.bias, self)

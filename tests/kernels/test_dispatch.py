@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import lowbit.quant.linear as quant_linear
+import lowbit.quant.backends as quant_backends
 from lowbit.errors import LowbitError
 from lowbit.kernels import dispatch
 from lowbit.numerics import QuantSpec, dequantize, quantize
@@ -128,7 +128,7 @@ def _run(recipe, backend, x, dy, state):
 def test_quantlinear_triton_path_equals_emulate(name, device, monkeypatch, accumulation_rtol):
     """With RNE everywhere, the kernels give emulate's numbers up to FP32 accumulation order, through
     2 quantize calls forward, 3 backward (dy rowwise and colwise from one read) and 3 GEMMs."""
-    monkeypatch.setattr(quant_linear, "_kernels_serve", lambda t: True)  # the interpreter runs them on CPU
+    monkeypatch.setattr(quant_backends, "_kernels_serve", lambda t: True)  # the interpreter runs them on CPU
     torch.manual_seed(0)
     state = nn.Linear(64, 96).state_dict()
     x, dy = torch.randn(40, 64), torch.randn(40, 96) * 1e-3  # 40 tokens: padded for the 16/32 blocks
@@ -159,7 +159,7 @@ def _assert_close(got, ref, bounds, rtol):
 
 def test_quantlinear_triton_path_with_stochastic_rounding(device, monkeypatch):
     """NVFP4's recipe (SR on gradients): seeded from sr_generator, repeatable, close to emulate."""
-    monkeypatch.setattr(quant_linear, "_kernels_serve", lambda t: True)
+    monkeypatch.setattr(quant_backends, "_kernels_serve", lambda t: True)
     recipe = {
         "fprop": {"x": "nvfp4", "w": "nvfp4_2d"},
         "dgrad": {"dy": {"preset": "nvfp4", "rounding": "sr"}, "w": "nvfp4_2d"},
@@ -194,7 +194,7 @@ def test_triton_backend_names_the_operand_the_kernels_do_not_cover(monkeypatch):
 def test_quantlinear_fp8_delayed_scaling_on_the_kernels(device, monkeypatch, accumulation_rtol):
     """FP8 delayed scaling: the kernels quantize with the scale from earlier steps and the layer records
     the same amax history as emulate."""
-    monkeypatch.setattr(quant_linear, "_kernels_serve", lambda t: True)
+    monkeypatch.setattr(quant_backends, "_kernels_serve", lambda t: True)
     state = {k: v.to(device) for k, v in nn.Linear(64, 96).state_dict().items()}
     layers, inputs = {}, []
     for backend in ("emulate", "auto"):
