@@ -304,3 +304,26 @@ def test_renaming_a_group_name_key_points_to_selecting_the_plugin():
     message = r"precision.name=nvfp4 would keep bf16's options \(mode\); select the plugin with precision=nvfp4"
     with pytest.raises(LowbitError, match=message):
         compose(["precision.name=nvfp4"])
+
+
+def test_the_plugin_api_changes_only_with_its_version():
+    """What a plugin may rely on: the groups and the context each receives. Changing either without
+    raising PLUGIN_API (and updating CONTRIBUTING.md's table) fails here."""
+    from lowbit.registry import CONFIG_GROUPS, CONTEXT
+
+    surface = {
+        1: (
+            ("formats", "precision", "posenc", "layers", "models", "data", "recipes"),
+            {
+                "precision": ("device_type",),
+                "posenc": ("dim", "n_heads", "head_dim", "max_len", "grid"),
+                "layers": ("f",),
+                "models": ("posenc",),
+                "data": ("seed",),
+            },
+            {"precision": "precision", "posenc": "posenc", "model": "models", "data": "data"},
+        )
+    }
+    assert (GROUPS, CONTEXT, CONFIG_GROUPS) == surface[PLUGIN_API], "plugin API changed: raise PLUGIN_API"
+    contributing = (Path(__file__).resolve().parents[2] / "CONTRIBUTING.md").read_text()
+    assert f"## The plugin API, version {PLUGIN_API}" in contributing
