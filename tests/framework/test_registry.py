@@ -324,6 +324,6 @@ def test_the_plugin_api_changes_only_with_its_version():
             {"precision": "precision", "posenc": "posenc", "model": "models", "data": "data"},
         )
     }
-    assert (GROUPS, CONTEXT, CONFIG_GROUPS) == surface[PLUGIN_API], "plugin API changed: raise PLUGIN_API"
+    assert surface[PLUGIN_API] == (GROUPS, CONTEXT, CONFIG_GROUPS), "plugin API changed: raise PLUGIN_API"
     contributing = (Path(__file__).resolve().parents[2] / "CONTRIBUTING.md").read_text()
     assert f"## The plugin API, version {PLUGIN_API}" in contributing
