@@ -170,7 +170,8 @@ class Registry:
                 config[key] = _config_value(param)
         extra = getattr(factory, "config_defaults", None)
         if callable(extra):  # options whose constructor default is a placeholder (None = the class's recipe)
-            config.update(extra())
+            overrides = extra()
+            config = {"name": name, **overrides, **{k: v for k, v in config.items() if k not in overrides}}
         return config
 
     # ---- building ----------------------------------------------------------------------------
