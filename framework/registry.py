@@ -191,7 +191,13 @@ class Registry:
         else:
             raise LowbitError(f"{group} must be a name or a mapping with 'name', got {spec!r}")
         factory = self.load(group, str(name))
-        return call_with_options(factory, f"{group} '{name}'", options, context)
+        try:
+            return call_with_options(factory, f"{group} '{name}'", options, context)
+        except LowbitError:
+            raise
+        except Exception as err:  # the plugin's constructor failed: name it in one line (--verbose: traceback)
+            info = self.infos(group)[str(name)]
+            raise LowbitError(f"{info.label} failed to construct: {type(err).__name__}: {_first_line(err)}") from err
 
 
 def _first_line(err: BaseException) -> str:

@@ -327,3 +327,11 @@ def test_the_plugin_api_changes_only_with_its_version():
     assert surface[PLUGIN_API] == (GROUPS, CONTEXT, CONFIG_GROUPS), "plugin API changed: raise PLUGIN_API"
     contributing = (Path(__file__).resolve().parents[2] / "CONTRIBUTING.md").read_text()
     assert f"## The plugin API, version {PLUGIN_API}" in contributing
+
+
+def test_a_plugin_that_fails_to_construct_is_named_in_one_line(third_party):
+    with pytest.raises(LowbitError) as err:
+        registry.build("posenc", {"name": "fancy"}, dim=8, max_len=-1, n_heads=2)  # torch.zeros(-1, 8) raises
+    message = str(err.value)
+    assert message.startswith("posenc plugin 'fancy' (lowbit-fancy 0.3.1) failed to construct: RuntimeError: ")
+    assert "\n" not in message and isinstance(err.value.__cause__, RuntimeError)
