@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from lowbit.config import Composed, plain, to_yaml
 from lowbit.errors import LowbitError
+from lowbit.models.base import count_parameters
 from lowbit.registry import call_with_options, registry
 
 __all__ = ["RunResult", "build", "resolve_checkpoint", "train"]
@@ -211,7 +212,7 @@ def train(composed: Composed, echo=print) -> RunResult:
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     baseline = built.data.unigram_bits_per_byte() if hasattr(built.data, "unigram_bits_per_byte") else None
-    n_params = sum(p.numel() for p in built.task.parameters())
+    n_params = count_parameters(built.task)
     echo(f"recipe: {composed.recipe or '(none)'} | run dir: {run_dir}")
     echo(f"precision: {getattr(built.precision, 'description', type(built.precision).__name__)}")
     echo(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters | torch threads: {torch.get_num_threads()}")

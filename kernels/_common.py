@@ -42,6 +42,8 @@ __all__ = [
     "interpreting",
     "kernel_input",
     "pack_fp4",
+    "quantize_tiles",
+    "rht_matrices",
     "rht_tile",
     "scale_keeping_nan",
     "sr_bits",
@@ -361,6 +363,28 @@ def check_2d(x: torch.Tensor, what: str, dtypes=(torch.float32, torch.bfloat16, 
 def hadamard(size: int, seed: int, device: torch.device) -> torch.Tensor:
     """R = diag(s) H of ``lowbit.numerics.random_hadamard`` (same signs from the same seed), float32, cached."""
     return random_hadamard(size, seed, device=device).contiguous()
+
+
+def rht_matrices(
+    row_rht: int, row_rht_seed: int, col_rht: int, col_rht_seed: int, unused: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (rowwise, colwise) Hadamard matrices a fused kernel reads; a transform that is off gets
+    ``unused``, any tensor on the device (the kernel never reads that pointer)."""
+    device = unused.device
+    r_row = hadamard(row_rht, row_rht_seed, device) if row_rht else unused
+    r_col = hadamard(col_rht, col_rht_seed, device) if col_rht else unused
+    return r_row, r_col
+
+
+def quantize_tiles(row_rht: int, col_rht: int) -> tuple[int, int, int]:
+    """(BLOCK_M, BLOCK_K, num_warps) of a rowwise + colwise block-quantize kernel: 64 x 128 tiles (32 x 64
+    in the interpreter), or square tiles of at least 64 that hold whole Hadamard blocks of the transform;
+    8 warps where the transform holds a 64 x 64 or larger matrix."""
+    block_m = 32 if interpreting() else 64
+    block_k = 64 if interpreting() else 128
+    if row_rht or col_rht:
+        block_m = block_k = max(64, row_rht, col_rht)
+    return block_m, block_k, 8 if max(row_rht, col_rht) >= 64 else 4
 
 
 def check_rht(size: int, what: str) -> None:

@@ -19,9 +19,9 @@ from lowbit.kernels._common import (
     check_2d,
     check_device,
     check_rht,
-    hadamard,
     interpreting,
     kernel_input,
+    rht_matrices,
     rht_tile,
     to_float32,
 )
@@ -60,10 +60,8 @@ def launch_amax(
 ) -> torch.Tensor:
     """(2,) float32 [amax of the rowwise tensor, amax of the colwise one] (0 where not asked); no checks."""
     m, k = x.shape
-    device = x.device
-    out = torch.zeros(2, dtype=torch.int32, device=device)
-    r_row = hadamard(row_rht, row_rht_seed, device) if row_rht else out
-    r_col = hadamard(col_rht, col_rht_seed, device) if col_rht else out
+    out = torch.zeros(2, dtype=torch.int32, device=x.device)
+    r_row, r_col = rht_matrices(row_rht, row_rht_seed, col_rht, col_rht_seed, out)
     block = 64 if interpreting() else 128
     block = max(block, row_rht, col_rht)
     xin, bf16_bits = kernel_input(x)

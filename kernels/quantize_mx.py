@@ -29,9 +29,9 @@ from lowbit.kernels._common import (
     e8m0_factor,
     encode_float,
     expand_blocks,
-    hadamard,
-    interpreting,
     kernel_input,
+    quantize_tiles,
+    rht_matrices,
     rht_tile,
     scale_keeping_nan,
     sr_bits,
@@ -175,12 +175,8 @@ def _quantize_mx_op(
     device = x.device
     codes, scales = _outputs(m, k, element, device) if rowwise else (_empty(device), _empty(device))
     codes_t, scales_t = _outputs(k, m, element, device) if colwise else (_empty(device), _empty(device))
-    r_row = hadamard(row_rht, row_rht_seed, device) if row_rht else x
-    r_col = hadamard(col_rht, col_rht_seed, device) if col_rht else x
-    block_m = 32 if interpreting() else 64
-    block_k = 64 if interpreting() else 128
-    if row_rht or col_rht:
-        block_m = block_k = max(64, row_rht, col_rht)
+    r_row, r_col = rht_matrices(row_rht, row_rht_seed, col_rht, col_rht_seed, x)
+    block_m, block_k, num_warps = quantize_tiles(row_rht, col_rht)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     xin, bf16_bits = kernel_input(x)
     _quantize_mx_kernel[grid](
@@ -194,8 +190,7 @@ def _quantize_mx_op(
         ROWWISE=rowwise, COLWISE=colwise,
         ROW_RHT=row_rht, COL_RHT=col_rht,
         ROW_SR=row_sr, COL_SR=col_sr,
-        BF16_BITS=bf16_bits, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=8 if max(row_rht, col_rht) >= 64 else 4,  # the transform holds a SIZE x SIZE matrix
+        BF16_BITS=bf16_bits, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return codes, scales, codes_t, scales_t
 

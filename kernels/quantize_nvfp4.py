@@ -32,9 +32,9 @@ from lowbit.kernels._common import (
     encode_float,
     expand_blocks,
     fmt_const,
-    hadamard,
-    interpreting,
     kernel_input,
+    quantize_tiles,
+    rht_matrices,
     rht_tile,
     sr_bits,
     store_codes,
@@ -214,12 +214,8 @@ def _quantize_nvfp4_op(
         amax = launch_amax(x, rowwise, colwise, row_rht, row_rht_seed, col_rht, col_rht_seed)
     else:
         amax = torch.zeros(2, dtype=torch.float32, device=device)
-    r_row = hadamard(row_rht, row_rht_seed, device) if row_rht else amax
-    r_col = hadamard(col_rht, col_rht_seed, device) if col_rht else amax
-    block_m = 32 if interpreting() else 64
-    block_k = 64 if interpreting() else 128
-    if row_rht or col_rht:
-        block_m = block_k = max(64, row_rht, col_rht)
+    r_row, r_col = rht_matrices(row_rht, row_rht_seed, col_rht, col_rht_seed, amax)
+    block_m, block_k, num_warps = quantize_tiles(row_rht, col_rht)
     xin, bf16_bits = kernel_input(x)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, block_k))
     _quantize_nvfp4_kernel[grid](
@@ -233,8 +229,7 @@ def _quantize_nvfp4_op(
         ROWWISE=rowwise, COLWISE=colwise,
         ROW_RHT=row_rht, COL_RHT=col_rht,
         ROW_SR=row_sr, COL_SR=col_sr,
-        BF16_BITS=bf16_bits, BLOCK_M=block_m, BLOCK_K=block_k,
-        num_warps=8 if max(row_rht, col_rht) >= 64 else 4,  # the transform holds a SIZE x SIZE matrix
+        BF16_BITS=bf16_bits, BLOCK_M=block_m, BLOCK_K=block_k, num_warps=num_warps,
     )  # fmt: skip
     return codes, scales, g, codes_t, scales_t, g_t
 

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from lowbit.bench._report import device_name, markdown_table, train_once
+from lowbit.models.base import count_parameters
 
 __all__ = ["Variant", "main", "training_memory"]
 
@@ -146,7 +147,7 @@ def train_models(args: argparse.Namespace, out: Path, echo=print) -> dict[str, T
         val_loss = train_once(overrides, run_dir, name, echo)
         task, data, precision = _load(run_dir)
         model = Trained(name, run_dir, task, data, precision, val_loss=val_loss)
-        model.params = sum(p.numel() for p in task.model.parameters())
+        model.params = count_parameters(task.model)
         batch = next(iter(data.train_dataloader()))
         model.memory_bytes = training_memory(task, batch)
         echo(

@@ -24,11 +24,10 @@ import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from lowbit.errors import LowbitError
-from lowbit.models.dit import build_grid_posenc
-from lowbit.models.vit import POOLS, PatchEmbed, _PatchTokensOnly
+from lowbit.models.base import ModelPlugin, init_gpt2_weights
+from lowbit.models.gpt import CausalLM
+from lowbit.models.vit import PatchClassifier
 from lowbit.nn.norm import RMSNorm
-from lowbit.nn.posenc import positions_1d, positions_2d
 from lowbit.nn.transformer import Block, attention_mask
 from lowbit.registry import registry
 
@@ -70,10 +69,8 @@ class EquilibriumCell(nn.Module):
         return self.norm(self.block(z + x, pos, posenc, mask, causal))
 
 
-class _Equilibrium(nn.Module):
+class _Equilibrium(ModelPlugin):
     """The input norm, the DEQ-wrapped cell, and the stats/aux-loss accessors both models share."""
-
-    lowbit_plugin_api = 1
 
     def _build_equilibrium(self, dim: int, n_heads: int, mlp_ratio: float, bias: bool, deq: Mapping | None) -> None:
         self.inject_norm = RMSNorm(dim)
@@ -81,15 +78,8 @@ class _Equilibrium(nn.Module):
         self.equilibrium = registry.build("layers", options, f=EquilibriumCell(dim, n_heads, mlp_ratio, bias))
 
     def _init_weights(self, std: float) -> None:
-        # as GPT/ViT: N(0, std) for matrices (residual projections of the one block scaled as a 2-layer net)
-        for name, p in self.named_parameters():
-            if name.startswith("posenc."):
-                continue
-            if p.dim() >= 2:
-                scale = 0.5 if name.endswith(("attn.proj.weight", "mlp.fc_out.weight")) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
+        # as GPT/ViT, the residual projections of the one block scaled as in a 2-layer net (1/sqrt(2·2))
+        init_gpt2_weights(self, std, n_layers=2)
 
     def deq_stats(self) -> dict[str, float]:
         """Solver stats of the last forward, keyed ``deq/...`` (empty before the first)."""
@@ -99,16 +89,15 @@ class _Equilibrium(nn.Module):
         """The layer's Jacobian regulariser of the last training forward (zero when off)."""
         return self.equilibrium.jac_loss
 
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
-
-class DEQViT(_Equilibrium):
+class DEQViT(_Equilibrium, PatchClassifier):
     """Equilibrium ViT classifier: patches → x̃ → z* = f(z*, x̃) → [class token | mean] → ``head``.
 
     Args: as ViT (image_size, patch_size, in_chans, num_classes, dim, n_heads, mlp_ratio, pool, posenc,
     bias, init_std) — there is one block, so no n_layers — and ``deq``: the deq layer's options.
     """
+
+    display_name = "DEQ ViT"
 
     def __init__(
         self,
@@ -127,49 +116,29 @@ class DEQViT(_Equilibrium):
         deq: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise LowbitError(
-                f"model.image_size {image_size} is not divisible by model.patch_size {patch_size}; pick image_size = k·patch_size"
-            )
-        if dim % n_heads:
-            raise LowbitError(f"model.dim {dim} is not divisible by model.n_heads {n_heads}; pick dim = k·n_heads")
-        if pool not in POOLS:
-            raise LowbitError(f"unknown model.pool '{pool}'; valid: {', '.join(POOLS)}")
-        self.patch_size, self.pool = patch_size, pool
-        grid = (image_size // patch_size, image_size // patch_size)
-        self.posenc = build_grid_posenc(posenc, dim=dim, n_heads=n_heads, grid=grid, model="DEQ ViT")
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self._build_patches(image_size, patch_size, in_chans, dim, n_heads, pool, posenc)
         self._build_equilibrium(dim, n_heads, mlp_ratio, bias, deq)
         self.head = nn.Linear(dim, num_classes)
         self._init_weights(init_std)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) → logits (B, num_classes)."""
-        B, _, H, W = images.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise LowbitError(f"DEQ ViT got {H}x{W} images; height and width must divide by patch_size {p}")
-        patch_pos = positions_2d(H // p, W // p, images.device)  # (N, 2)
-        x = self.posenc.embed(self.patch_embed(images), patch_pos)  # (B, N, D)
-        posenc, pos = self.posenc, patch_pos
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
-            pos = torch.cat([patch_pos.new_zeros(1, 2), patch_pos])  # the class token's position is never read
-            posenc = _PatchTokensOnly(self.posenc, patch_pos, 1)
+        x, pos, posenc = self._tokens(images)  # (B, T, D), (T, 2)
         T = x.shape[1]
         mask = attention_mask(posenc.bias(pos, pos), False, T, T)  # once, outside the solve
         with double_backward_attention(self.equilibrium):
             z = self.equilibrium((self.inject_norm(x), pos, posenc, mask, False))  # (B, T, D)
-        return self.head(z[:, 0] if self.cls_token is not None else z.mean(dim=1))
+        return self._pool(z)
 
 
-class DEQGPT(_Equilibrium):
+class DEQGPT(_Equilibrium, CausalLM):
     """Equilibrium causal LM: tokens → x̃ → z* = f(z*, x̃) (causal attention) → ``lm_head``.
 
     Args: as GPT (vocab_size, dim, n_heads, mlp_ratio, max_len, posenc, tie_weights, bias, init_std) —
     one block, so no n_layers — and ``deq``: the deq layer's options.
     """
+
+    display_name = "DEQ GPT"
 
     def __init__(
         self,
@@ -186,28 +155,15 @@ class DEQGPT(_Equilibrium):
         deq: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
-        if dim % n_heads:
-            raise LowbitError(f"model.dim {dim} is not divisible by model.n_heads {n_heads}; pick dim = k·n_heads")
-        self.max_len = max_len
-        self.posenc = registry.build(
-            "posenc", posenc, dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_len=max_len, grid=None
-        )
-        if 1 not in self.posenc.pos_dims:
-            raise LowbitError(
-                f"positional encoding {type(self.posenc).__name__} is 2-D only; a DEQ GPT needs a 1-D encoding"
-            )
-        self.tok_emb = nn.Embedding(vocab_size, dim)
+        self._build_embedding(vocab_size, dim, n_heads, max_len, posenc)
         self._build_equilibrium(dim, n_heads, mlp_ratio, bias, deq)
-        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        if tie_weights:
-            self.lm_head.weight = self.tok_emb.weight
+        self._build_head(vocab_size, dim, tie_weights)
         self._init_weights(init_std)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) token ids → logits (B, T, vocab)."""
+        x, pos = self._embed(idx)  # (B, T, D), (T,)
         T = idx.shape[1]
-        pos = positions_1d(T, idx.device)  # (T,)
-        x = self.posenc.embed(self.tok_emb(idx), pos)  # (B, T, D)
         mask = attention_mask(self.posenc.bias(pos, pos), True, T, T)  # once, outside the solve
         with double_backward_attention(self.equilibrium):
             z = self.equilibrium((self.inject_norm(x), pos, self.posenc, mask, True))  # (B, T, D)

@@ -21,11 +21,10 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.vit import PatchEmbed
+from lowbit.models.base import ModelPlugin, build_grid_posenc, check_heads, check_patches
+from lowbit.models.vit import PatchEmbed, patch_positions
 from lowbit.nn.adaln import AdaLNBlock, AdaLNFinal
-from lowbit.nn.posenc import PositionalEncoding, positions_2d
 from lowbit.nn.transformer import attention_mask
-from lowbit.registry import registry
 
 __all__ = ["DiT", "LabelEmbedder", "TimestepEmbedder", "build_grid_posenc", "timestep_embedding"]
 
@@ -41,32 +40,6 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     args = t.float()[:, None] * freqs[None]  # (B, half)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)  # (B, 2·half)
     return torch.cat([emb, emb.new_zeros(emb.shape[0], dim % 2)], dim=-1)
-
-
-def build_grid_posenc(
-    posenc: str | Mapping[str, Any], *, dim: int, n_heads: int, grid: tuple[int, int], model: str
-) -> PositionalEncoding:
-    """A posenc plugin for a bidirectional model on a (rows, cols) grid: it must take 2-D positions and not be causal."""
-    enc = registry.build(
-        "posenc",
-        posenc,
-        dim=dim,
-        n_heads=n_heads,
-        head_dim=dim // n_heads,
-        max_len=grid[0] * grid[1],
-        grid=grid,
-        causal=False,  # encodings with a `causal` option attend both ways unless configured otherwise
-    )
-    name = type(enc).__name__
-    if 2 not in enc.pos_dims:
-        raise LowbitError(
-            f"positional encoding {name} takes 1-D (text) positions only; a {model} needs one that takes 2-D grid positions (e.g. rope, sinusoidal, learned, alibi)"
-        )
-    if getattr(enc, "causal", False):
-        raise LowbitError(
-            f"positional encoding {name} has causal=true; a {model} attends both ways: set posenc.causal=false"
-        )
-    return enc
 
 
 # ---- embedders -----------------------------------------------------------------------------------
@@ -102,13 +75,11 @@ class LabelEmbedder(nn.Module):
 
 
 # ---- models ----------------------------------------------------------------------------------------
-class DiffusionTransformer(nn.Module):
+class DiffusionTransformer(ModelPlugin):
     """What DiT and FPDM share: patch, timestep and class embeddings, the posenc, the final layer, unpatchify.
 
     Subclasses build their trunk and call ``embed`` → trunk → ``output``.
     """
-
-    lowbit_plugin_api = 1
 
     def __init__(
         self,
@@ -126,12 +97,8 @@ class DiffusionTransformer(nn.Module):
         model: str,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise LowbitError(
-                f"model.image_size {image_size} is not divisible by model.patch_size {patch_size}; pick image_size = k·patch_size"
-            )
-        if dim % n_heads:
-            raise LowbitError(f"model.dim {dim} is not divisible by model.n_heads {n_heads}; pick dim = k·n_heads")
+        check_patches(image_size, patch_size)
+        check_heads(dim, n_heads)
         if not 0 <= class_dropout < 1:
             raise LowbitError(f"model.class_dropout must be in [0, 1), got {class_dropout}")
         self.image_size, self.patch_size, self.in_chans, self.num_classes = (
@@ -173,16 +140,11 @@ class DiffusionTransformer(nn.Module):
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """x (B, C, H, W), t (B,), y (B,) or None (unconditional) → tokens (B, N, D), c (B, D), pos (N, 2), mask."""
-        B, _, H, W = x.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise LowbitError(
-                f"{type(self).__name__} got {H}x{W} images; height and width must divide by patch_size {p}"
-            )
+        B = x.shape[0]
+        pos = patch_positions(x, self.patch_size, type(self).__name__)  # (N, 2) (row, col)
         if y is None:
             y = torch.full((B,), self.null_class, dtype=torch.long, device=x.device)
         t = t.expand(B) if t.dim() == 0 else t
-        pos = positions_2d(H // p, W // p, x.device)  # (N, 2) (row, col)
         tokens = self.posenc.embed(self.patch_embed(x), pos)  # (B, N, D)
         c = self.t_embed(t).to(tokens.dtype) + self.y_embed(y).to(tokens.dtype)  # (B, D)
         N = tokens.shape[1]
@@ -199,9 +161,6 @@ class DiffusionTransformer(nn.Module):
     def output(self, tokens: torch.Tensor, c: torch.Tensor, H: int, W: int) -> torch.Tensor:
         """Final adaLN layer and unpatchify: (B, N, D) → ε̂ (B, C, H, W)."""
         return self.unpatchify(self.final(tokens, c), H, W)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
 
 class DiT(DiffusionTransformer):

@@ -6,22 +6,46 @@ Token embedding → posenc.embed → Transformer(causal) → lm_head. Byte-level
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowbit.errors import LowbitError
+from lowbit.models.base import ModelPlugin, build_text_posenc, check_heads, init_gpt2_weights
 from lowbit.nn.posenc import positions_1d
 from lowbit.nn.transformer import Transformer
-from lowbit.registry import registry
 
-__all__ = ["GPT"]
+__all__ = ["CausalLM", "GPT"]
 
 
-class GPT(nn.Module):
+class CausalLM(ModelPlugin):
+    """The ends every causal LM shares around its trunk: token embedding + 1-D posenc in, ``lm_head`` out.
+
+    A subclass builds ``_build_embedding``, then its trunk, then ``_build_head`` (the order parameters
+    are created in, which fixes the random init).
+    """
+
+    def _build_embedding(
+        self, vocab_size: int, dim: int, n_heads: int, max_len: int, posenc: str | Mapping[str, Any]
+    ) -> None:
+        check_heads(dim, n_heads)
+        self.max_len = max_len
+        self.posenc = build_text_posenc(posenc, dim=dim, n_heads=n_heads, max_len=max_len, model=self.display_name)
+        self.tok_emb = nn.Embedding(vocab_size, dim)
+
+    def _build_head(self, vocab_size: int, dim: int, tie_weights: bool) -> None:
+        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
+        if tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+
+    def _embed(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """idx (B, T) token ids → (tokens (B, T, D) with the absolute posenc added, positions (T,))."""
+        pos = positions_1d(idx.shape[1], idx.device)  # (T,)
+        return self.posenc.embed(self.tok_emb(idx), pos), pos
+
+
+class GPT(CausalLM):
     """Causal LM. Parameter names (``tok_emb``, ``trunk.blocks.{i}.attn.qkv``, ``lm_head``) are stable.
 
     Args:
@@ -33,7 +57,7 @@ class GPT(nn.Module):
         tie_weights: share the embedding matrix with the output head.
     """
 
-    lowbit_plugin_api = 1
+    display_name = "GPT"
 
     def __init__(
         self,
@@ -50,40 +74,13 @@ class GPT(nn.Module):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
-        if dim % n_heads:
-            raise LowbitError(f"model.dim {dim} is not divisible by model.n_heads {n_heads}; pick dim = k·n_heads")
-        self.max_len = max_len
-        self.posenc = registry.build(
-            "posenc", posenc, dim=dim, n_heads=n_heads, head_dim=dim // n_heads, max_len=max_len, grid=None
-        )
-        if 1 not in self.posenc.pos_dims:
-            raise LowbitError(
-                f"positional encoding {type(self.posenc).__name__} is 2-D only; a GPT needs a 1-D encoding"
-            )
-        self.tok_emb = nn.Embedding(vocab_size, dim)
+        self._build_embedding(vocab_size, dim, n_heads, max_len, posenc)
         self.trunk = Transformer(dim, n_layers, n_heads, mlp_ratio, bias)
-        self.lm_head = nn.Linear(dim, vocab_size, bias=False)
-        if tie_weights:
-            self.lm_head.weight = self.tok_emb.weight
-        self._init_weights(init_std, n_layers)
-
-    def _init_weights(self, std: float, n_layers: int) -> None:
-        # GPT-2 init: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2·depth)
-        for name, p in self.named_parameters():
-            if name.startswith("posenc."):
-                continue  # encodings initialise their own parameters
-            if p.dim() >= 2:
-                scale = 1 / math.sqrt(2 * n_layers) if name.endswith(("attn.proj.weight", "mlp.fc_out.weight")) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
+        self._build_head(vocab_size, dim, tie_weights)
+        init_gpt2_weights(self, init_std, n_layers)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         """idx (B, T) token ids → logits (B, T, vocab)."""
-        pos = positions_1d(idx.shape[1], idx.device)  # (T,)
-        x = self.posenc.embed(self.tok_emb(idx), pos)  # (B, T, C)
+        x, pos = self._embed(idx)  # (B, T, C), (T,)
         x = self.trunk(x, pos, self.posenc, causal=True)
         return self.lm_head(x)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())

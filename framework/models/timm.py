@@ -13,14 +13,14 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
-from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.base import ModelPlugin
 
 __all__ = ["TimmModel"]
 
 
-class TimmModel(nn.Module):
+class TimmModel(ModelPlugin):
     """Wraps ``timm.create_model(model_name, pretrained=False, ...)`` as ``self.net``; forward is the timm model's.
 
     Args:
@@ -29,8 +29,6 @@ class TimmModel(nn.Module):
             ``create_model`` when not None (the ViT family's keywords; other families take fewer).
         kwargs: any other ``create_model`` keywords (``{class_token: false, global_pool: avg}``).
     """
-
-    lowbit_plugin_api = 1
 
     def __init__(
         self,
@@ -79,6 +77,3 @@ class TimmModel(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) → logits (B, num_classes)."""
         return self.net(images)
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())

@@ -13,7 +13,6 @@ KERPLE) are zero between the class token and every other token. So every 2-D enc
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,11 +21,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
+from lowbit.models.base import ModelPlugin, build_grid_posenc, check_heads, check_patches, init_gpt2_weights
 from lowbit.nn.posenc import PositionalEncoding, positions_2d
 from lowbit.nn.transformer import Transformer
-from lowbit.registry import registry
 
-__all__ = ["PatchEmbed", "ViT"]
+__all__ = ["PatchClassifier", "PatchEmbed", "ViT", "patch_positions"]
 
 POOLS = ("cls", "mean")
 
@@ -46,6 +45,15 @@ class PatchEmbed(nn.Module):
         x = images.reshape(B, C, H // p, p, W // p, p)  # (B, C, rows, p, cols, p)
         x = x.permute(0, 2, 4, 1, 3, 5).reshape(B, (H // p) * (W // p), C * p * p)  # (B, N, C·p·p)
         return self.proj(x)  # (B, N, dim)
+
+
+def patch_positions(images: torch.Tensor, patch_size: int, model: str) -> torch.Tensor:
+    """(N, 2) (row, col) positions of the p×p patches of images (B, C, H, W), row-major as PatchEmbed orders them."""
+    H, W = images.shape[-2:]
+    p = patch_size
+    if H % p or W % p:
+        raise LowbitError(f"{model} got {H}x{W} images; height and width must divide by patch_size {p}")
+    return positions_2d(H // p, W // p, images.device)
 
 
 class _PatchTokensOnly:
@@ -76,7 +84,54 @@ class _PatchTokensOnly:
         return F.pad(bias, (n, 0, n, 0))  # (nh, T, T)
 
 
-class ViT(nn.Module):
+class PatchClassifier(ModelPlugin):
+    """The ends every image classifier shares around its trunk: patches + 2-D posenc (+ class token) in,
+    pool and ``head`` out.
+
+    A subclass builds ``_build_patches``, then its trunk, then ``head`` (the order parameters are
+    created in, which fixes the random init); its forward runs the trunk between ``_tokens`` and ``_pool``.
+    """
+
+    display_name = "image classifier"  # the model as error messages name it
+
+    def _build_patches(
+        self,
+        image_size: int,
+        patch_size: int,
+        in_chans: int,
+        dim: int,
+        n_heads: int,
+        pool: str,
+        posenc: str | Mapping[str, Any],
+    ) -> None:
+        check_patches(image_size, patch_size)
+        check_heads(dim, n_heads)
+        if pool not in POOLS:
+            raise LowbitError(f"unknown model.pool '{pool}'; valid: {', '.join(POOLS)}")
+        self.image_size, self.patch_size, self.pool = image_size, patch_size, pool
+        self.grid = (image_size // patch_size, image_size // patch_size)
+        self.posenc = build_grid_posenc(posenc, dim=dim, n_heads=n_heads, grid=self.grid, model=self.display_name)
+        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+
+    def _tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, PositionalEncoding | _PatchTokensOnly]:
+        """images (B, C, H, W) → (tokens (B, T, D), positions (T, 2), the posenc the trunk sees);
+        T = 1 + N with a class token (first, its position never read), N without."""
+        B = images.shape[0]
+        patch_pos = patch_positions(images, self.patch_size, self.display_name)  # (N, 2) (row, col)
+        x = self.posenc.embed(self.patch_embed(images), patch_pos)  # (B, N, D)
+        if self.cls_token is None:
+            return x, patch_pos, self.posenc
+        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, D)
+        pos = torch.cat([patch_pos.new_zeros(1, 2), patch_pos])  # (1 + N, 2)
+        return x, pos, _PatchTokensOnly(self.posenc, patch_pos, 1)
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        """Trunk output (B, T, D) → logits (B, num_classes): the class token's, or the mean token's."""
+        return self.head(x[:, 0] if self.cls_token is not None else x.mean(dim=1))
+
+
+class ViT(PatchClassifier):
     """Vision transformer classifier. Parameter names (``patch_embed.proj``, ``cls_token``,
     ``trunk.blocks.{i}.attn.qkv``, ``head``) are stable; the vit recipes keep ``head`` and
     ``patch_embed.*`` in high precision.
@@ -91,7 +146,7 @@ class ViT(nn.Module):
     Evaluating at another image size works where the encoding allows (learned tables are resampled).
     """
 
-    lowbit_plugin_api = 1
+    display_name = "ViT"
 
     def __init__(
         self,
@@ -110,68 +165,12 @@ class ViT(nn.Module):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
-        if image_size % patch_size:
-            raise LowbitError(
-                f"model.image_size {image_size} is not divisible by model.patch_size {patch_size}; pick image_size = k·patch_size"
-            )
-        if dim % n_heads:
-            raise LowbitError(f"model.dim {dim} is not divisible by model.n_heads {n_heads}; pick dim = k·n_heads")
-        if pool not in POOLS:
-            raise LowbitError(f"unknown model.pool '{pool}'; valid: {', '.join(POOLS)}")
-        self.image_size, self.patch_size, self.pool = image_size, patch_size, pool
-        self.grid = (image_size // patch_size, image_size // patch_size)
-        # an encoder attends both ways: encodings with a `causal` option get causal=False unless configured
-        self.posenc = registry.build(
-            "posenc",
-            posenc,
-            dim=dim,
-            n_heads=n_heads,
-            head_dim=dim // n_heads,
-            max_len=self.grid[0] * self.grid[1],
-            grid=self.grid,
-            causal=False,
-        )
-        name = type(self.posenc).__name__
-        if 2 not in self.posenc.pos_dims:
-            raise LowbitError(
-                f"positional encoding {name} takes 1-D (text) positions only; a ViT needs one that takes 2-D grid positions (e.g. rope, sinusoidal, learned, alibi)"
-            )
-        if getattr(self.posenc, "causal", False):
-            raise LowbitError(
-                f"positional encoding {name} has causal=true; a ViT attends both ways: set posenc.causal=false"
-            )
-        self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim)) if pool == "cls" else None
+        self._build_patches(image_size, patch_size, in_chans, dim, n_heads, pool, posenc)
         self.trunk = Transformer(dim, n_layers, n_heads, mlp_ratio, bias)
         self.head = nn.Linear(dim, num_classes)
-        self._init_weights(init_std, n_layers)
-
-    def _init_weights(self, std: float, n_layers: int) -> None:
-        # as GPT: N(0, std) everywhere, residual output projections scaled by 1/sqrt(2·depth), biases zero
-        for name, p in self.named_parameters():
-            if name.startswith("posenc."):
-                continue  # encodings initialise their own parameters
-            if p.dim() >= 2:
-                scale = 1 / math.sqrt(2 * n_layers) if name.endswith(("attn.proj.weight", "mlp.fc_out.weight")) else 1.0
-                nn.init.normal_(p, mean=0.0, std=std * scale)
-            elif name.endswith(".bias"):
-                nn.init.zeros_(p)
+        init_gpt2_weights(self, init_std, n_layers)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) → logits (B, num_classes); H and W must divide by patch_size."""
-        B, _, H, W = images.shape
-        p = self.patch_size
-        if H % p or W % p:
-            raise LowbitError(f"ViT got {H}x{W} images; height and width must divide by patch_size {p}")
-        patch_pos = positions_2d(H // p, W // p, images.device)  # (N, 2) (row, col)
-        x = self.posenc.embed(self.patch_embed(images), patch_pos)  # (B, N, C)
-        if self.cls_token is None:
-            x = self.trunk(x, patch_pos, self.posenc, causal=False)  # (B, N, C)
-            return self.head(x.mean(dim=1))
-        x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)  # (B, 1 + N, C)
-        pos = torch.cat([patch_pos.new_zeros(1, 2), patch_pos])  # (1 + N, 2); the class token's is never read
-        x = self.trunk(x, pos, _PatchTokensOnly(self.posenc, patch_pos, 1), causal=False)  # (B, 1 + N, C)
-        return self.head(x[:, 0])
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
+        x, pos, posenc = self._tokens(images)  # (B, T, C), (T, 2)
+        return self._pool(self.trunk(x, pos, posenc, causal=False))

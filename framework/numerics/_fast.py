@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from lowbit.numerics.blocks import true_divide
+from lowbit.numerics.blocks import _block_scale_target, _element_encode_factor, _global_encode, true_divide
 from lowbit.numerics.formats import ElementFormat, FloatFormat, IntFormat
 from lowbit.numerics.rounding import RandomBits, hash_bits, round_to_integer, sr_round_up
 
@@ -381,28 +381,18 @@ def compiled_block_amax(blocks: torch.Tensor) -> torch.Tensor | None:
     return run_compiled(_block_amax, (blocks,), ((0, 2),))
 
 
-_FLT_MAX = torch.finfo(torch.float32).max
-
-
 def _e4m3_block_scales(
     blocks: torch.Tensor, emax: torch.Tensor, numerator: torch.Tensor, *, scale: _Constants, global_scale: bool
 ):
-    """Block amax -> E4M3 block scales, as ``blocks.global_encode_scale`` and ``blocks.lowp_block_scales``
-    compute them (the same operations in the same order; the E4M3 rounding by ``_round``, which
+    """Block amax -> E4M3 block scales by the formulas ``blocks.global_encode_scale`` and
+    ``blocks.lowp_block_scales`` use (the same functions; the E4M3 rounding by ``_round``, which
     gives the saturating cast's values). ``emax``: the element format's max, ``numerator``: S.max * E.max
     (float32 0-d inputs, so no constant is folded differently). -> (decode, factor, global encode, all finite)."""
     amax = _block_amax(blocks)
     finite = torch.isfinite(amax).all()
-    g = None
-    if global_scale:
-        g = torch.clamp(numerator / amax.amax(), max=_FLT_MAX)
-        g = torch.where(g == 0, 1.0, g)
-        target = torch.clamp(amax * (g * torch.reciprocal(emax)), max=_FLT_MAX)
-    else:
-        target = amax / emax
-    scales = _round(scale, target, "rne", None)
-    factor = torch.reciprocal(scales) if g is None else torch.reciprocal(scales * torch.reciprocal(g))
-    return scales, torch.clamp(factor, max=_FLT_MAX), g, finite
+    g = _global_encode(amax.amax(), numerator) if global_scale else None
+    scales = _round(scale, _block_scale_target(amax, emax, g), "rne", None)
+    return scales, _element_encode_factor(scales, g), g, finite
 
 
 @functools.cache

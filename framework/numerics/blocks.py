@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.numerics.formats import ElementFormat, IntFormat
+from lowbit.numerics.formats import FLT_MAX, ElementFormat, IntFormat
 from lowbit.numerics.scaling import current_scale
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "true_divide",
 ]
 
-_FLT_MAX = torch.finfo(torch.float32).max
 _SQRT2_MANTISSA = 3474676  # smallest 23-bit mantissa field m with 1 + m / 2^23 > sqrt(2)
 
 
@@ -166,12 +165,33 @@ def mx_scale_codes(amax: torch.Tensor, element: ElementFormat, rule: str = "floo
 
 
 # ---- low-precision block scales (NVFP4 and single-level) -------------------------------------
+# The formulas of the module doc, each once: the eager functions below and the compiled path
+# (``_fast.compiled_block_scales``) call these with float32 tensors, so both run the same operations.
+def _global_encode(amax: torch.Tensor, numerator: torch.Tensor) -> torch.Tensor:
+    """g = numerator / amax, numerator = S.max * E.max: clamped to FLT_MAX (amax 0), 1 where that is 0 (amax Inf)."""
+    g = torch.clamp(numerator / amax, max=FLT_MAX)
+    return torch.where(g == 0, 1.0, g)
+
+
+def _block_scale_target(block_amax: torch.Tensor, emax: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """What each block scale encodes: block_amax * (g * (1 / E.max)) clamped to FLT_MAX, or block_amax / E.max
+    without a global scale; ``emax``: E.max as a float32 tensor on block_amax's device (a correctly rounded divide)."""
+    if g is None:
+        return block_amax / emax
+    return torch.clamp(block_amax * (g * torch.reciprocal(emax)), max=FLT_MAX)
+
+
+def _element_encode_factor(scales: torch.Tensor, g: torch.Tensor | None) -> torch.Tensor:
+    """Element encode factors min(1 / (s * (1/g)), FLT_MAX), or min(1 / s, FLT_MAX) without a global scale."""
+    factor = torch.reciprocal(scales) if g is None else torch.reciprocal(scales * torch.reciprocal(g))
+    return torch.clamp(factor, max=FLT_MAX)
+
+
 def global_encode_scale(tensor_amax: torch.Tensor, element: ElementFormat, scale_format: ElementFormat) -> torch.Tensor:
     """NVFP4 global encode scale g = S.max * E.max / amax (TE): FLT_MAX for amax 0, 1 for Inf."""
     amax = tensor_amax.float()
     numerator = torch.tensor(scale_format.max, dtype=torch.float32) * torch.tensor(element.max, dtype=torch.float32)
-    g = torch.clamp(numerator.to(amax.device) / amax, max=_FLT_MAX)
-    return torch.where(g == 0, 1.0, g)
+    return _global_encode(amax, numerator.to(amax.device))
 
 
 def lowp_block_scales(
@@ -185,18 +205,10 @@ def lowp_block_scales(
     With ``global_encode`` g (NVFP4): s = S(amax * (g * (1/E.max))), factor = 1 / (s * (1/g)).
     Without: s = S(amax / E.max), factor = 1 / s. Factors are clamped to FLT_MAX (s == 0).
     """
-    if global_encode is None:
-        target = true_divide(block_amax, element.max)
-    else:
-        multiplier = global_encode * torch.reciprocal(torch.tensor(element.max, dtype=torch.float32))
-        target = torch.clamp(block_amax * multiplier, max=_FLT_MAX)
-    codes = scale_format.encode(target, rounding="rne", saturate=True)
+    emax = torch.tensor(element.max, dtype=torch.float32, device=block_amax.device)
+    codes = scale_format.encode(_block_scale_target(block_amax, emax, global_encode), rounding="rne", saturate=True)
     scales = scale_format.decode(codes)
-    if global_encode is None:
-        factor = torch.reciprocal(scales)
-    else:
-        factor = torch.reciprocal(scales * torch.reciprocal(global_encode))
-    return codes, scales, torch.clamp(factor, max=_FLT_MAX)
+    return codes, scales, _element_encode_factor(scales, global_encode)
 
 
 # ---- FP32 scales -----------------------------------------------------------------------------

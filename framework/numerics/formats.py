@@ -58,6 +58,7 @@ __all__ = [
     "FloatFormat",
     "IntFormat",
     "BUILTIN_FORMATS",
+    "FLT_MAX",
     "format_names",
     "get_format",
     "set_format_resolver",
@@ -65,6 +66,8 @@ __all__ = [
 
 _F32_MANT = 23
 _F32_BIAS = 127
+FLT_MAX = torch.finfo(torch.float32).max
+"""float32's largest finite value: scale factors that overflow float32 (tiny amax, zero scales) clamp to it."""
 
 
 def _pow2(exponent: int) -> float:
@@ -460,7 +463,7 @@ class FP32Format(ElementFormat):
 
     @property
     def max(self) -> float:
-        return torch.finfo(torch.float32).max
+        return FLT_MAX
 
     @property
     def min_normal(self) -> float:

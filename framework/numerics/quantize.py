@@ -43,7 +43,7 @@ from lowbit.numerics.blocks import (
     mx_scale_codes,
     pow2_from_exponent,
 )
-from lowbit.numerics.formats import ElementFormat, get_format
+from lowbit.numerics.formats import FLT_MAX, ElementFormat, get_format
 from lowbit.numerics.hadamard import (
     _shared_signs,
     inverse_rht,
@@ -61,7 +61,6 @@ from lowbit.numerics.spec import QuantSpec, get_spec
 __all__ = ["dequantize", "fake_quantize", "fake_quantize_columns", "quantize", "requantize"]
 
 SpecLike = str | Mapping[str, Any] | QuantSpec
-_FLT_MAX = torch.finfo(torch.float32).max
 _COMPILE_MIN_ELEMENTS = 1 << 16  # below this, eager chunks cost less than a compiled call's guards
 
 
@@ -229,10 +228,6 @@ class _Plan:
     fast: bool  # CPU and a format the arithmetic path covers
     finite_rows: torch.Tensor | None  # (B,) bool: block rows without NaN/Inf; None: all
 
-    @property
-    def saturate(self) -> bool:
-        return self.spec.saturate or self.spec.scale_format != "fp32"  # MX and NVFP4 always saturate
-
     @functools.cached_property
     def factor(self) -> torch.Tensor:
         """The blocks' encode factors with the SR prescale folded in (computed once per quantization)."""
@@ -268,7 +263,7 @@ class _Plan:
         if fast:
             return _fast.encode(self.element, scaled, self.spec.rounding, self.rng_of(sl))
         return self.element.encode(
-            scaled, rounding=self.spec.rounding, saturate=self.saturate, generator=self.rng_of(sl)
+            scaled, rounding=self.spec.rounding, saturate=self.spec.saturating, generator=self.rng_of(sl)
         )
 
     def encode_codes(self, stats: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -319,8 +314,7 @@ def _plan(
     rng = _draw_bits(spec, generator, seed, x.device)
     src = _rht(x, spec.rht_size, spec.rht_seed, compile) if spec.rht_size else x
     rows = layout.block_rows(src)  # (B, r, C)
-    saturate = spec.saturate or spec.scale_format != "fp32"
-    fast = fast and x.device.type == "cpu" and _fast.supported(element, saturate)
+    fast = fast and x.device.type == "cpu" and _fast.supported(element, spec.saturating)
 
     def global_encode_from(block_amax: torch.Tensor | None = None) -> torch.Tensor:
         if amax is not None:
@@ -503,8 +497,7 @@ def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> 
     n = t.shape[0]
     if n % spec.block[1] or (spec.rht_size and n % spec.rht_size):
         return False
-    saturate = spec.saturate or spec.scale_format != "fp32"
-    return _fast.supported(element, saturate)
+    return _fast.supported(element, spec.saturating)
 
 
 def fake_quantize_columns(
@@ -625,12 +618,11 @@ def _requantize(
     if scale_format.name == "e8m0":
         factor = pow2_from_exponent(127 - codes.to(torch.int32))
     elif like.global_scale is not None:
-        factor = torch.clamp(torch.reciprocal(decode * like.global_scale), max=_FLT_MAX)
+        factor = torch.clamp(torch.reciprocal(decode * like.global_scale), max=FLT_MAX)
     else:
-        factor = torch.clamp(torch.reciprocal(decode), max=_FLT_MAX)
-    saturate = spec.saturate or spec.scale_format != "fp32"
+        factor = torch.clamp(torch.reciprocal(decode), max=FLT_MAX)
     scaling = _Scaling(decode, codes, factor, zero_point)
-    fast = fast and x.device.type == "cpu" and _fast.supported(element, saturate) and _finite_factors(scaling)
+    fast = fast and x.device.type == "cpu" and _fast.supported(element, spec.saturating) and _finite_factors(scaling)
     finite_rows = _finite_rows(rows.shape[0], tensor_amax(src).reshape(1, 1)) if fast else None
     plan = _Plan(spec, element, layout, rows, scaling, None, rng, fast, finite_rows)
     return QTensor(

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.numerics.formats import FLT_MAX
 
 __all__ = [
     "DelayedScaling",
@@ -25,8 +26,6 @@ __all__ = [
     "round_scale_to_pow2",
     "tensor_amax",
 ]
-
-_FLT_MAX = torch.finfo(torch.float32).max
 
 
 def tensor_amax(x: torch.Tensor, dim: int | None = None) -> torch.Tensor:
@@ -53,7 +52,7 @@ def current_scale(amax: torch.Tensor | float, fmt_max: float, *, margin: int = 0
     scale = torch.tensor(fmt_max, dtype=torch.float32, device=amax.device) / amax
     if margin:
         scale = scale / float(2**margin)
-    scale = torch.clamp(scale, max=_FLT_MAX)  # amax tiny: scale overflowed to Inf
+    scale = torch.clamp(scale, max=FLT_MAX)  # amax tiny: scale overflowed to Inf
     scale = torch.where((amax == 0) | ~torch.isfinite(amax), 1.0, scale)
     return round_scale_to_pow2(scale) if pow2 else scale
 

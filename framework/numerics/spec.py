@@ -105,6 +105,12 @@ class QuantSpec:
         if self.pow2_scale and scale.name != "fp32":
             raise LowbitError(f"pow2_scale applies to fp32 scales; scale_format '{self.scale_format}' is already fixed")
 
+    @property
+    def saturating(self) -> bool:
+        """Whether encoding clamps overflow to +-max: ``saturate`` for FP32 scales; MX and NVFP4
+        (block scales in E8M0, E4M3, ...) always saturate."""
+        return self.saturate or self.scale_format != "fp32"
+
     # ---- YAML ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """Plain dict (block tuples become lists), loadable with ``from_dict``."""

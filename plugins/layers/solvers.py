@@ -14,12 +14,18 @@ is returned. A solver that breaks down — a non-finite f(z), a residual above
 raise: it restarts damped fixed-point iteration from the best iterates for the rest of the
 budget and says so (``fallback``, ``reason``). Solvers run under ``torch.no_grad()``; f may
 still call ``torch.autograd.grad`` on a graph built outside (the DEQ adjoint solve does).
+
+Every solver takes these keyword ``options`` besides its own: ``max_iter`` (50), ``tol`` (1e-4),
+``stop_mode`` ("rel"), ``fallback_damping`` (0.5: the damped iteration that takes over on breakdown)
+and ``divergence_factor`` (1e3).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -230,13 +236,15 @@ def _run(
     steps: Callable[[Callable, torch.Tensor, _Tracker], str],
     f: Callable[[torch.Tensor], torch.Tensor],
     z0: torch.Tensor,
-    max_iter: int,
-    tol: float,
-    stop_mode: str,
-    fallback_damping: float,
-    divergence_factor: float,
+    *,
+    max_iter: int = 50,
+    tol: float = 1e-4,
+    stop_mode: str = "rel",
+    fallback_damping: float = 0.5,
+    divergence_factor: float = 1e3,
 ) -> SolverResult:
-    """Flatten, iterate, and on breakdown continue damped iteration from the best iterates."""
+    """Flatten, iterate, and on breakdown continue damped iteration from the best iterates; the keywords
+    are the options every solver takes (module doc)."""
     if max_iter < 1:
         raise LowbitError(f"solver max_iter must be a positive integer, got {max_iter}")
     if stop_mode not in ("rel", "abs"):
@@ -259,69 +267,32 @@ def _run(
 
 
 def fixed_point(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    z0: torch.Tensor,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
-    damping: float = 1.0,
-    fallback_damping: float = 0.5,
-    divergence_factor: float = 1e3,
+    f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, *, damping: float = 1.0, **options: Any
 ) -> SolverResult:
-    """Damped fixed-point iteration z ← (1−τ) z + τ f(z), τ = ``damping`` in (0, 1]."""
-    return _run(
-        lambda g, z, t: _damped_steps(g, z, t, damping),
-        f,
-        z0,
-        max_iter,
-        tol,
-        stop_mode,
-        fallback_damping,
-        divergence_factor,
-    )
+    """Damped fixed-point iteration z ← (1−τ) z + τ f(z), τ = ``damping`` in (0, 1]; ``options``: module doc."""
+    return _run(functools.partial(_damped_steps, damping=damping), f, z0, **options)
 
 
 def anderson(
     f: Callable[[torch.Tensor], torch.Tensor],
     z0: torch.Tensor,
     *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
     m: int = 5,
     lam: float = 1e-4,
     beta: float = 1.0,
-    fallback_damping: float = 0.5,
-    divergence_factor: float = 1e3,
+    **options: Any,
 ) -> SolverResult:
-    """Anderson acceleration with history ``m``, Tikhonov ``lam`` and mixing ``beta`` (Walker & Ni 2011)."""
+    """Anderson acceleration with history ``m``, Tikhonov ``lam`` and mixing ``beta`` (Walker & Ni 2011);
+    ``options``: module doc."""
     if m < 2:
         raise LowbitError(f"anderson history m must be at least 2, got {m}")
-    return _run(
-        lambda g, z, t: _anderson_steps(g, z, t, m, lam, beta),
-        f,
-        z0,
-        max_iter,
-        tol,
-        stop_mode,
-        fallback_damping,
-        divergence_factor,
-    )
+    return _run(functools.partial(_anderson_steps, m=m, lam=lam, beta=beta), f, z0, **options)
 
 
-def broyden(
-    f: Callable[[torch.Tensor], torch.Tensor],
-    z0: torch.Tensor,
-    *,
-    max_iter: int = 50,
-    tol: float = 1e-4,
-    stop_mode: str = "rel",
-    fallback_damping: float = 0.5,
-    divergence_factor: float = 1e3,
-) -> SolverResult:
-    """Good Broyden root finding on f(z) − z with a rank-``max_iter`` inverse Jacobian (Bai et al. 2019)."""
-    return _run(_broyden_steps, f, z0, max_iter, tol, stop_mode, fallback_damping, divergence_factor)
+def broyden(f: Callable[[torch.Tensor], torch.Tensor], z0: torch.Tensor, **options: Any) -> SolverResult:
+    """Good Broyden root finding on f(z) − z with a rank-``max_iter`` inverse Jacobian (Bai et al. 2019);
+    ``options``: module doc."""
+    return _run(_broyden_steps, f, z0, **options)
 
 
 SOLVERS: dict[str, Callable[..., SolverResult]] = {
