@@ -116,11 +116,13 @@ def test_precision_converts_linear_layers_to_int5():
     torch.testing.assert_close(steps, steps.round(), rtol=0, atol=1e-4)
 
 
-def test_recipe_yaml_selects_both_plugins_and_matches_the_class_defaults():
+def test_recipe_yaml_selects_both_plugins_and_the_precision_config_comes_from_the_class():
     from lowbit.config import compose
 
     composed = compose(["recipe=tpl_int5_llm"])
     assert composed.choices["precision"] == "tpl_int5" and composed.choices["posenc"] == "tpl_logbias"
     options = OmegaConf.to_container(composed.cfg.precision, resolve=True)
+    assert options["fprop"]["x"] == {"element": "tpl_int5", "block": [1, 32], "scale_format": "fp32"}
+    assert options["wgrad"]["dy"]["rounding"] == "sr" and options["wgrad"]["rht"] == 0
     assert registry.build("precision", options, device_type="cpu").recipe == Int5Precision().recipe
     assert OmegaConf.to_container(composed.cfg.posenc) == {"name": "tpl_logbias", "strength": 1.0}

@@ -8,6 +8,7 @@ import torch
 
 from lowbit.bench import fpdm as bench
 from lowbit.metrics import fid as fid_module
+from lowbit.nn.posenc import positions_2d
 
 TINY = ["--steps", "3", "--dim", "32", "--dit-layers", "6", "--budgets", "6,12", "--fid-samples", "12", "debug=smoke"]
 
@@ -50,6 +51,18 @@ def test_training_memory_is_what_autograd_saves(monkeypatch):
     two = bench.training_memory(task, batch)
     per_block = two - one
     assert one > 2 * per_block > 0
+    # and it is what one block saves run on its own, on tokens (4 images, (8/2)² patches, width 32) and conditioning
+    # that need gradients as the model's do (rope: no attention mask)
+    saved = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    tokens, c = torch.randn(4, 16, 32, requires_grad=True), torch.randn(4, 32, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.blocks[0](tokens, c, positions_2d(4, 4), model.posenc, None)
+    assert per_block == sum(saved)
     model.blocks.append(model.blocks[0])
     assert bench.training_memory(task, batch) - two == per_block
 

@@ -33,7 +33,11 @@ def test_health_is_recorded_per_layer_and_operand(tmp_path):
         logged = [r for r in csv.DictReader(f) if r.get("health/snr_db_min")]
     snr_min = min(float(r["snr_db"]) for r in rows if int(r["step"]) == 0)
     assert float(logged[0]["health/snr_db_min"]) == pytest.approx(snr_min, rel=1e-4)
-    assert float(logged[0]["health/wgrad.dy/saturation_max"]) >= 0
+    wgrad_dy_saturation = [float(r["saturation"]) for r in rows if int(r["step"]) == 0 and r["operand"] == "wgrad.dy"]
+    assert len(wgrad_dy_saturation) == 8  # one per layer
+    assert float(logged[0]["health/wgrad.dy/saturation_max"]) == pytest.approx(
+        max(wgrad_dy_saturation), rel=1e-5, abs=1e-9
+    )
 
 
 def test_summary_takes_the_worst_values():
@@ -84,4 +88,4 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_worst_layer(tmp
     assert message.split("operands: ")[1].startswith("model.trunk.blocks.1.mlp.fc_in.fprop.w (amax nan")
     assert trainer.global_step == 2  # the step with the NaN never updated the weights
     changed = [n for n, p in built.task.named_parameters() if not torch.equal(p, before[n])]
-    assert changed  # steps 0 and 1 did train
+    assert changed == list(before)  # steps 0 and 1 did train, every parameter

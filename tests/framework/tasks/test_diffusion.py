@@ -5,6 +5,7 @@ import csv
 import math
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
@@ -112,6 +113,19 @@ def test_a_short_fit_learns_writes_grids_and_reports_fid_at_the_end(tmp_path, mo
     assert len(val) == 3 and val[1] < val[0] < 0.95  # fresh: ε̂ = 0, loss ≈ E ε² = 1
     assert not any(r.get("val/fid") for r in rows[:-1])  # no FID during the fit
     assert math.isfinite(final["val/fid"]) and final["val/fid"] > 0 and len(calls) == 1
+    # val/fid is the Fréchet distance (Heusel et al. 2017, eq. 6) between the feature net's features of the
+    # validation split and of 30 images the EMA model samples from the task's FID seed, labels cycling over classes
+    torch.manual_seed(0)
+    net = fid_module.FeatureNet(1, 10).eval().requires_grad_(False)  # the one fast_feature_net gave the task
+    fake, _ = task.sample(torch.arange(30) % 10, generator=torch.Generator().manual_seed(task.sample_seed + 1))
+    real, _ = fid_module.stack_dataset(data.val_set)
+    with torch.no_grad():
+        f_r, f_g = net(real).double().numpy(), net(fake.float()).double().numpy()  # (N, 64) each
+    cov_r, cov_g = np.cov(f_r, rowvar=False), np.cov(f_g, rowvar=False)
+    # tr √(Σr·Σg) = Σ √λ over the product's eigenvalues (real, ≥ 0; 30 samples leave many at 0)
+    trace_sqrt = np.sqrt(np.linalg.eigvals(cov_r @ cov_g).real.clip(min=0)).sum()
+    want = ((f_r.mean(0) - f_g.mean(0)) ** 2).sum() + np.trace(cov_r + cov_g) - 2 * trace_sqrt
+    assert final["val/fid"] == pytest.approx(want, rel=1e-4)
     assert final["val/sample_block_evals"] == 4 * 2  # 4 DDIM steps through 2 blocks
     grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert grids == ["step-000020.png", "step-000040.png"]  # the closing validation reused step 40's grid

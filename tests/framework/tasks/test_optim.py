@@ -32,14 +32,22 @@ def test_weight_decay_only_on_matrices():
 def test_adamw8bit_keeps_8bit_state_and_descends():
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(128, 64))
+    w32 = nn.Parameter(w.detach().clone())  # the same descent with 32-bit AdamW states
     opt = build_optimizer([("w", w)], "adamw8bit", lr=1e-2, weight_decay=0.0)
+    betas, eps = opt.param_groups[0]["betas"], opt.param_groups[0]["eps"]
+    reference = torch.optim.AdamW([w32], lr=1e-2, betas=betas, eps=eps, weight_decay=0.0)
     start = (w**2).sum().item()
     for _ in range(20):
-        opt.zero_grad()
-        (w**2).sum().backward()
-        opt.step()
+        for optimizer, p in ((opt, w), (reference, w32)):
+            optimizer.zero_grad()
+            (p**2).sum().backward()
+            optimizer.step()
     assert (w**2).sum().item() < 0.9 * start
     assert opt.state[w]["state1"].dtype == torch.uint8
+    # 8-bit blockwise states follow the 32-bit AdamW: on this seed Σw² 5921 vs 5934 (0.2%) and the weights a mean
+    # 0.006 apart after 20 steps, below one step of size lr = 0.01 (elements near 0 oscillate, so no max bound)
+    assert (w**2).sum().item() == pytest.approx((w32**2).sum().item(), rel=0.01)
+    assert (w - w32).abs().mean().item() < 1e-2
 
 
 def test_unknown_optimizer():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -81,8 +82,14 @@ def test_fourier_random_features_are_fixed_gaussian():
     assert "freqs" in dict(learn.named_parameters()) and "freqs" not in dict(fixed.named_parameters())
     assert "freqs" in fixed.state_dict()  # the random draw is saved with the model
     assert fixed.freqs.std().item() == pytest.approx(3.0, rel=0.1)
+    mlp = copy.deepcopy(fixed.mlp)  # before backward: the reference starts without gradients
     fixed.embed(torch.randn(1, 10, 8), positions_1d(10)).sum().backward()
     assert fixed.mlp[0].weight.grad is not None
+    # the MLP's gradient is that of Σ MLP(features), the features written out for text positions n / max_len
+    angles = 2 * math.pi * (torch.arange(10.0)[:, None] / 64) @ fixed.freqs.T  # (T, 1000)
+    mlp(torch.cat([angles.cos(), angles.sin()], dim=-1) / math.sqrt(2000)).sum().backward()
+    for got, want in zip(fixed.mlp.parameters(), mlp.parameters(), strict=True):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_fourier_dimensionality_is_fixed_at_build():

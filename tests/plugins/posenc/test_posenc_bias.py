@@ -97,6 +97,20 @@ def test_kerple_bias_formula(variant):
     assert torch.all(bias.diagonal(dim1=-2, dim2=-1) == 0)
 
 
+def _kerple_sum_grads(r1: torch.Tensor, r2: torch.Tensor, variant: str, d: torch.Tensor):
+    """(∂/∂r1, ∂/∂r2) of Σ_d bias over positive distances d, (nh,) each, in float64, differentiated by hand:
+    log: −log(1 + r2·d) and −r1·d / (1 + r2·d); power: −d^r2 and −r1·d^r2·ln d."""
+    r1, r2, d = r1.detach().double()[:, None], r2.detach().double()[:, None], d.double()[None]  # (nh, 1), (1, n)
+    if variant == "log":
+        return -torch.log1p(r2 * d).sum(-1), -(r1 * d / (1 + r2 * d)).sum(-1)
+    return -(d**r2).sum(-1), -(r1 * d**r2 * d.log()).sum(-1)
+
+
+def _past_distances(n: int) -> torch.Tensor:
+    """i − j for every query i and earlier key j < i of n causal positions (later keys and j = i add 0)."""
+    return torch.tensor([i - j for i in range(n) for j in range(i)], dtype=torch.float64)
+
+
 @pytest.mark.parametrize("variant, sign", [("log", -1.0), ("log", 1.0), ("power", 1.0), ("power", -1.0)])
 def test_kerple_parameters_stay_in_range_after_big_steps(variant, sign):
     torch.manual_seed(1)
@@ -109,6 +123,12 @@ def test_kerple_parameters_stay_in_range_after_big_steps(variant, sign):
         optimizer.zero_grad()
         loss.backward()
         assert torch.isfinite(kerple.r1.grad).all() and torch.isfinite(kerple.r2.grad).all()
+        # inside the range the gradient is exactly the derivative (at a bound the clamp decides it)
+        want_r1, want_r2 = _kerple_sum_grads(kerple.r1, kerple.r2, variant, _past_distances(32))
+        r1, r2 = kerple.r1.detach(), kerple.r2.detach()
+        inside_r1, inside_r2 = r1 > kerple.eps, (r2 > kerple.eps) & (r2 < r2_max)
+        torch.testing.assert_close(kerple.r1.grad[inside_r1].double(), sign * want_r1[inside_r1], rtol=1e-5, atol=0)
+        torch.testing.assert_close(kerple.r2.grad[inside_r2].double(), sign * want_r2[inside_r2], rtol=1e-5, atol=0)
         optimizer.step()
         eff = kerple.effective_params()
         assert torch.all(eff["r1"] >= 1e-2) and torch.all(eff["r2"] >= 1e-2) and torch.all(eff["r2"] <= r2_max)
@@ -119,11 +139,15 @@ def test_kerple_parameters_stay_in_range_after_big_steps(variant, sign):
 
 
 def test_kerple_two_forwards_then_one_backward():
+    torch.manual_seed(2)
     kerple = KERPLE(n_heads=2)
     pos = positions_1d(5)
     loss = kerple.bias(pos, pos).sum() + kerple.bias(pos, pos).sum()
     loss.backward()
-    assert kerple.r1.grad is not None
+    # both forwards reach the parameters: twice the derivative of one bias's sum
+    want_r1, want_r2 = _kerple_sum_grads(kerple.r1, kerple.r2, "log", _past_distances(5))
+    torch.testing.assert_close(kerple.r1.grad.double(), 2 * want_r1, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(kerple.r2.grad.double(), 2 * want_r2, rtol=1e-6, atol=1e-7)
 
 
 def test_kerple_bad_variant_is_a_clear_error():
@@ -172,6 +196,12 @@ def test_t5_bias_looks_up_the_table():
         torch.testing.assert_close(bias[:, i, j], t5.table[bucket], rtol=0, atol=0)
     bias.sum().backward()
     assert t5.table.grad.abs().sum() > 0
+    # every (query, key) pair adds 1 to its bucket's row, for every head: the gradient counts the pairs per bucket
+    counts = torch.zeros(32)
+    for i in range(20):
+        for j in range(20):
+            counts[_t5_reference_bucket(j - i, True, 32, 128)] += 1
+    assert counts.sum() == 400 and torch.equal(t5.table.grad, counts[:, None].expand(32, 3))
 
 
 def test_t5_is_text_only_and_checks_its_buckets():

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -45,6 +47,34 @@ def _attend(pe: PositionalEncoding, x: torch.Tensor, pos: torch.Tensor, qkv: nn.
     return y.transpose(1, 2).reshape(B, T, C)
 
 
+def _assert_gradients_match_finite_differences(
+    loss64: Callable[[], torch.Tensor], tensors64: dict[str, torch.Tensor], grads: dict[str, torch.Tensor]
+) -> None:
+    """Each autograd gradient in ``grads`` (float32) agrees with a float64 central difference of ``loss64``:
+    ⟨g, v⟩ = (L(t + h·v) − L(t − h·v)) / 2h along a random v, moving one float64 tensor t of ``tensors64`` at a time.
+    h = 1e-4: the O(h²) truncation and the float64 rounding (~1e-12) are far below float32's ~1e-6 relative error."""
+    gen, h = torch.Generator().manual_seed(0), 1e-4
+    assert set(grads) == set(tensors64)
+    for name, t in tensors64.items():
+        v = torch.randn(t.shape, generator=gen, dtype=torch.float64)
+        with torch.no_grad():
+            t.add_(h * v)
+            up = float(loss64())
+            t.sub_(2 * h * v)
+            down = float(loss64())
+            t.add_(h * v)
+        g = grads[name].double()
+        # a gradient off by more than ~1e-4 of its size moves ⟨g, v⟩ by more than this
+        along = float((g * v).sum())
+        tolerance = 1e-4 * abs(along) + 1e-6 * float(g.norm() * v.norm())
+        assert along == pytest.approx((up - down) / (2 * h), abs=tolerance), name
+
+
+def _double_copy(pe: PositionalEncoding, qkv: nn.Linear) -> tuple[PositionalEncoding, nn.Linear]:
+    """float64 copies of an encoding and its projection, for the finite differences."""
+    return copy.deepcopy(pe).double(), copy.deepcopy(qkv).double()
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_forward_backward_state_dict_and_longer_text(name):
     pe = _build(name)
@@ -52,12 +82,20 @@ def test_forward_backward_state_dict_and_longer_text(name):
     torch.manual_seed(1)
     qkv = nn.Linear(32, 96)
     x = torch.randn(2, 16, 32, requires_grad=True)
+    pe64, qkv64 = _double_copy(pe, qkv)
     y = _attend(pe, x, positions_1d(16), qkv, causal=True)
     assert y.shape == (2, 16, 32) and torch.isfinite(y).all()
     y.square().mean().backward()
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     for pname, p in pe.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, pname
+    # the gradients are the derivatives: the input's and every parameter's, against finite differences
+    x64 = x.detach().double()
+    _assert_gradients_match_finite_differences(
+        lambda: _attend(pe64, x64, positions_1d(16), qkv64, causal=True).square().mean(),
+        {"x": x64, **dict(pe64.named_parameters())},
+        {"x": x.grad, **{pname: p.grad for pname, p in pe.named_parameters()}},
+    )
 
     # state-dict round trip: a differently seeded copy loaded from it gives the same outputs
     other = _build(name, seed=123)
@@ -69,9 +107,15 @@ def test_forward_backward_state_dict_and_longer_text(name):
 
     # evaluation at 2.5× the training length
     pe.eval()
+    x_long = torch.randn(1, 40, 32)
     with torch.inference_mode():
-        long = _attend(pe, torch.randn(1, 40, 32), positions_1d(40), qkv, causal=True)
+        long = _attend(pe, x_long, positions_1d(40), qkv, causal=True)
+        prefix = _attend(pe, x_long[:, :16], positions_1d(16), qkv, causal=True)
     assert long.shape == (1, 40, 32) and torch.isfinite(long).all()
+    if name == "learned":  # its 16-row table is stretched over the 40 positions: the first 16 move too
+        assert not torch.allclose(long[:, :16], prefix, atol=1e-3)
+    else:  # causal attention: the first 16 outputs see only the first 16 tokens, at unchanged positions
+        torch.testing.assert_close(long[:, :16], prefix, rtol=0, atol=1e-6)
     # ... and training again afterwards (nothing built under inference_mode leaks into autograd)
     pe.train()
     _attend(pe, x, positions_1d(16), qkv, causal=True).sum().backward()
@@ -87,11 +131,18 @@ def test_image_grids_train_and_evaluate_larger(name):
     torch.manual_seed(2)
     qkv = nn.Linear(32, 96)
     x = torch.randn(2, 16, 32, requires_grad=True)
+    pe64, qkv64 = _double_copy(pe, qkv)
     y = _attend(pe, x, positions_2d(4, 4), qkv, causal=False)
     assert torch.isfinite(y).all()
     y.square().mean().backward()
     for pname, p in pe.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, pname
+    x64 = x.detach().double()
+    _assert_gradients_match_finite_differences(
+        lambda: _attend(pe64, x64, positions_2d(4, 4), qkv64, causal=False).square().mean(),
+        {"x": x64, **dict(pe64.named_parameters())},
+        {"x": x.grad, **{pname: p.grad for pname, p in pe.named_parameters()}},
+    )
     if name != "none":  # positions matter: shuffling the tokens' grid positions changes the output
         swapped = positions_2d(4, 4)[torch.randperm(16, generator=torch.Generator().manual_seed(0))]
         with torch.no_grad():
@@ -117,7 +168,10 @@ def test_tiny_gpt_trains_round_trips_and_evaluates_longer(name):
     longer = torch.randint(0, 256, (1, 40))
     with torch.no_grad():
         logits = model(longer)
+        prefix = model(longer[:, :16])
     assert logits.shape == (1, 40, 256) and torch.isfinite(logits).all()
+    if name != "learned":  # a causal LM's first 16 logits see only the first 16 bytes (learned stretches its table)
+        torch.testing.assert_close(logits[:, :16], prefix, rtol=0, atol=1e-5)
 
     # state-dict round trip of the whole GPT: a differently seeded copy gives the same logits, longer length too
     torch.manual_seed(4)

@@ -61,9 +61,16 @@ def test_resize_makes_the_resampling_permanent():
 
 
 def test_backward_reaches_the_table():
+    torch.manual_seed(3)
     pe = LearnedPE(dim=8, grid=(3, 3))
-    pe.embed(torch.randn(2, 16, 8), positions_2d(4, 4)).square().sum().backward()
+    x = torch.randn(2, 16, 8)
+    pe.embed(x, positions_2d(4, 4)).square().sum().backward()
     assert pe.table.grad is not None and pe.table.grad.abs().sum() > 0
+    # the same loss through timm's resampling of a copy of the table: the gradient is the resampling's adjoint
+    table = pe.table.detach().clone().requires_grad_()
+    resampled = resample_abs_pos_embed(table.reshape(1, 9, 8), [4, 4], old_size=[3, 3], num_prefix_tokens=0)
+    (x + resampled).square().sum().backward()
+    torch.testing.assert_close(pe.table.grad, table.grad, rtol=1e-5, atol=1e-6)
 
 
 def test_dimensionality_mismatch_is_a_clear_error():
