@@ -297,14 +297,18 @@ def call_with_options(factory: Any, what: str, options: Mapping[str, Any], conte
 
 def _check_option_types(factory: Any, what: str, options: Mapping[str, Any]) -> None:
     """Each option matches its constructor annotation where that is a plain type (bool, int, float,
-    str, a Literal, a list or tuple, a mapping, or an Optional / union of those)."""
+    str, a Literal, a list or tuple, a mapping, or an Optional / union of those); an option a
+    constructor passes on through ``**kwargs`` is checked against the base that names it."""
     import typing
 
-    fn = factory.__init__ if inspect.isclass(factory) else factory
-    try:
-        hints = typing.get_type_hints(fn)
-    except Exception:  # annotations that do not resolve here are the plugin's business
-        return
+    classes = [c for c in factory.__mro__ if "__init__" in vars(c)] if inspect.isclass(factory) else []
+    hints: dict[str, Any] = {}
+    for fn in [c.__init__ for c in classes] or [factory]:
+        try:
+            own = typing.get_type_hints(fn)
+        except Exception:  # annotations that do not resolve here are the plugin's business
+            own = {}
+        hints = {**own, **hints}  # the subclass's own annotation wins
     for key, value in options.items():
         if key in hints and not _matches(value, hints[key]):
             raise LowbitError(f"{what} option '{key}' must be {_type_name(hints[key])}, got {value!r}")

@@ -84,19 +84,19 @@ class DiffusionTransformer(ModelPlugin):
     def __init__(
         self,
         *,
-        image_size: int,
-        patch_size: int,
-        in_chans: int,
-        num_classes: int,
-        dim: int,
-        n_heads: int,
-        class_dropout: float,
-        posenc: str | Mapping[str, Any],
-        norm: str,
-        freq_dim: int,
-        model: str,
+        image_size: int = 8,
+        patch_size: int = 2,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        dim: int = 128,
+        n_heads: int = 4,
+        class_dropout: float = 0.1,
+        posenc: str | Mapping[str, Any] = "sinusoidal",
+        norm: str = "layernorm",
+        freq_dim: int = 256,
     ) -> None:
         super().__init__()
+        self.dim, self.n_heads, self.norm = dim, n_heads, norm  # what a subclass's trunk is built with
         check_patches(image_size, patch_size)
         check_heads(dim, n_heads)
         if not 0 <= class_dropout < 1:
@@ -108,7 +108,7 @@ class DiffusionTransformer(ModelPlugin):
             num_classes,
         )
         self.grid = (image_size // patch_size, image_size // patch_size)
-        self.posenc = build_grid_posenc(posenc, dim=dim, n_heads=n_heads, grid=self.grid, model=model)
+        self.posenc = build_grid_posenc(posenc, dim=dim, n_heads=n_heads, grid=self.grid, model=type(self).__name__)
         self.patch_embed = PatchEmbed(patch_size, in_chans, dim)
         self.t_embed = TimestepEmbedder(dim, freq_dim)
         self.y_embed = LabelEmbedder(num_classes, dim, class_dropout)
@@ -178,37 +178,10 @@ class DiT(DiffusionTransformer):
         freq_dim: width of the sinusoidal timestep features.
     """
 
-    def __init__(
-        self,
-        *,
-        image_size: int = 8,
-        patch_size: int = 2,
-        in_chans: int = 1,
-        num_classes: int = 10,
-        dim: int = 128,
-        n_layers: int = 6,
-        n_heads: int = 4,
-        mlp_ratio: float = 8 / 3,
-        class_dropout: float = 0.1,
-        posenc: str | Mapping[str, Any] = "sinusoidal",
-        bias: bool = True,
-        norm: str = "layernorm",
-        freq_dim: int = 256,
-    ) -> None:
-        super().__init__(
-            image_size=image_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            dim=dim,
-            n_heads=n_heads,
-            class_dropout=class_dropout,
-            posenc=posenc,
-            norm=norm,
-            freq_dim=freq_dim,
-            model="DiT",
-        )
-        self.blocks = nn.ModuleList(AdaLNBlock(dim, n_heads, mlp_ratio, bias, norm) for _ in range(n_layers))
+    def __init__(self, *, n_layers: int = 6, mlp_ratio: float = 8 / 3, bias: bool = True, **backbone: Any) -> None:
+        super().__init__(**backbone)  # the options DiffusionTransformer names
+        block = lambda: AdaLNBlock(self.dim, self.n_heads, mlp_ratio, bias, self.norm)
+        self.blocks = nn.ModuleList(block() for _ in range(n_layers))
         self._init_weights()
 
     @property

@@ -96,35 +96,15 @@ class FPDM(DiffusionTransformer):
     def __init__(
         self,
         *,
-        image_size: int = 8,
-        patch_size: int = 2,
-        in_chans: int = 1,
-        num_classes: int = 10,
-        dim: int = 128,
         n_pre: int = 1,
         n_post: int = 1,
-        n_heads: int = 4,
         mlp_ratio: float = 8 / 3,
-        class_dropout: float = 0.1,
-        posenc: str | Mapping[str, Any] = "sinusoidal",
         bias: bool = True,
-        norm: str = "layernorm",
-        freq_dim: int = 256,
         deq: Mapping[str, Any] | None = None,
+        **backbone: Any,
     ) -> None:
-        super().__init__(
-            image_size=image_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            num_classes=num_classes,
-            dim=dim,
-            n_heads=n_heads,
-            class_dropout=class_dropout,
-            posenc=posenc,
-            norm=norm,
-            freq_dim=freq_dim,
-            model="FPDM",
-        )
+        super().__init__(**backbone)  # the options DiffusionTransformer names
+        dim, n_heads, norm = self.dim, self.n_heads, self.norm
         for what, n in (("n_pre", n_pre), ("n_post", n_post)):
             if isinstance(n, bool) or not isinstance(n, int) or n < 0:
                 raise LowbitError(f"model.{what} must be an integer >= 0, got {n!r}")
