@@ -184,8 +184,8 @@ def _check_types(cfg: DictConfig, overrides: Sequence[str], groups: set[str]) ->
         others = ", ".join(k for k in base[group] if k != "name") if new_name is not None else ""
         if new_name is not None and new_name != base[group].name and others and new_name in _plugin_names(group):
             raise LowbitError(
-                f"{o.key_or_group}={OmegaConf.select(cfg, o.key_or_group)} would keep {base[group].name}'s options "
-                f"({others}); select the plugin with {group}={OmegaConf.select(cfg, o.key_or_group)}"
+                f"{o.key_or_group}={new_name} would keep {base[group].name}'s options ({others}); "
+                f"select the plugin with {group}={new_name}"
             )
         default = OmegaConf.select(base, o.key_or_group, default=None, throw_on_missing=False)
         value = OmegaConf.select(cfg, o.key_or_group, default=None, throw_on_missing=False)

@@ -180,8 +180,9 @@ class DiT(DiffusionTransformer):
 
     def __init__(self, *, n_layers: int = 6, mlp_ratio: float = 8 / 3, bias: bool = True, **backbone: Any) -> None:
         super().__init__(**backbone)  # the options DiffusionTransformer names
-        block = lambda: AdaLNBlock(self.dim, self.n_heads, mlp_ratio, bias, self.norm)
-        self.blocks = nn.ModuleList(block() for _ in range(n_layers))
+        self.blocks = nn.ModuleList(
+            AdaLNBlock(self.dim, self.n_heads, mlp_ratio, bias, self.norm) for _ in range(n_layers)
+        )
         self._init_weights()
 
     @property

@@ -42,6 +42,8 @@ class Backend(Protocol):
 
     def matmul(self, qa: Any, qb: Any, dtype: torch.dtype) -> torch.Tensor: ...
 
+    def check(self, recipe: GemmRecipe) -> None: ...
+
 
 class EmulateBackend:
     """Quantize and dequantize each operand with the numerics, then ``qa @ qb.T`` in ``dtype``."""
@@ -55,6 +57,9 @@ class EmulateBackend:
 
     def supports(self, spec: QuantSpec | None) -> bool:
         return True
+
+    def check(self, recipe: GemmRecipe) -> None:
+        """Nothing to check: the emulation takes every spec on every device."""
 
     def quantize(self, layer: QuantLinear, t: torch.Tensor, operand: str, dtype: torch.dtype) -> torch.Tensor:
         """One operand (``fprop.x``, ...) through its spec, dequantized, in the compute dtype."""
@@ -128,7 +133,10 @@ class TritonBackend:
         return True
 
     def check(self, recipe: GemmRecipe) -> None:
-        """Backend ``triton``: a CUDA GPU, an importable ``lowbit.kernels``, kernels for every quantized operand."""
+        """Backend ``triton`` (``required``): a CUDA GPU, an importable ``lowbit.kernels``, kernels for
+        every quantized operand. Under ``auto`` nothing: what the kernels lack is emulated."""
+        if not self.required:
+            return
         if not torch.cuda.is_available():
             raise LowbitError(
                 "QuantLinear backend 'triton' needs a CUDA GPU and none is available; use backend auto or emulate"
@@ -198,6 +206,5 @@ def chain(backend: str, recipe: GemmRecipe) -> tuple[Backend, ...]:
         raise LowbitError(f"unknown QuantLinear backend '{backend}'; valid: {', '.join(CHAINS)}")
     backends = CHAINS[backend]()
     for b in backends:
-        if getattr(b, "required", False):
-            b.check(recipe)
+        b.check(recipe)
     return backends

@@ -113,7 +113,7 @@ class _QuantLinearFn(torch.autograd.Function):
         n = dy2.shape[0]
         dx = dw = db = None
         dy_pad = _pad_rows(dy2, tokens)  # (N', out)
-        dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)  # fused
+        dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)
         if ctx.needs_input_grad[0]:
             # Q(Wᵀ) laid out as quantizing Wᵀ lays it out: (in, out), contiguous
             w_q = tiled_contiguous(weight.t()) if ctx.shares_weight else None
