@@ -1,8 +1,9 @@
-"""Command line: ``train recipe=NAME [overrides]`` and ``lowbit {train,plugins,recipes,bench}``.
+"""Command line: ``train recipe=NAME [overrides]`` and ``lowbit {train,plugins,recipes,compare,plot,bench}``.
 
-Overrides use Hydra's grammar (``a.b=v``, ``+a.b=v``, ``~a.b``, ``group=option``); ``-m`` runs
-one job per combination of comma-separated values. A user error prints one line and exits 2
-(``--verbose`` shows the traceback).
+``train`` is a Hydra application: Hydra's flags (``--cfg job``, ``--info``, ``-m``, ``-cn``/``-cd``),
+override grammar (``a.b=v``, ``+a.b=v``, ``~a.b``, ``group=option``), sweepers and launchers
+(``hydra/launcher=joblib``, ``hydra/sweeper=optuna``) and output directories (``hydra.run.dir``,
+``.hydra/``). A user error prints one line and exits 2 (``--verbose`` shows the traceback).
 """
 
 from __future__ import annotations
@@ -16,15 +17,7 @@ from lowbit.errors import LowbitError
 
 __all__ = ["main", "train_main"]
 
-USAGE_TRAIN = """usage: train [-m] [--cfg] [--verbose] [recipe=NAME] [KEY=VALUE ...]
-
-  recipe=NAME      a recipe (lowbit recipes lists them); default: the base config
-  KEY=VALUE        override a config value (trainer.max_steps=50), +KEY=VALUE adds one, ~KEY removes one
-  GROUP=OPTION     pick a component (model=gpt, posenc=rope, precision=bf16, data=text, debug=smoke)
-  -m, --multirun   one run per combination of comma-separated values (seed=1,2 recipe=a,b)
-  --cfg            print the composed config and exit
-  --verbose        show tracebacks for errors
-"""
+VERBOSE_LOGGING = "hydra.job_logging.handlers.console_libraries.level=INFO"
 
 
 def _split_flags(argv: Sequence[str], flags: set[str]) -> tuple[set[str], list[str]]:
@@ -35,7 +28,7 @@ def _split_flags(argv: Sequence[str], flags: set[str]) -> tuple[set[str], list[s
 def _guard(fn: Callable[[list[str]], int], argv: list[str], verbose: bool) -> int:
     """Run ``fn``; turn a LowbitError (or a config error) into one line on stderr and exit code 2."""
     try:
-        return fn(argv)
+        return int(fn(argv) or 0)
     except LowbitError as err:
         if verbose:
             raise
@@ -46,29 +39,105 @@ def _guard(fn: Callable[[list[str]], int], argv: list[str], verbose: bool) -> in
         return 130
 
 
-def _train(argv: list[str]) -> int:
-    from lowbit.config import compose, expand_sweeps, to_yaml
+def _parser():
+    """Hydra's own argument parser (every Hydra flag), with one-line errors."""
+    from hydra._internal.utils import get_args_parser
 
-    flags, overrides = _split_flags(argv, {"-m", "--multirun", "--cfg", "-h", "--help"})
-    if flags & {"-h", "--help"}:
-        print(USAGE_TRAIN)
-        return 0
-    bad = [a for a in overrides if a.startswith("-")]
-    if bad:
-        raise LowbitError(f"unknown flag '{bad[0]}'; valid: -m/--multirun, --cfg, --verbose, -h/--help")
-    jobs = expand_sweeps(overrides) if flags & {"-m", "--multirun"} else [overrides]
-    composed = [compose(job) for job in jobs]  # every job's config is checked before any trains
-    if "--cfg" in flags:
-        for c in composed:
-            print(to_yaml(c.cfg))
-        return 0
+    parser = get_args_parser()
+    parser.prog = "train"
+
+    def error(message: str):
+        raise LowbitError(f"{message} (train --help, train --hydra-help)")
+
+    parser.error = error
+    return parser
+
+
+def _validate(args) -> list:
+    """Compose every job of the command before Hydra runs any, so a bad override, unknown option or
+    wrongly typed value is one line and nothing is created; a sweep over many jobs checks each."""
+    from lowbit.config import compose, expand_sweeps
+
+    if args.info or args.help or args.hydra_help or args.shell_completion:
+        return []
+    jobs = expand_sweeps(args.overrides) if args.multirun else [args.overrides]
+    return [compose(job) for job in jobs]
+
+
+_FAILED: list[LowbitError] = []  # a single run's error, raised once Hydra has returned
+_EXISTED: set = set()  # run directories that were there before this command (never removed)
+
+
+def _task(cfg) -> float | None:
+    """One Hydra job: train the composed config in Hydra's output directory; the final
+    ``val/loss`` is the job's return value (a sweeper such as Optuna minimises it).
+
+    A user error in a single run is kept for ``_train`` to print as one line (Hydra would print
+    its job banner first), and the run directory Hydra made for it is removed when nothing but
+    Hydra's files is in it; in a sweep the error propagates, so Hydra names the failing job."""
+    import logging
+    import shutil
+    from pathlib import Path
+
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    from lowbit.config import Composed
     from lowbit.run import train
 
-    for i, (job, c) in enumerate(zip(jobs, composed)):
-        if len(jobs) > 1:
-            print(f"[job {i + 1}/{len(jobs)}] {' '.join(job)}")
-        train(c)
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    composed = Composed(cfg, dict(hydra_cfg.runtime.choices), tuple(hydra_cfg.overrides.task), run_dir)
+    try:
+        result = train(composed, echo=logging.getLogger("lowbit").info)
+    except LowbitError as err:
+        if hydra_cfg.mode != RunMode.RUN:
+            raise
+        only_hydra = {p.name for p in run_dir.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log"}
+        if only_hydra and run_dir.resolve() not in _EXISTED:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        _FAILED.append(err)
+        return None
+    return result.metrics.get("val/loss")
+
+
+def _train(argv: list[str]) -> int:
+    """``train`` is a Hydra application: Hydra's parser, config loading, sweepers, launchers and
+    output directories; lowbit checks every job first and turns errors into one line."""
+    import os
+
+    from hydra import version
+    from hydra._internal.utils import _run_hydra
+
+    from lowbit.config import PRIMARY, hydra_error, one_line
+
+    parser = _parser()
+    args = parser.parse_args(argv)
+    composed = _validate(args)
+    _FAILED.clear()
+    _EXISTED.clear()
+    _EXISTED.update(c.run_dir.resolve() for c in composed if c.run_dir is not None and c.run_dir.exists())
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; _guard prints one line
+    version.setbase("1.3")
+    try:
+        _run_hydra(
+            args=args, args_parser=parser, task_function=_task, config_path=f"pkg://{PRIMARY}", config_name="config"
+        )
+    except Exception as err:
+        converted = hydra_error(err, args.overrides)
+        if converted is err and not _raised_in_job(err):
+            converted = LowbitError(one_line(err))  # Hydra's own checks (flags, launcher, sweeper): one line
+        raise converted from err
+    if _FAILED:
+        raise _FAILED[0]
     return 0
+
+
+def _raised_in_job(err: BaseException) -> bool:
+    """Whether ``err`` came from inside a job (a bug there keeps its traceback) rather than from Hydra."""
+    import traceback
+
+    return any(frame.f_code is _task.__code__ for frame, _ in traceback.walk_tb(err.__traceback__))
 
 
 def _plugins(argv: list[str]) -> int:
@@ -88,6 +157,18 @@ def _recipes(argv: list[str]) -> int:
     return 0
 
 
+def _compare(argv: list[str]) -> int:
+    from lowbit.compare import compare_main
+
+    return compare_main(argv)
+
+
+def _plot(argv: list[str]) -> int:
+    from lowbit.compare import plot_main
+
+    return plot_main(argv)
+
+
 def _benches() -> dict[str, str]:
     import lowbit.bench
 
@@ -100,6 +181,12 @@ def _benches() -> dict[str, str]:
 
 def _bench(argv: list[str]) -> int:
     benches = _benches()
+    if argv and argv[0] in ("-h", "--help"):
+        print("usage: lowbit bench NAME [ARGS] (lowbit bench NAME --help)\n")
+        for name, module in sorted(benches.items()):
+            doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()
+            print(f"  {name:<14} {doc[0] if doc else ''}")
+        return 0
     if not argv or argv[0] not in benches:
         got = f" '{argv[0]}'" if argv else ""
         raise LowbitError(f"unknown bench{got}; valid: {', '.join(sorted(benches))} (lowbit bench NAME --help)")
@@ -116,6 +203,8 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "train": (_train, "train a recipe: lowbit train recipe=NAME [overrides] (same as `train`)"),
     "plugins": (_plugins, "list every plugin: group, name, distribution, version, status"),
     "recipes": (_recipes, "list recipes with a one-line description"),
+    "compare": (_compare, "finished runs side by side against a BF16 baseline: markdown table + loss/gap PNGs"),
+    "plot": (_plot, "loss and gap-to-baseline curves of finished runs as PNGs"),
     "bench": (_bench, "run a benchmark: lowbit bench NAME"),
 }
 
@@ -131,12 +220,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args[0] not in COMMANDS:
         print(f"error: unknown command '{args[0]}'; valid: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if args[0] in ("plugins", "recipes") and args[1:]:
+        if args[1] in ("-h", "--help"):
+            print(f"usage: lowbit {args[0]}\n\n  {COMMANDS[args[0]][1]}")
+            return 0
+        print(f"error: lowbit {args[0]} takes no arguments, got '{args[1]}' (lowbit {args[0]} --help)", file=sys.stderr)
+        return 2
     return _guard(COMMANDS[args[0]][0], args[1:], bool(flags))
 
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``train recipe=NAME [overrides]``"""
     flags, args = _split_flags(list(sys.argv[1:] if argv is None else argv), {"--verbose"})
+    if flags:
+        args.append(VERBOSE_LOGGING)  # other libraries' info lines on the console too
     return _guard(_train, args, bool(flags))
 
 

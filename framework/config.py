@@ -1,10 +1,12 @@
-"""Config composition: Hydra's compose API and override grammar over every recipe package.
+"""Config composition: Hydra's config search path, override grammar and compose API.
 
-``compose(["recipe=nvfp4_llm", "trainer.max_steps=50"])`` returns the run's DictConfig (struct
-mode, so a typo in a key is an error, not a new key). Recipe packages are ``lowbit.recipes``
-plus every package registered under the ``lowbit.recipes`` entry-point group, in that order.
-``expand_sweeps`` turns ``-m`` overrides (``seed=1,2``) into one override list per job.
-Every Hydra/OmegaConf failure becomes one ``LowbitError`` line.
+``train`` is a Hydra application (``lowbit.cli``); ``compose(["recipe=nvfp4_llm",
+"trainer.max_steps=50"])`` gives the same run config to library code and tests (struct mode, so
+a typo in a key is an error, not a new key). Recipe packages are ``lowbit.recipes`` (the primary
+config) plus every package registered under the ``lowbit.recipes`` entry-point group; plugins
+without YAML get generated configs (``lowbit.hydra_plugins``). ``expand_sweeps`` turns ``-m``
+overrides (``seed=1,2``) into one override list per job, so every job is checked before any
+runs. Every Hydra/OmegaConf failure becomes one ``LowbitError`` line.
 """
 
 from __future__ import annotations
@@ -19,12 +21,37 @@ from typing import Any
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 
+from lowbit import hydra_plugins
 from lowbit.errors import LowbitError
 from lowbit.registry import CONFIG_GROUPS, registry
 
-__all__ = ["Composed", "compose", "expand_sweeps", "list_recipes", "recipe_packages"]
+__all__ = [
+    "Composed",
+    "compose",
+    "expand_sweeps",
+    "hydra_error",
+    "list_recipes",
+    "one_line",
+    "recipe_packages",
+    "run_name",
+]
 
 PRIMARY = "lowbit.recipes"
+
+
+def run_name(*, _root_: DictConfig) -> str:
+    """``<recipe>-<precision>-<seed>`` (the model's name when no recipe is chosen): the default
+    ``name`` of a run, its W&B run name and its folder under ``runs/``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    choices = HydraConfig.get().runtime.choices if HydraConfig.initialized() else {}
+    first = choices.get("recipe") or OmegaConf.select(_root_, "model.name", default="run")
+    precision = OmegaConf.select(_root_, "precision.name", default=None) or choices.get("precision")
+    return "-".join(str(part) for part in (first, precision, OmegaConf.select(_root_, "seed")) if part is not None)
+
+
+OmegaConf.register_new_resolver("lowbit.run_name", run_name, replace=True)
+hydra_plugins.register()
 
 
 @dataclass(frozen=True)
@@ -34,6 +61,8 @@ class Composed:
     cfg: DictConfig
     choices: dict[str, str | None]
     overrides: tuple[str, ...] = ()
+    run_dir: Path | None = None  # Hydra's output directory (hydra.run.dir, or the sweep job's)
+    hydra: DictConfig | None = None  # Hydra's own config of the job, where composed by compose()
 
     @property
     def recipe(self) -> str | None:
@@ -71,7 +100,7 @@ def list_recipes() -> list[tuple[str, str, str]]:
     return [rows[k] for k in sorted(rows)]
 
 
-def _one_line(err: Exception) -> str:
+def one_line(err: Exception) -> str:
     text = str(err).strip().split("\nConfig search path:")[0]
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
 
@@ -81,53 +110,70 @@ def _group_options(loader: Any, group: str) -> list[str]:
 
 
 def compose(overrides: Sequence[str] = ()) -> Composed:
-    """Compose the primary config with ``overrides`` (Hydra grammar); one clear error on failure."""
+    """Compose the primary config with ``overrides`` (Hydra grammar); one clear error on failure.
+
+    The library's way to the config ``train`` builds (Hydra's compose API, same search path and
+    plugins); ``hydra.*`` overrides apply too, so ``hydra.run.dir=X`` sets the run directory."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
-    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
-    from omegaconf.errors import OmegaConfBaseException
+    from hydra.core.hydra_config import HydraConfig
 
     user_overrides = tuple(overrides)
-    packages, broken = recipe_packages()
-    searchpath = "hydra.searchpath=[" + ",".join(f"pkg://{p}" for p in packages[1:]) + "]"
-    overrides = [*overrides, searchpath]
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module=PRIMARY, version_base="1.3"):
-        loader = GlobalHydra.instance().config_loader()
-        groups = set(loader.list_groups(""))
-        generated: set[tuple[str, str]] = set()
-        while True:
+    try:
+        with initialize_config_module(config_module=PRIMARY, version_base="1.3"):
+            loader = GlobalHydra.instance().config_loader()
+            groups = set(loader.list_groups(""))
             try:
-                cfg = hydra_compose("config", overrides=overrides, return_hydra_config=True)
-                break
-            except MissingConfigException as err:
-                match = re.search(r"Could not find '([^/']+)/([^']+)'", str(err))
-                if not match:
-                    raise LowbitError(_one_line(err)) from err
-                group, option = match.groups()
-                if (group, option) not in generated and _store_plugin_config(group, option):
-                    generated.add((group, option))
-                    continue  # the plugin ships no YAML: its generated config is in Hydra's ConfigStore now
-                valid = ", ".join(sorted({*_group_options(loader, group), *_plugin_names(group)}))
-                hint = f" (lowbit {group}s)" if group == "recipe" else " (lowbit plugins)"
-                note = f"; note: {'; '.join(broken)}" if broken else ""
-                raise LowbitError(f"unknown {group} '{option}'; valid: {valid}{hint}{note}") from err
-            except OverrideParseException as err:
-                raise LowbitError(f"bad override: {_one_line(err)}") from err
-            except HydraException as err:
-                cause = err.__cause__
-                match = re.search(r"Could not override '([^']+)'", str(err))
-                if match and isinstance(cause, OmegaConfBaseException):
-                    raise LowbitError(_unknown_key_message(match.group(1), _selections(overrides, groups))) from err
-                raise LowbitError(_one_line(err)) from err
-            except OmegaConfBaseException as err:
-                raise LowbitError(_one_line(err)) from err
-        choices = dict(OmegaConf.to_container(cfg.hydra.runtime.choices))
+                cfg = hydra_compose("config", overrides=list(overrides), return_hydra_config=True)
+            except Exception as err:
+                raise hydra_error(err, overrides, loader) from err
+    finally:
+        GlobalHydra.instance().clear()
+    HydraConfig.instance().set_config(cfg)  # ${name} and hydra.run.dir read the choices from it
+    choices = dict(OmegaConf.to_container(cfg.hydra.runtime.choices))
+    run_dir = Path(str(cfg.hydra.run.dir))
+    hydra = OmegaConf.create(OmegaConf.to_container(cfg.hydra))
     with open_dict(cfg):
         del cfg["hydra"]
     _check_types(cfg, overrides, groups)
-    return Composed(cfg, choices, user_overrides)
+    return Composed(cfg, choices, user_overrides, run_dir, hydra)
+
+
+def hydra_error(err: Exception, overrides: Sequence[str], loader: Any = None) -> Exception:
+    """One ``LowbitError`` line for an error Hydra or OmegaConf raised while composing ``overrides``:
+    an unknown option lists the valid ones, an unknown key the keys beside it; anything else
+    (a LowbitError from a plugin's config, say) is returned unchanged."""
+    from hydra.errors import HydraException, MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = err
+    while cause is not None and not isinstance(cause, LowbitError):
+        cause = cause.__cause__
+    if cause is not None:
+        return cause
+    if isinstance(err, MissingConfigException):
+        match = re.search(r"Could not (?:find|load) '([^']+)/([^/']+)'", str(err))
+        if not match or loader is None:
+            return LowbitError(one_line(err))
+        group, option = match.groups()
+        valid = ", ".join(sorted({*_group_options(loader, group), *_plugin_names(group)}))
+        hint = {"recipe": " (lowbit recipes)", **dict.fromkeys(CONFIG_GROUPS, " (lowbit plugins)")}.get(group, "")
+        broken = recipe_packages()[1]
+        note = f"; note: {'; '.join(broken)}" if broken else ""
+        return LowbitError(f"unknown {group} '{option}'; valid: {valid}{hint}{note}")
+    if isinstance(err, OverrideParseException):
+        return LowbitError(f"bad override: {one_line(err)}")
+    if isinstance(err, HydraException):
+        match = re.search(r"Could not override '([^']+)'", str(err))
+        if match and isinstance(err.__cause__, OmegaConfBaseException) and loader is not None:
+            groups = set(loader.list_groups(""))
+            return LowbitError(_unknown_key_message(match.group(1), _selections(overrides, groups)))
+        return LowbitError(one_line(err))
+    if isinstance(err, OmegaConfBaseException):
+        return LowbitError(one_line(err))
+    return err
 
 
 def _plugin_names(group: str) -> list[str]:
@@ -135,23 +181,10 @@ def _plugin_names(group: str) -> list[str]:
     return registry.names(CONFIG_GROUPS[group]) if group in CONFIG_GROUPS else []
 
 
-def _store_plugin_config(group: str, option: str) -> bool:
-    """Put the generated config of an installed plugin without YAML into Hydra's ConfigStore, so
-    ``precision=NAME`` selects it like any other option; False when no such plugin is installed.
-    A plugin that fails to import stops here with its own error (never "unknown")."""
-    from hydra.core.config_store import ConfigStore
-
-    if option not in _plugin_names(group):
-        return False
-    node = registry.default_config(CONFIG_GROUPS[group], option)
-    ConfigStore.instance().store(group=group, name=option, node=node, provider="lowbit")
-    return True
-
-
 def _parse(overrides: Sequence[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    return OverridesParser.create().parse_overrides([o for o in overrides if not o.startswith("hydra.")])
+    return OverridesParser.create().parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
 
 
 def _selections(overrides: Sequence[str], groups: set[str]) -> list[str]:
@@ -211,20 +244,31 @@ def _same_kind(default: Any, value: Any) -> bool:
 
 
 def expand_sweeps(overrides: Sequence[str]) -> list[list[str]]:
-    """Hydra's basic sweeper: the cartesian product of every ``key=a,b`` / ``range()`` / ``choice()``."""
+    """Hydra's basic sweeper: the cartesian product of every ``key=a,b``, ``range()``, ``choice()``
+    and ``glob()`` (over the group's options). A continuous sweep (``interval()``, for a sweeper
+    such as Optuna) is left out: the jobs keep the key's configured value."""
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import OverrideParseException
 
+    GlobalHydra.instance().clear()
     try:
-        parsed = _parse(overrides)
-    except OverrideParseException as err:
-        raise LowbitError(f"bad override: {_one_line(err)}") from err
-    axes = []
-    for o in parsed:
-        if o.is_sweep_override():
-            key = o.get_key_element()
-            axes.append([f"{key}={v}" for v in o.sweep_string_iterator()])
-        else:
-            axes.append([o.input_line])
+        with initialize_config_module(config_module=PRIMARY, version_base="1.3"):
+            parser = OverridesParser.create(config_loader=GlobalHydra.instance().config_loader())
+            try:
+                parsed = parser.parse_overrides([o for o in overrides if not o.lstrip("+~").startswith("hydra")])
+            except OverrideParseException as err:
+                raise LowbitError(f"bad override: {one_line(err)}") from err
+            axes = [[o] for o in overrides if o.lstrip("+~").startswith("hydra")]
+            for o in parsed:
+                if not o.is_sweep_override():
+                    axes.append([o.input_line])
+                elif o.is_discrete_sweep():
+                    prefix = o.get_key_element()
+                    axes.append([f"{prefix}={v}" for v in o.sweep_string_iterator()])
+    finally:
+        GlobalHydra.instance().clear()
     return [list(job) for job in itertools.product(*axes)]
 
 
@@ -251,4 +295,4 @@ def plain(node: Any) -> Any:
             "(e.g. model=vit needs image data such as data=digits, model=gpt text data)"
         ) from err
     except InterpolationResolutionError as err:
-        raise LowbitError(f"{getattr(err, 'full_key', '?')}: {_one_line(err)}") from err
+        raise LowbitError(f"{getattr(err, 'full_key', '?')}: {one_line(err)}") from err

@@ -1,15 +1,17 @@
 """Loggers: Weights & Biases (online when it can reach the service with credentials, offline
-otherwise, never hanging) and a CSV log that is always written."""
+otherwise, never hanging; one W&B run per job, finished at its end) and a CSV log that is always
+written."""
 
 from __future__ import annotations
 
 import netrc
 import os
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_loggers", "wandb_mode"]
+__all__ = ["build_loggers", "describe", "finish", "tags", "wandb_mode", "wandb_run_id"]
 
 _WANDB_HOST = "api.wandb.ai"
 
@@ -38,29 +40,97 @@ def wandb_mode() -> str:
     return "online" if _has_credentials() and _reachable(_WANDB_HOST) else "offline"
 
 
+def tags(choices: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
+    """W&B tags from what the run actually chose (recipe, precision, model, data, task), then the
+    user's ``logger.tags``; no duplicates, no empty choices."""
+    picked = [choices.get(group) for group in ("recipe", "precision", "model", "data", "task", "posenc")]
+    out: list[str] = []
+    for tag in [*picked, *extra]:
+        if tag and str(tag) not in out:
+            out.append(str(tag))
+    return out
+
+
+def wandb_run_id(run_dir: Path) -> str | None:
+    """The id of the newest W&B run logged in ``run_dir`` (``wandb/[offline-]run-<time>-<id>``), so a
+    resumed run continues it; None when the run logged none."""
+    runs = sorted((run_dir / "wandb").glob("*run-*-*"), key=lambda p: p.name.split("run-", 1)[1])
+    return runs[-1].name.rsplit("-", 1)[1] if runs else None
+
+
 def build_loggers(
-    logger_cfg: dict[str, Any], run_dir: Path, run_name: str, group: str, hparams: dict[str, Any]
+    logger_cfg: dict[str, Any],
+    run_dir: Path,
+    name: str,
+    group: str,
+    tags: Sequence[str],
+    hparams: dict[str, Any],
+    run_id: str | None = None,
 ) -> list:
-    """CSV always (``run_dir/csv/metrics.csv``); W&B when ``logger.wandb`` is true."""
+    """CSV always (``run_dir/csv/metrics.csv``); W&B when ``logger.wandb`` is true: one run named
+    ``name`` in ``logger.group`` (default ``group``: the experiment), continuing ``run_id`` when given."""
     from lightning.pytorch.loggers import CSVLogger
 
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
     if logger_cfg.get("wandb", True):
         from lightning.pytorch.loggers import WandbLogger
 
+        import wandb
+
         mode = wandb_mode()
-        extra = {"mode": "disabled"} if mode == "disabled" else {}
+        extra: dict[str, Any] = {"mode": "disabled"} if mode == "disabled" else {}
+        if run_id:
+            extra.update(id=run_id, resume="allow")
         loggers.append(
             WandbLogger(
                 project=logger_cfg.get("project", "lowbit"),
                 group=logger_cfg.get("group") or group,
-                tags=list(logger_cfg.get("tags") or []),
-                name=run_name,
+                tags=list(tags),
+                name=name,
                 save_dir=str(run_dir),
                 offline=mode in ("offline", "dryrun"),
+                reinit="finish_previous",  # one W&B run per job, also when a sweep runs jobs in one process
+                settings=wandb.Settings(silent=True),  # where the run is: describe(); the rest in its debug log
                 **extra,
             )
         )
     for lg in loggers:
         lg.log_hyperparams(hparams)
     return loggers
+
+
+def describe(loggers: Sequence[Any]) -> str | None:
+    """``W&B: offline run <name> (<id>), group <group>: wandb sync <dir>`` or the run's URL online."""
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if isinstance(lg, WandbLogger):
+            run = lg.experiment
+            if getattr(run, "disabled", False) or not getattr(run, "id", None):
+                return None
+            where = run.url if not run.settings._offline else f"wandb sync {Path(run.dir).parent}"
+            return f"W&B: {run.name} ({run.id}) in group {run.group}: {where}"
+    return None
+
+
+def finish(loggers: Sequence[Any], summary: dict[str, Any] | None = None, exit_code: int = 0) -> None:
+    """Close the job's W&B run so the next job of a sweep starts its own. An offline run also gets
+    ``files/config.yaml`` and ``files/wandb-summary.json`` as an online run has them, so its config
+    and final numbers are readable without ``wandb sync``."""
+    import json
+
+    import yaml
+    from lightning.pytorch.loggers import WandbLogger
+
+    for lg in loggers:
+        if not isinstance(lg, WandbLogger) or lg._experiment is None:
+            continue
+        run = lg.experiment
+        if summary:
+            run.summary.update(summary)
+        if run.settings._offline and getattr(run, "dir", None):
+            files = Path(run.dir)
+            config = {k: {"value": v} for k, v in dict(run.config).items()}
+            (files / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+            (files / "wandb-summary.json").write_text(json.dumps(dict(run.summary), default=str))
+        run.finish(exit_code=exit_code)

@@ -6,8 +6,8 @@ The resolved config is saved as ``<run_dir>/config.yaml`` and logged to every lo
 
 from __future__ import annotations
 
-import datetime as _dt
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -56,18 +56,28 @@ def _device_type(trainer_cfg: dict[str, Any]) -> str:
     return accelerator
 
 
-def _run_dir(cfg: DictConfig, recipe: str | None) -> Path:
-    if cfg.run_dir:
-        path = Path(cfg.run_dir)
-    else:
-        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-        path = Path("runs") / (recipe or "default") / stamp
-        n = 1
-        while path.exists():  # two runs in the same second (sweeps) get their own folders
-            path = path.with_name(f"{stamp}-{n}")
-            n += 1
+def _run_dir(composed: Composed) -> Path:
+    """Hydra's output directory for this job (``hydra.run.dir``; a sweep job's own subdirectory)."""
+    if composed.run_dir is None:
+        raise LowbitError(
+            "this config has no run directory; compose it with lowbit.config.compose or run it with train"
+        )
+    path = composed.run_dir
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def _write_hydra_files(composed: Composed, run_dir: Path) -> None:
+    """``.hydra/{config,overrides,hydra}.yaml`` as Hydra writes them for ``train``, for a run started
+    from library code (``train(compose([...]))``) too."""
+    folder = run_dir / ".hydra"
+    if (folder / "config.yaml").exists():
+        return  # the Hydra application wrote them
+    folder.mkdir(exist_ok=True)
+    (folder / "config.yaml").write_text(OmegaConf.to_yaml(composed.cfg))
+    (folder / "overrides.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create(list(composed.overrides))))
+    if composed.hydra is not None:
+        (folder / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": composed.hydra})))
 
 
 def resolve_checkpoint(resume: str) -> str:
@@ -166,6 +176,10 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
         SeedStochasticRounding(int(cfg.seed)),  # SR noise from (seed, step): resumes are exact
         Throughput(),  # in the task's throughput_unit (tokens, images)
     ]
+    if cfg.trainer.get("enable_progress_bar", True) and not sys.stdout.isatty():
+        from lowbit.callbacks.progress import LineProgress
+
+        callbacks.append(LineProgress(int(cfg.trainer.get("log_every_n_steps") or 10)))  # lines, not \r updates
     if cfg.checkpoint.save_best:
         callbacks.append(
             ModelCheckpoint(
@@ -180,13 +194,6 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
     return callbacks
 
 
-def _baseline(cfg: DictConfig, run_dir: Path, recipe: str | None):
-    from lowbit.callbacks.baseline import BaselineLoss
-
-    group = cfg.logger.get("group") or recipe or "default"
-    return BaselineLoss(run_dir, group, str(cfg.precision.name))
-
-
 def _seed(seed: int) -> None:
     from lightning.pytorch import seed_everything
 
@@ -194,28 +201,46 @@ def _seed(seed: int) -> None:
 
 
 def train(composed: Composed, echo=print) -> RunResult:
-    """Train one composed config to the end (or Ctrl-C); print and return the final metrics."""
+    """Train one composed config to the end (or Ctrl-C) in its run directory; print and return the
+    final metrics. Its W&B run is named ``cfg.name``, grouped by experiment (model, data, budget:
+    see ``lowbit.experiment``), tagged by the choices, and finished before this returns."""
     import lightning as L
     import torch
+
+    from lowbit.callbacks.baseline import BaselineLoss
+    from lowbit.experiment import baseline_roots, experiment_name
+    from lowbit.logging import build_loggers, describe, finish, tags, wandb_run_id
 
     cfg = composed.cfg
     _seed(int(cfg.seed))
     built = build(cfg)
-    run_dir = _run_dir(cfg, composed.recipe)
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+    run_dir = _run_dir(composed)
+    _write_hydra_files(composed, run_dir)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    hparams = {**plain(cfg), "recipe": composed.recipe, "choices": composed.choices}
-
-    from lowbit.logging import build_loggers
-
-    loggers = build_loggers(plain(cfg.logger), run_dir, run_dir.name, composed.recipe or "default", hparams)
+    config = plain(cfg)
+    hparams = {**config, "recipe": composed.recipe, "choices": composed.choices}
+    run_id = wandb_run_id(Path(resume).parent.parent) if resume else None
+    loggers = build_loggers(
+        config["logger"],
+        run_dir,
+        str(cfg.name),
+        experiment_name(config),
+        tags(composed.choices, config["logger"].get("tags") or ()),
+        hparams,
+        run_id=run_id,
+    )
     ckpt_dir = run_dir / "checkpoints"
     ckpt_dir.mkdir(exist_ok=True)
     baseline = built.data.unigram_bits_per_byte() if hasattr(built.data, "unigram_bits_per_byte") else None
+    against = BaselineLoss(config, baseline_roots(run_dir), run_dir)
     n_params = count_parameters(built.task)
-    echo(f"recipe: {composed.recipe or '(none)'} | run dir: {run_dir}")
+    echo(f"run: {cfg.name} | recipe: {composed.recipe or '(none)'} | run dir: {run_dir}")
     echo(f"precision: {getattr(built.precision, 'description', type(built.precision).__name__)}")
     echo(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters | torch threads: {torch.get_num_threads()}")
+    for line in (describe(loggers), against.description):
+        if line:
+            echo(line)
     if baseline is not None:
         echo(f"unigram baseline: {baseline:.4f} bits/byte on the validation split")
 
@@ -223,7 +248,7 @@ def train(composed: Composed, echo=print) -> RunResult:
         **built.trainer_kwargs,
         plugins=[built.precision],
         logger=loggers,
-        callbacks=[*_callbacks(cfg, ckpt_dir), _baseline(cfg, run_dir, composed.recipe)],
+        callbacks=[*_callbacks(cfg, ckpt_dir), against],
         default_root_dir=str(run_dir),
         check_val_every_n_epoch=None,  # validation by steps: the training stream is endless
         max_epochs=-1,
@@ -233,10 +258,15 @@ def train(composed: Composed, echo=print) -> RunResult:
         trainer.fit(built.task, datamodule=built.data, ckpt_path=resume)
     except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown (SaveOnInterrupt has saved)
         echo(f"resume with: train {' '.join(composed.overrides)} resume={ckpt_dir / 'last.ckpt'}")
+        finish(loggers, exit_code=1)
+        raise
+    except BaseException:
+        finish(loggers, exit_code=1)
         raise
     trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state, whatever the save interval
     metrics = trainer.validate(built.task, datamodule=built.data, verbose=False)[0]
     result.metrics = {k: float(v) for k, v in metrics.items()}
+    finish(loggers, summary={f"final/{k}": v for k, v in result.metrics.items()})
     bpb = result.metrics.get("val/bpb")
     if bpb is not None and baseline:
         echo(f"val bits/byte: {bpb:.4f} | unigram baseline: {baseline:.4f} | {_against_baseline(bpb, baseline)}")

@@ -219,7 +219,7 @@ def run(
                 f"data.seq_len={train_len}",
                 f"trainer.max_steps={steps}",
                 f"seed={seed}",
-                f"run_dir={run_dir}",
+                f"hydra.run.dir={run_dir}",
             ]
             trained[enc.train] = (run_dir, train_once(overrides, run_dir, enc.train, echo))
         run_dir, run_val_loss = trained[enc.train]

@@ -143,7 +143,7 @@ def train_models(args: argparse.Namespace, out: Path, echo=print) -> dict[str, T
     trained = {}
     for name, spec in specs.items():
         run_dir = out / name
-        overrides = [*spec, *common, f"run_dir={run_dir}"]
+        overrides = [*spec, *common, f"hydra.run.dir={run_dir}"]
         val_loss = train_once(overrides, run_dir, name, echo)
         task, data, precision = _load(run_dir)
         model = Trained(name, run_dir, task, data, precision, val_loss=val_loss)

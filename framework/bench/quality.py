@@ -11,14 +11,15 @@ the table gives the spread, so an ordering inside it is not read as a result.
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.bench._report import device_name, markdown_table, train_once
+from lowbit.bench._report import device_name, train_once
+from lowbit.compare import format_gap, markdown_table, plot_curves
+from lowbit.experiment import load_run
 
 __all__ = ["VARIANTS", "Variant", "main", "run"]
 
@@ -109,7 +110,7 @@ def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], e
                 f"seed={seed}",
                 "logger=csv",
                 "trainer.enable_progress_bar=false",
-                f"run_dir={run_dir}",
+                f"hydra.run.dir={run_dir}",
             ]
             outcome.val_loss.append(train_once(overrides, run_dir, f"{v.name} seed {seed}", echo))
             outcome.run_dirs.append(run_dir)
@@ -122,48 +123,17 @@ def table(outcomes: list[Outcome]) -> str:
     base = outcomes[0]
     rows = []
     for o in outcomes:
-        gap = (o.mean - base.mean) / base.mean
         spread = f" ± {o.spread:.4f}" if len(o.val_loss) > 1 else ""
-        rows.append([f"`{o.variant.name}`", o.variant.description, f"{o.mean:.4f}{spread}", f"{gap:+.2%}"])
+        rows.append(
+            [f"`{o.variant.name}`", o.variant.description, f"{o.mean:.4f}{spread}", format_gap(o.mean, base.mean)]
+        )
     return markdown_table(["variant", "what", "val loss", f"gap to {base.variant.name}"], rows)
-
-
-def _train_losses(run_dir: Path) -> tuple[list[int], list[float]]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        rows = [(int(r["step"]), float(r["train/loss"])) for r in csv.DictReader(f) if r.get("train/loss")]
-    return [s for s, _ in rows], [loss for _, loss in rows]
 
 
 def plot(outcomes: list[Outcome], path: Path, smoothing: float = 0.95) -> None:
     """Training loss (EMA-smoothed, first seed) of every variant, and each one's gap to the first."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, gap_ax) = plt.subplots(1, 2, figsize=(12, 4.5))
-    curves = {}
-    for o in outcomes:
-        steps, losses = _train_losses(o.run_dirs[0])
-        smooth, ema = [], losses[0]
-        for loss in losses:
-            ema = smoothing * ema + (1 - smoothing) * loss
-            smooth.append(ema)
-        (line,) = ax.plot(steps, smooth, label=o.variant.name, lw=1.2)
-        curves[o.variant.name] = (steps, smooth, line.get_color())  # one colour per variant in both panels
-    ax.set(xlabel="step", ylabel="train loss (EMA)", title="training loss", yscale="log")
-    ax.legend(fontsize=8)
-    base_steps, base_loss, _ = curves[outcomes[0].variant.name]
-    for name, (steps, smooth, color) in list(curves.items())[1:]:
-        n = min(len(steps), len(base_steps))
-        gaps = [100 * (a - b) / b for a, b in zip(smooth[:n], base_loss[:n])]
-        gap_ax.plot(steps[:n], gaps, label=name, lw=1.2, color=color)
-    gap_ax.axhline(0, color="k", lw=0.6)
-    gap_ax.set(xlabel="step", ylabel=f"gap to {outcomes[0].variant.name} (%)", title="relative gap (EMA)")
-    gap_ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    curves = {o.variant.name: load_run(o.run_dirs[0]).train_loss for o in outcomes}
+    plot_curves(curves, path, outcomes[0].variant.name, panels=("loss", "gap"), smoothing=smoothing)
 
 
 def main(argv: list[str] | None = None) -> int:

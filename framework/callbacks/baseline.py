@@ -1,57 +1,43 @@
-"""Loss against the BF16 baseline: when a finished BF16 run of the same logger group sits beside
-this run, log its training loss at the same steps and the relative gap, so W&B (and the CSV)
-show the quantized run's loss next to its baseline on one panel.
+"""Loss against the BF16 baseline: when a finished BF16 run of the same experiment exists, log
+its training loss at the same steps and the relative gap, so W&B (and the CSV) show the quantized
+run's loss next to its baseline on one panel.
 
-A baseline is a run directory under the same runs root (``runs/<recipe>/<time>``, two levels up
-from this run's directory) whose ``config.yaml`` has the same ``logger.group`` (the recipe name
-when unset), ``precision.name: bf16``, and a ``csv/metrics.csv``; the most recent one wins.
+The baseline is found by ``lowbit.experiment.find_baseline``: a finished BF16 run with the same
+fingerprint (model, posenc, data, task, optimizer, schedule, budget) under the given roots, the
+same seed preferred, else the newest. A smoke run of another model is never matched.
 """
 
 from __future__ import annotations
 
-import csv
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
-import yaml
 
-__all__ = ["BaselineLoss", "find_baseline"]
+from lowbit.experiment import describe_run, experiment_name, find_baseline, load_run
 
-
-def _group(cfg: dict, recipe: str | None) -> str:
-    return (cfg.get("logger") or {}).get("group") or recipe or "default"
-
-
-def find_baseline(run_dir: Path, group: str) -> Path | None:
-    """The newest BF16 run directory of ``group`` beside ``run_dir`` (not itself), or None."""
-    root = run_dir.resolve().parent.parent
-    found = []
-    for config in root.glob("*/*/config.yaml"):
-        other = config.parent
-        if other == run_dir.resolve() or not (other / "csv" / "metrics.csv").is_file():
-            continue
-        cfg = yaml.safe_load(config.read_text()) or {}
-        recipe = other.parent.name
-        if (cfg.get("precision") or {}).get("name") == "bf16" and _group(cfg, recipe) == group:
-            found.append((config.stat().st_mtime, other))
-    return max(found)[1] if found else None
-
-
-def _train_losses(run_dir: Path) -> dict[int, float]:
-    with open(run_dir / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+__all__ = ["BaselineLoss"]
 
 
 class BaselineLoss(L.Callback):
-    """Logs ``compare/bf16_train_loss`` and ``compare/gap_to_bf16`` (relative) at every step the
-    baseline logged, and at the end a W&B line chart of both losses; does nothing for a BF16 run
-    or when no baseline exists."""
+    """Logs ``compare/bf16_train_loss`` and ``compare/gap_to_bf16`` ((loss - bf16) / bf16) at every
+    step the baseline logged a training loss; at the end, with a WandbLogger, a line chart of both
+    losses and a table (step, loss, bf16 loss, gap). Does nothing for a BF16 run or without a
+    baseline. ``description`` says in one line which baseline is used, or why none."""
 
-    def __init__(self, run_dir: Path, group: str, precision_name: str) -> None:
-        self.baseline_dir = None if precision_name == "bf16" else find_baseline(run_dir, group)
-        self.losses = _train_losses(self.baseline_dir) if self.baseline_dir else {}
-        self.name = precision_name
+    def __init__(self, cfg: dict[str, Any], roots: Sequence[Path], run_dir: Path | None = None) -> None:
+        self.name = str((cfg.get("precision") or {}).get("name", "?"))
+        self.baseline_dir = None if self.name == "bf16" else find_baseline(cfg, roots, exclude=run_dir)
+        self.losses = load_run(self.baseline_dir).train_loss if self.baseline_dir else {}
         self.mine: dict[int, float] = {}
+        if self.baseline_dir is not None:
+            self.description = f"baseline: {describe_run(self.baseline_dir)}"
+        elif self.name == "bf16":
+            self.description = f"baseline: none, this bf16 run is the baseline of {experiment_name(cfg)}"
+        else:
+            where = ", ".join(str(r) for r in roots) or "(no folders)"
+            self.description = f"baseline: none, no finished bf16 run of {experiment_name(cfg)} under {where}"
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step - 1  # the step the task just logged its loss under
@@ -63,17 +49,28 @@ class BaselineLoss(L.Callback):
         self.mine[step] = loss
         pl_module.log_dict({"compare/bf16_train_loss": base, "compare/gap_to_bf16": (loss - base) / base})
 
+    def rows(self) -> list[tuple[int, float, float, float]]:
+        """(step, loss, bf16 loss, relative gap) at every step both runs logged."""
+        return [
+            (s, self.mine[s], self.losses[s], (self.mine[s] - self.losses[s]) / self.losses[s])
+            for s in sorted(self.mine)
+        ]
+
     def on_train_end(self, trainer, pl_module) -> None:
-        """One W&B panel with both curves over the steps both runs logged."""
+        """One W&B panel with both curves and a table of the numbers behind it."""
         from lightning.pytorch.loggers import WandbLogger
 
-        steps = sorted(self.mine)
-        for lg in trainer.loggers:
-            if isinstance(lg, WandbLogger) and steps:
-                import wandb
+        rows = self.rows()
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, WandbLogger)]
+        if not rows or not loggers:
+            return
+        import wandb
 
-                ys = [[self.mine[s] for s in steps], [self.losses[s] for s in steps]]
-                chart = wandb.plot.line_series(
-                    xs=steps, ys=ys, keys=[self.name, "bf16"], title="train loss vs BF16", xname="step"
-                )
-                lg.experiment.log({"compare/loss_vs_bf16": chart})
+        steps = [r[0] for r in rows]
+        ys = [[r[1] for r in rows], [r[2] for r in rows]]
+        table = wandb.Table(columns=["step", "loss", "bf16 loss", "gap"], data=[list(r) for r in rows])
+        for lg in loggers:
+            chart = wandb.plot.line_series(
+                xs=steps, ys=ys, keys=[self.name, "bf16"], title="train loss vs BF16", xname="step"
+            )
+            lg.experiment.log({"compare/loss_vs_bf16": chart, "compare/vs_bf16": table})

@@ -24,7 +24,10 @@ def _run(fn, argv, capsys):
             "error: data.path '/no/such/file.txt' does not exist",
         ),
         (["resume=/no/such.ckpt", "debug=smoke"], "error: resume=/no/such.ckpt: no checkpoint at /no/such.ckpt"),
-        (["--fast"], "error: unknown flag '--fast'"),
+        (["--fast"], "error: unrecognized arguments: --fast"),
+        (["--cfg", "jobs"], "error: argument --cfg/-c: invalid choice: 'jobs' (choose from 'job', 'hydra', 'all')"),
+        (["-m", "--cfg", "job"], "error: Only one of --run, --multirun, --cfg, --info and --shell_completion"),
+        (["hydra/launcher=jobli"], "error: unknown hydra/launcher 'jobli'; valid: basic, joblib"),
         (
             ["model=vit", "debug=smoke"],
             "error: model.image_size cannot be set: Interpolation key 'data.image_size' not found",
@@ -36,7 +39,7 @@ def _run(fn, argv, capsys):
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, expected, capsys, tmp_path):
-    code, out, err = _run(train_main, [*argv, f"run_dir={tmp_path}"], capsys)
+    code, out, err = _run(train_main, [*argv, f"hydra.run.dir={tmp_path}"], capsys)
     assert code == 2
     assert err.startswith(expected), err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -70,15 +73,23 @@ def test_unknown_command_and_bench(capsys):
     assert code == 2 and err.startswith("error: unknown bench 'warp'; valid: ")
 
 
-def test_cfg_prints_the_composed_config(capsys):
-    code, out, _ = _run(train_main, ["--cfg", "recipe=bf16_llm", "trainer.max_steps=11"], capsys)
+def test_cfg_job_prints_the_composed_config(capsys):
+    code, out, _ = _run(train_main, ["--cfg", "job", "--resolve", "recipe=bf16_llm", "trainer.max_steps=11"], capsys)
     assert code == 0 and "max_steps: 11" in out and "max_len: 128" in out  # interpolations resolved
 
 
-def test_multirun_trains_one_job_per_value(capsys, tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # each job makes its own runs/default/<time> folder here
-    code, out, _ = _run(train_main, ["-m", "debug=smoke", "posenc=none", "seed=1,2", "trainer.max_steps=1"], capsys)
-    assert code == 0
-    assert "[job 1/2] debug=smoke posenc=none seed=1 trainer.max_steps=1" in out
-    assert "[job 2/2] debug=smoke posenc=none seed=2 trainer.max_steps=1" in out
-    assert len(list((tmp_path / "runs" / "default").iterdir())) == 2
+def test_a_sweep_checks_every_job_before_running_any(capsys, tmp_path):
+    code, _, err = _run(train_main, ["-m", "debug=smoke", "seed=1,x", f"hydra.sweep.dir={tmp_path / 's'}"], capsys)
+    assert code == 2 and err == "error: seed must be an integer (default 1337), got 'x'\n"
+    assert not (tmp_path / "s").exists()
+
+
+def test_help_lists_groups_and_plugins_help(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--help"])
+    out = capsys.readouterr().out
+    assert exit_info.value.code == 0 and "usage: train [recipe=NAME]" in out
+    assert "precision: bf16, custom, fp8, mxfp4, mxfp4_bwd, mxfp8, nvfp4" in out
+    for command in ("plugins", "recipes", "bench"):
+        code, out, _ = _run(main, [command, "--help"], capsys)
+        assert code == 0 and out.startswith(f"usage: lowbit {command}")

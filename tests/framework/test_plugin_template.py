@@ -74,7 +74,7 @@ def test_trains_with_the_template_precision_and_posenc(installed, tmp_path):
     run_dir = tmp_path / "run"
     cmd = [str(VENV_BIN / "train"), "recipe=bf16_llm", "precision=tpl_int5", "posenc=tpl_logbias", "debug=smoke"]
     run = subprocess.run(
-        [*cmd, f"run_dir={run_dir}"], env=_env(site), cwd=tmp_path, capture_output=True, text=True, timeout=300
+        [*cmd, f"hydra.run.dir={run_dir}"], env=_env(site), cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert run.returncode == 0, run.stderr[-2000:]
     converted = re.search(r"precision: tpl_int5: (\d+) of (\d+) Linear layers quantized", run.stdout)

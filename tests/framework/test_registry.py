@@ -239,7 +239,7 @@ def test_recipe_selects_third_party_plugin_by_name(third_party):
 def test_third_party_recipe_trains_from_the_console_script(third_party, tmp_path):
     env = {"PYTHONPATH": str(third_party), "WANDB_MODE": "disabled", "PATH": str(VENV_BIN)}
     run = subprocess.run(
-        [str(VENV_BIN / "train"), "recipe=fancy_llm", "debug=smoke", f"run_dir={tmp_path / 'run'}"],
+        [str(VENV_BIN / "train"), "recipe=fancy_llm", "debug=smoke", f"hydra.run.dir={tmp_path / 'run'}"],
         env=env,
         capture_output=True,
         text=True,

@@ -21,7 +21,7 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 
 def test_run_saves_resolved_config_and_checkpoints(tmp_path):
-    composed = compose([*SMOKE, f"run_dir={tmp_path}"])
+    composed = compose([*SMOKE, f"hydra.run.dir={tmp_path}"])
     result = train(composed, echo=lambda *_: None)
     text = (tmp_path / "config.yaml").read_text()
     assert "max_len: 32" in text and "${" not in text  # resolved
@@ -55,11 +55,11 @@ def test_resume_reproduces_every_later_loss_exactly(tmp_path, recipe):
         "+checkpoint.keep_all=true",
         "trainer.val_check_interval=100",
     ]
-    train(compose([*common, f"run_dir={tmp_path / 'full'}"]), echo=lambda *_: None)
+    train(compose([*common, f"hydra.run.dir={tmp_path / 'full'}"]), echo=lambda *_: None)
     full = _losses(tmp_path / "full")
     assert sorted(full) == [0, 1, 2, 3, 4, 5]
     step3 = tmp_path / "full" / "checkpoints" / "step-3.ckpt"
-    train(compose([*common, f"run_dir={tmp_path / 'resumed'}", f"resume={step3}"]), echo=lambda *_: None)
+    train(compose([*common, f"hydra.run.dir={tmp_path / 'resumed'}", f"resume={step3}"]), echo=lambda *_: None)
     resumed = _losses(tmp_path / "resumed")
     assert sorted(resumed) == [3, 4, 5]
     for step in (3, 4, 5):
@@ -79,12 +79,12 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(tmp_path, monkeypatch):
     monkeypatch.setattr(run, "_callbacks", lambda cfg, d: [*original(cfg, d), _CtrlC()])
     common = [*SMOKE, "trainer.max_steps=5", "checkpoint.every_n_steps=100"]
     with pytest.raises(SystemExit):
-        train(compose([*common, f"run_dir={tmp_path / 'a'}"]), echo=lambda *_: None)
+        train(compose([*common, f"hydra.run.dir={tmp_path / 'a'}"]), echo=lambda *_: None)
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
     monkeypatch.setattr(run, "_callbacks", original)
-    result = train(compose([*common, f"run_dir={tmp_path / 'b'}", f"resume={tmp_path / 'a'}"]), echo=lambda *_: None)
-    train(compose([*common, f"run_dir={tmp_path / 'full'}"]), echo=lambda *_: None)
+    result = train(compose([*common, f"hydra.run.dir={tmp_path / 'b'}", f"resume={tmp_path / 'a'}"]), echo=lambda *_: None)
+    train(compose([*common, f"hydra.run.dir={tmp_path / 'full'}"]), echo=lambda *_: None)
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "b")
     assert sorted(resumed) == [2, 3, 4]
     assert all(resumed[s] == full[s] for s in (2, 3, 4))
@@ -92,7 +92,7 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(tmp_path, monkeypatch):
 
 
 def test_adamw8bit_trains(tmp_path):
-    result = train(compose([*SMOKE, "optimizer=adamw8bit", f"run_dir={tmp_path}"]), echo=lambda *_: None)
+    result = train(compose([*SMOKE, "optimizer=adamw8bit", f"hydra.run.dir={tmp_path}"]), echo=lambda *_: None)
     assert result.metrics["val/loss"] > 0
     # both updates lower the loss, and 3 steps take the val loss ≥ 0.25 below the near-uniform start (ln 256 = 5.545):
     # on this seed 32-bit AdamW reaches 5.2271 and the 8-bit states 5.2272, while no update at all stays at ~5.51
@@ -103,7 +103,7 @@ def test_adamw8bit_trains(tmp_path):
 
 def test_output_names_precision_and_baseline(tmp_path):
     lines = []
-    result = train(compose([*SMOKE, f"run_dir={tmp_path}"]), echo=lines.append)
+    result = train(compose([*SMOKE, f"hydra.run.dir={tmp_path}"]), echo=lines.append)
     text = "\n".join(lines)
     assert "precision: " in text and ("FP32 on cpu" in text or "BF16 autocast on cpu" in text)
     assert f"unigram baseline: {result.baseline_bpb:.4f}" in text

@@ -23,7 +23,7 @@ def test_recipe_composes_and_instantiates(recipe):
 
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_recipe_smoke_runs_on_cpu(recipe, tmp_path):
-    composed = compose([f"recipe={recipe}", "debug=smoke", f"run_dir={tmp_path}"])
+    composed = compose([f"recipe={recipe}", "debug=smoke", f"hydra.run.dir={tmp_path}"])
     result = train(composed, echo=lambda *_: None)
     loss = result.metrics["val/loss"]
     assert 0 < loss < 10

@@ -16,7 +16,7 @@ SMOKE = ["recipe=nvfp4_llm", "debug=smoke", "posenc=none", "logger=csv", "precis
 
 
 def test_health_is_recorded_per_layer_and_operand(tmp_path):
-    train(compose([*SMOKE, "health.every_n_steps=2", f"run_dir={tmp_path}"]), echo=lambda *_: None)
+    train(compose([*SMOKE, "health.every_n_steps=2", f"hydra.run.dir={tmp_path}"]), echo=lambda *_: None)
     with open(tmp_path / "health.csv") as f:
         rows = list(csv.DictReader(f))
     steps = sorted({int(r["step"]) for r in rows})

@@ -122,14 +122,14 @@ def test_fp8_delayed_scaling_uses_the_history_and_survives_a_state_dict_round_tr
 
 def test_a_checkpoint_moves_between_precisions(tmp_path):
     common = ["debug=smoke", "posenc=none", "logger=csv"]
-    fp4 = train(compose(["recipe=nvfp4_llm", *common, f"run_dir={tmp_path / 'fp4'}"]), echo=lambda *_: None)
+    fp4 = train(compose(["recipe=nvfp4_llm", *common, f"hydra.run.dir={tmp_path / 'fp4'}"]), echo=lambda *_: None)
     ckpt = torch.load(tmp_path / "fp4" / "checkpoints" / "last.ckpt", weights_only=False)
     assert "model.trunk.blocks.0.attn.qkv.weight" in ckpt["state_dict"]  # master weights, nn.Linear's keys
     bf16 = [
         "recipe=bf16_llm",
         *common,
         "trainer.max_steps=5",
-        f"run_dir={tmp_path / 'bf16'}",
+        f"hydra.run.dir={tmp_path / 'bf16'}",
         f"resume={tmp_path / 'fp4'}",
     ]
     result = train(compose(bf16), echo=lambda *_: None)
