@@ -5,6 +5,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lowbit-installed
 RECIPE ?= nvfp4_llm
+# pip constraints for the install; CI passes .ci/constraints.txt (the versions it tests against)
+CONSTRAINTS ?=
 ARGS ?=
 
 .PHONY: setup train test test-all lint format clean
@@ -12,7 +14,7 @@ ARGS ?=
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev]' $(if $(CONSTRAINTS),-c $(CONSTRAINTS))
 	touch $(STAMP)
 
 setup: $(STAMP)

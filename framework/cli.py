@@ -12,6 +12,7 @@ import importlib
 import pkgutil
 import sys
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
 
 from lowbit.errors import LowbitError
 
@@ -120,9 +121,10 @@ def _train(argv: list[str]) -> int:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra re-raises; _guard prints one line
     version.setbase("1.3")
     try:
-        _run_hydra(
-            args=args, args_parser=parser, task_function=_task, config_path=f"pkg://{PRIMARY}", config_name="config"
-        )
+        with _logging_restored():
+            _run_hydra(
+                args=args, args_parser=parser, task_function=_task, config_path=f"pkg://{PRIMARY}", config_name="config"
+            )
     except Exception as err:
         converted = hydra_error(err, args.overrides)
         if converted is err and not _raised_in_job(err):
@@ -131,6 +133,31 @@ def _train(argv: list[str]) -> int:
     if _FAILED:
         raise _FAILED[0]
     return 0
+
+
+@contextmanager
+def _logging_restored():
+    """Hydra configures logging for each job (console, ``<run dir>/train.log``) and leaves it so;
+    put every logger back afterwards, so ``train_main`` called in a process that goes on (a
+    notebook, a test) leaves no handler writing into a run directory."""
+    import logging
+
+    manager = logging.Logger.manager
+    loggers = [logging.getLogger(), *(lg for lg in manager.loggerDict.values() if isinstance(lg, logging.Logger))]
+    saved = {lg: (lg.handlers[:], lg.level, lg.propagate, lg.disabled) for lg in loggers}
+    try:
+        yield
+    finally:
+        for lg in [logging.getLogger(), *manager.loggerDict.values()]:
+            if not isinstance(lg, logging.Logger):
+                continue
+            handlers, level, propagate, disabled = saved.get(lg, ([], logging.NOTSET, True, False))
+            for handler in lg.handlers:
+                if handler not in handlers:
+                    handler.close()
+            lg.handlers[:] = handlers
+            lg.setLevel(level)
+            lg.propagate, lg.disabled = propagate, disabled
 
 
 def _raised_in_job(err: BaseException) -> bool:
@@ -211,6 +238,9 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``lowbit COMMAND ...``"""
+    from lowbit.quiet import install_filters
+
+    install_filters()
     flags, args = _split_flags(list(sys.argv[1:] if argv is None else argv), {"--verbose"})
     if not args or args[0] in ("-h", "--help"):
         print("usage: lowbit COMMAND [ARGS] [--verbose]\n")
@@ -231,6 +261,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def train_main(argv: Sequence[str] | None = None) -> int:
     """``train recipe=NAME [overrides]``"""
+    from lowbit.quiet import install_filters
+
+    install_filters()
     flags, args = _split_flags(list(sys.argv[1:] if argv is None else argv), {"--verbose"})
     if flags:
         args.append(VERBOSE_LOGGING)  # other libraries' info lines on the console too

@@ -64,18 +64,17 @@ def build_loggers(
     name: str,
     group: str,
     tags: Sequence[str],
-    hparams: dict[str, Any],
     run_id: str | None = None,
 ) -> list:
     """CSV always (``run_dir/csv/metrics.csv``); W&B when ``logger.wandb`` is true: one run named
-    ``name`` in ``logger.group`` (default ``group``: the experiment), continuing ``run_id`` when given."""
+    ``name`` in ``logger.group`` (default ``group``: the experiment), continuing ``run_id`` when given.
+    Nothing is written until the first log call."""
     from lightning.pytorch.loggers import CSVLogger
 
     loggers: list = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
     if logger_cfg.get("wandb", True):
-        from lightning.pytorch.loggers import WandbLogger
-
         import wandb
+        from lightning.pytorch.loggers import WandbLogger
 
         mode = wandb_mode()
         extra: dict[str, Any] = {"mode": "disabled"} if mode == "disabled" else {}
@@ -94,8 +93,8 @@ def build_loggers(
                 **extra,
             )
         )
-    for lg in loggers:
-        lg.log_hyperparams(hparams)
+        # Lightning passes wandb.init(anonymous=None); wandb takes any value as set and warns it is deprecated
+        loggers[-1]._wandb_init.pop("anonymous", None)
     return loggers
 
 

@@ -34,16 +34,27 @@ __all__ = [
 ]
 
 PLUGIN_API = 1
-GROUPS = ("formats", "precision", "posenc", "layers", "models", "data", "recipes")
+GROUPS = ("formats", "precision", "posenc", "layers", "models", "data", "optimizers", "schedulers", "tasks", "recipes")
 CONTEXT = {
     "precision": ("device_type",),
     "posenc": ("dim", "n_heads", "head_dim", "max_len", "grid"),
     "layers": ("f",),
     "models": ("posenc",),
     "data": ("seed",),
+    "optimizers": ("model",),
+    "schedulers": ("optimizer", "max_steps"),
+    "tasks": ("model", "optimizer", "scheduler", "max_steps"),
 }
 """Constructor arguments lowbit passes to a plugin of each group itself (not options a user sets)."""
-CONFIG_GROUPS = {"precision": "precision", "posenc": "posenc", "model": "models", "data": "data"}
+CONFIG_GROUPS = {
+    "precision": "precision",
+    "posenc": "posenc",
+    "model": "models",
+    "data": "data",
+    "optimizer": "optimizers",
+    "scheduler": "schedulers",
+    "task": "tasks",
+}
 """Config groups (``precision=NAME``) and the plugin group each selects from."""
 
 

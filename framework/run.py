@@ -1,6 +1,6 @@
 """Build a run from a composed config and train it: the body of ``train recipe=...``.
 
-Every object is built by registry name (precision, data, model) or by ``_target_`` (task).
+Every object is built by registry name (precision, data, model, task; a task may name its class by ``_target_``).
 The resolved config is saved as ``<run_dir>/config.yaml`` and logged to every logger.
 """
 
@@ -14,7 +14,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from lowbit.config import Composed, plain, to_yaml
+from lowbit.config import Composed, one_line, plain, to_yaml
 from lowbit.errors import LowbitError
 from lowbit.models.base import count_parameters
 from lowbit.registry import call_with_options, registry
@@ -125,14 +125,17 @@ def build(cfg: DictConfig) -> Built:
     precision = registry.build("precision", plain(cfg.precision), device_type=device_type)
     data = registry.build("data", plain(cfg.data), seed=int(cfg.seed))
     model = registry.build("models", plain(cfg.model), posenc=plain(cfg.posenc))
-    task = _build_target(
-        plain(cfg.task),
-        "task",
-        model=model,
-        optimizer=plain(cfg.optimizer),
-        scheduler=plain(cfg.scheduler),
-        max_steps=int(trainer_cfg["max_steps"]),
-    )
+    task_cfg = plain(cfg.task)
+    context = {
+        "model": model,
+        "optimizer": plain(cfg.optimizer),
+        "scheduler": plain(cfg.scheduler),
+        "max_steps": int(trainer_cfg["max_steps"]),
+    }
+    if "_target_" in task_cfg:  # a task named by its class rather than by a lowbit.tasks entry point
+        task = _build_target(task_cfg, "task", **context)
+    else:
+        task = registry.build("tasks", task_cfg, **context)
     _check_strategy(precision, trainer_cfg)
     precision.convert_module(task)  # now, so a bad layer shape is reported before training; Lightning's call is a no-op
     return Built(task=task, data=data, precision=precision, trainer_kwargs=trainer_cfg)
@@ -200,11 +203,34 @@ def _seed(seed: int) -> None:
     seed_everything(seed, workers=True, verbose=False)
 
 
+def _trainer(built: Built, loggers: list, callbacks: list, run_dir: Path):
+    """Lightning's Trainer for a built run; a trainer option Lightning rejects is one line."""
+    import lightning as L
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    if "precision" in built.trainer_kwargs:
+        raise LowbitError(
+            f"trainer.precision={built.trainer_kwargs['precision']} would fight the precision plugin; "
+            "choose the precision with precision=NAME (lowbit plugins lists them)"
+        )
+    try:
+        return L.Trainer(
+            **built.trainer_kwargs,
+            plugins=[built.precision],
+            logger=loggers,
+            callbacks=callbacks,
+            default_root_dir=str(run_dir),
+            check_val_every_n_epoch=None,  # validation by steps: the training stream is endless
+            max_epochs=-1,
+        )
+    except (TypeError, ValueError, MisconfigurationException) as err:
+        raise LowbitError(f"trainer: {one_line(err)}") from err
+
+
 def train(composed: Composed, echo=print) -> RunResult:
     """Train one composed config to the end (or Ctrl-C) in its run directory; print and return the
     final metrics. Its W&B run is named ``cfg.name``, grouped by experiment (model, data, budget:
     see ``lowbit.experiment``), tagged by the choices, and finished before this returns."""
-    import lightning as L
     import torch
 
     from lowbit.callbacks.baseline import BaselineLoss
@@ -216,10 +242,7 @@ def train(composed: Composed, echo=print) -> RunResult:
     built = build(cfg)
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
     run_dir = _run_dir(composed)
-    _write_hydra_files(composed, run_dir)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
     config = plain(cfg)
-    hparams = {**config, "recipe": composed.recipe, "choices": composed.choices}
     run_id = wandb_run_id(Path(resume).parent.parent) if resume else None
     loggers = build_loggers(
         config["logger"],
@@ -227,14 +250,20 @@ def train(composed: Composed, echo=print) -> RunResult:
         str(cfg.name),
         experiment_name(config),
         tags(composed.choices, config["logger"].get("tags") or ()),
-        hparams,
         run_id=run_id,
     )
     ckpt_dir = run_dir / "checkpoints"
-    ckpt_dir.mkdir(exist_ok=True)
-    baseline = built.data.unigram_bits_per_byte() if hasattr(built.data, "unigram_bits_per_byte") else None
     against = BaselineLoss(config, baseline_roots(run_dir), run_dir)
-    n_params = count_parameters(built.task)
+    trainer = _trainer(built, loggers, [*_callbacks(cfg, ckpt_dir), against], run_dir)
+
+    # the run is valid: from here on it writes into its directory
+    _write_hydra_files(composed, run_dir)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    ckpt_dir.mkdir(exist_ok=True)
+    for lg in loggers:
+        lg.log_hyperparams({**config, "recipe": composed.recipe, "choices": composed.choices})
+    baseline = built.data.unigram_bits_per_byte() if hasattr(built.data, "unigram_bits_per_byte") else None
+    n_params = count_parameters(getattr(built.task, "model", built.task))  # not the EMA's copies
     echo(f"run: {cfg.name} | recipe: {composed.recipe or '(none)'} | run dir: {run_dir}")
     echo(f"precision: {getattr(built.precision, 'description', type(built.precision).__name__)}")
     echo(f"model: {cfg.model.name}, {n_params / 1e6:.2f}M parameters | torch threads: {torch.get_num_threads()}")
@@ -244,15 +273,6 @@ def train(composed: Composed, echo=print) -> RunResult:
     if baseline is not None:
         echo(f"unigram baseline: {baseline:.4f} bits/byte on the validation split")
 
-    trainer = L.Trainer(
-        **built.trainer_kwargs,
-        plugins=[built.precision],
-        logger=loggers,
-        callbacks=[*_callbacks(cfg, ckpt_dir), against],
-        default_root_dir=str(run_dir),
-        check_val_every_n_epoch=None,  # validation by steps: the training stream is endless
-        max_epochs=-1,
-    )
     result = RunResult(run_dir=run_dir, baseline_bpb=baseline)
     try:
         trainer.fit(built.task, datamodule=built.data, ckpt_path=resume)
@@ -263,7 +283,7 @@ def train(composed: Composed, echo=print) -> RunResult:
     except BaseException:
         finish(loggers, exit_code=1)
         raise
-    trainer.save_checkpoint(ckpt_dir / "last.ckpt")  # the final state, whatever the save interval
+    trainer.save_checkpoint(ckpt_dir / "last.ckpt", weights_only=False)  # the final state, whatever the save interval
     metrics = trainer.validate(built.task, datamodule=built.data, verbose=False)[0]
     result.metrics = {k: float(v) for k, v in metrics.items()}
     finish(loggers, summary={f"final/{k}": v for k, v in result.metrics.items()})

@@ -26,7 +26,7 @@ class SaveOnInterrupt(L.Callback):
             loop = trainer.fit_loop.epoch_loop
             loop._batches_that_stepped -= 1
             try:
-                trainer.save_checkpoint(self.path)
+                trainer.save_checkpoint(self.path, weights_only=False)  # the full state: optimizer, loops, callbacks
             finally:
                 loop._batches_that_stepped += 1
             print(f"\ninterrupted at step {trainer.global_step}; checkpoint: {self.path}")

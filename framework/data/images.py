@@ -4,7 +4,8 @@ Both modules expose ``num_classes``, ``image_size`` and ``in_chans`` (the data Y
 the model YAML interpolates ``${data.num_classes}``). As with text, the training stream is a pure
 function of (seed, sample index): sample ``i`` is item ``perm_e[i mod n]`` of the training split,
 ``perm_e`` the permutation of epoch ``e = i // n`` drawn from ``np.random.default_rng([seed, e])``,
-with augmentation (if on) seeded by ``[seed, i]``. The loader starts after the last sample the
+with augmentation (if on, torchvision v2) seeded by ``[seed, i]``; the train/val split is scikit-learn's
+stratified ``train_test_split`` with ``random_state=seed``. The loader starts after the last sample the
 restored trainer consumed, so a resumed run sees the batches an uninterrupted run would have.
 """
 
@@ -23,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from lowbit.data.text import _CountFrom
 from lowbit.errors import LowbitError
 
-__all__ = ["Digits", "ImageFolderData", "SeededImageStream", "load_digits_tensors", "stratified_split"]
+__all__ = ["Digits", "ImageFolderData", "SeededImageStream", "augmentation", "load_digits_tensors", "stratified_split"]
 
 INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
@@ -32,15 +33,19 @@ INTERPOLATIONS = ("nearest", "bilinear", "bicubic")
 
 
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(train, val) indices: round(val_fraction · n_c) of each class c to val, drawn by ``default_rng(seed)``; both sorted."""
-    rng = np.random.default_rng(seed)
-    val = []
-    for c in np.unique(labels):
-        idx = np.flatnonzero(labels == c)
-        val.append(rng.permutation(idx)[: round(val_fraction * len(idx))])
-    val_idx = np.sort(np.concatenate(val))
-    train_idx = np.setdiff1d(np.arange(len(labels)), val_idx)
-    return train_idx, val_idx
+    """(train, val) indices, both sorted: scikit-learn's ``train_test_split(stratify=labels)`` with
+    ``random_state=seed`` (ceil(val_fraction · n) to val, each class's share within one of val_fraction · n_c)."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        train_idx, val_idx = train_test_split(
+            np.arange(len(labels)), test_size=val_fraction, stratify=labels, random_state=seed % 2**32
+        )
+    except ValueError as err:  # a class with one image, or fewer val images than classes
+        raise LowbitError(
+            f"cannot split {len(labels)} images of {len(np.unique(labels))} classes by data.val_fraction={val_fraction}: {err}"
+        ) from err
+    return np.sort(train_idx), np.sort(val_idx)
 
 
 def load_digits_tensors(image_size: int, interpolation: str = "bilinear") -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,12 +66,13 @@ def load_digits_tensors(image_size: int, interpolation: str = "bilinear") -> tup
     return images, torch.from_numpy(digits.target).long()
 
 
-def _shift(image: torch.Tensor, dy: int, dx: int, max_shift: int, fill: float) -> torch.Tensor:
-    """Translate (C, H, W) by (dy, dx) ∈ [−max_shift, max_shift]², filling the uncovered border with ``fill``."""
-    H, W = image.shape[-2:]
-    s = max_shift
-    padded = F.pad(image, (s, s, s, s), value=fill)  # (C, H + 2s, W + 2s)
-    return padded[:, s - dy : s - dy + H, s - dx : s - dx + W]
+def augmentation(image_size: tuple[int, int], max_shift: int, flip: bool = False, fill: float = 0.0):
+    """torchvision v2: a random shift by up to ``max_shift`` pixels (``RandomCrop`` of the image padded by
+    ``max_shift`` with ``fill``), then, with ``flip``, a random horizontal flip."""
+    from torchvision.transforms import v2
+
+    shift = v2.RandomCrop(list(image_size), padding=max_shift, fill=fill)
+    return v2.Compose([shift, v2.RandomHorizontalFlip(0.5)] if flip else [shift])
 
 
 # ---- datasets ------------------------------------------------------------------------------------
@@ -75,8 +81,8 @@ def _shift(image: torch.Tensor, dy: int, dx: int, max_shift: int, fill: float) -
 class SeededImageStream(Dataset):
     """Sample ``i`` → (image, label): item ``perm_e[i mod n]`` of ``base``, e = i // n, optionally augmented.
 
-    Augmentation (light): a random shift by up to ``max_shift`` pixels (border = ``fill``) and, with
-    ``flip``, a random horizontal flip; both drawn from ``default_rng([seed, i])``.
+    Augmentation (light, ``augmentation``: torchvision v2): a random shift by up to ``max_shift`` pixels
+    (border = ``fill``) and, with ``flip``, a random horizontal flip; torch's generator seeded by (seed, i).
     """
 
     def __init__(
@@ -86,6 +92,7 @@ class SeededImageStream(Dataset):
         self.max_shift, self.flip, self.fill = max_shift, flip, fill
         self.n = len(base)
         self._epoch, self._perm = -1, np.arange(0)
+        self._transform = None  # torchvision's, built for the first image's size
 
     def permutation(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:  # one permutation per epoch, kept while the stream is inside it
@@ -96,11 +103,11 @@ class SeededImageStream(Dataset):
         epoch, j = divmod(int(i), self.n)
         image, label = self.base[int(self.permutation(epoch)[j])]
         if self.augment:
-            rng = np.random.default_rng([self.seed, int(i)])
-            dy, dx = (int(v) for v in rng.integers(-self.max_shift, self.max_shift + 1, size=2))
-            image = _shift(image, dy, dx, self.max_shift, self.fill)
-            if self.flip and rng.random() < 0.5:
-                image = image.flip(-1)
+            if self._transform is None:
+                self._transform = augmentation(tuple(image.shape[-2:]), self.max_shift, self.flip, self.fill)
+            with torch.random.fork_rng(devices=[]):  # torchvision draws from torch's generator: seed it by (seed, i)
+                torch.manual_seed(int(np.random.SeedSequence([self.seed, int(i)]).generate_state(1)[0]))
+                image = self._transform(image)
         return image, int(label)
 
 

@@ -22,7 +22,12 @@ from lowbit.errors import LowbitError
 from lowbit.quant.linear import QuantLinear
 from lowbit.quant.recipe import GemmRecipe
 
-__all__ = ["ConversionReport", "block_prefixes", "convert_linears", "quant_layers"]
+__all__ = ["DEFAULT_KEEP", "ConversionReport", "block_prefixes", "convert_linears", "quant_layers"]
+
+# What the precision plugins keep in high precision unless told otherwise: the output layer, whose
+# errors reach the loss unaveraged: an LM's ``lm_head``, a classifier's ``head`` (lowbit's ViTs and
+# timm's) and ``head.fc`` (timm's ConvNeXt, MaxViT and others with a pooling head).
+DEFAULT_KEEP = ("lm_head", "head", "head.fc")
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import nn
 
 from lowbit.autocast import AutocastPrecision
 from lowbit.errors import LowbitError
-from lowbit.quant.convert import ConversionReport, convert_linears, quant_layers
+from lowbit.quant.convert import DEFAULT_KEEP, ConversionReport, convert_linears, quant_layers
 from lowbit.quant.recipe import OPERANDS, GemmRecipe
 
 __all__ = ["GemmPrecision", "QuantPrecision"]
@@ -28,13 +28,14 @@ class QuantPrecision(AutocastPrecision):
 
     Args:
         recipe: the GemmRecipe (or its YAML mapping: ``{fprop: {x: ..., w: ..., rht: ...}, ...}``).
-        keep: fully-qualified-name globs kept in high precision (``lm_head``, ``*.head``).
+        keep: fully-qualified-name globs kept in high precision; by default ``DEFAULT_KEEP``, the output
+            layer (``lm_head``, ``head``, ``head.fc``: lowbit's models and timm's).
         keep_last_blocks: the last N blocks (an int) or the last fraction of them (a float < 1).
         backend: ``auto`` (Triton kernels on CUDA where they cover the specs, else emulate; on CPU each
             operand's rounding compiled, the same bits), ``emulate`` (the eager reference), ``triton``.
         delayed_scaling: None (current scaling) or ``{history_len, amax_compute, margin}`` for
             operands with one FP32 scale per tensor (FP8 delayed scaling, as Transformer Engine).
-        device_type, mode: the autocast of ``AutocastPrecision``.
+        device_type, mode: the autocast of ``AutocastPrecision`` (device_type None: the model's device).
     """
 
     name = "custom"
@@ -43,11 +44,11 @@ class QuantPrecision(AutocastPrecision):
         self,
         *,
         recipe: GemmRecipe | Mapping[str, Any],
-        keep: Sequence[str] = (),
+        keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
         backend: str = "auto",
         delayed_scaling: Mapping[str, Any] | None = None,
-        device_type: str = "cpu",
+        device_type: str | None = None,
         mode: str = "auto",
     ) -> None:
         super().__init__(device_type=device_type, mode=mode)
@@ -133,10 +134,10 @@ class GemmPrecision(QuantPrecision):
         fprop: Mapping[str, Any] | None = None,
         dgrad: Mapping[str, Any] | None = None,
         wgrad: Mapping[str, Any] | None = None,
-        keep: Sequence[str] = ("lm_head",),
+        keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
         backend: str = "auto",
-        device_type: str = "cpu",
+        device_type: str | None = None,
         mode: str = "auto",
     ) -> None:
         given = {"fprop": fprop, "dgrad": dgrad, "wgrad": wgrad}

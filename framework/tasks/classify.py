@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,7 +13,8 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lowbit.errors import LowbitError
-from lowbit.tasks.optim import build_optimizer, warmup_cosine
+from lowbit.tasks.optim import configure
+from lowbit.tasks.schedule import step_scheduler
 
 __all__ = ["ImageClassifier"]
 
@@ -27,7 +27,9 @@ class ImageClassifier(L.LightningModule):
     cross-entropy with ``label_smoothing`` (Szegedy et al. 2016) in training, plain in validation.
     """
 
+    lowbit_plugin_api = 1
     throughput_unit = "images"
+    flops_per_batch: int | None = None  # set it for perf/mfu (Lightning's ThroughputMonitor); unknown by default
 
     def __init__(
         self,
@@ -80,7 +82,7 @@ class ImageClassifier(L.LightningModule):
         self.val_acc.reset()
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model.named_parameters(), **self.optimizer_cfg)
-        schedule = functools.partial(warmup_cosine, total_steps=self.max_steps, **self.scheduler_cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure(self.model, self.optimizer_cfg, self.scheduler_cfg, self.max_steps)
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        step_scheduler(scheduler, self.global_step, metric)  # timm schedulers are stepped by the step count

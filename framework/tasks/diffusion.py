@@ -20,7 +20,6 @@ every validation with ``fid_during_fit``. Sample grids (a row per class) go to
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -37,7 +36,8 @@ from lowbit.errors import LowbitError
 from lowbit.tasks.ddpm import BUDGET_SCHEDULES, ddim_sample, ddim_timesteps, iteration_budget, noise_schedule, q_sample
 from lowbit.tasks.ema import EMA
 from lowbit.tasks.equilibrium import log_val_deq_stats, with_deq_terms
-from lowbit.tasks.optim import build_optimizer, warmup_cosine
+from lowbit.tasks.optim import configure
+from lowbit.tasks.schedule import step_scheduler
 
 __all__ = ["Diffusion", "SamplingStats"]
 
@@ -69,7 +69,9 @@ class Diffusion(L.LightningModule):
         sample_seed: seed of the sampling noise and of the validation t and ε.
     """
 
+    lowbit_plugin_api = 1
     throughput_unit = "images"
+    flops_per_batch: int | None = None  # set it for perf/mfu (Lightning's ThroughputMonitor); unknown by default
 
     def __init__(
         self,
@@ -330,7 +332,7 @@ class Diffusion(L.LightningModule):
                 logger.log_image(key="samples", images=[str(path)], step=self.global_step, caption=["a row per class"])
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model.named_parameters(), **self.optimizer_cfg)
-        schedule = functools.partial(warmup_cosine, total_steps=self.max_steps, **self.scheduler_cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure(self.model, self.optimizer_cfg, self.scheduler_cfg, self.max_steps)
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        step_scheduler(scheduler, self.global_step, metric)  # timm schedulers are stepped by the step count

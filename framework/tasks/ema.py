@@ -1,12 +1,14 @@
-"""Exponential moving average of a model's parameters, kept as buffers beside it.
+"""Exponential moving average of a model's trainable parameters: timm's ``ModelEmaV3``.
 
 θ_ema ← d θ_ema + (1 − d) θ after every optimizer step, with d = decay, or with warm-up
 d_n = min(decay, (1 + n)/(10 + n)) at update n (TensorFlow's ``ExponentialMovingAverage`` with
 ``num_updates``), so early averages are not dominated by the random initialisation. Diffusion models
 sample from EMA weights (DDPM, Ho et al. 2020 §B; DiT §4, decay 0.9999).
 
-The shadow values are buffers (in checkpoints, untouched by precision converters, which swap Linear
-layers only); ``swapped(model)`` puts them into the model for evaluation and restores the training weights.
+``ModelEmaV3`` does the update (``torch._foreach_lerp_``); lowbit gives it the warm-up rule above
+(``get_decay``) and, instead of a deep copy of the model, float32 copies of the trainable
+parameters only: no Linear layers for a precision converter to swap, no buffers to average.
+``swapped(model)`` puts the averages into the model for evaluation and restores the training weights.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from lowbit.errors import LowbitError
@@ -28,36 +31,55 @@ def ema_decay(decay: float, updates: int, warmup: bool = True) -> float:
 
 
 def _key(name: str) -> str:
-    return name.replace(".", "__")  # buffer names cannot hold dots
+    return name.replace(".", "__")  # parameter names cannot hold dots
 
 
-class EMA(nn.Module):
-    """Shadow copies of ``model``'s trainable parameters (float32), updated by ``update(model)``."""
+def _trainable(model: nn.Module, names: list[str]) -> nn.Module:
+    """A module holding ``model``'s parameters ``names`` themselves (shared, not copied), in that order."""
+    params = dict(model.named_parameters())
+    holder = nn.Module()
+    for name in names:
+        holder.register_parameter(_key(name), params[name])
+    return holder
+
+
+class EMA(ModelEmaV3):
+    """timm's ``ModelEmaV3`` over ``model``'s trainable parameters (float32 copies in ``self.module``),
+    with lowbit's warm-up rule; ``update(model)`` after each optimizer step."""
 
     def __init__(self, model: nn.Module, decay: float = 0.999, warmup: bool = True) -> None:
-        super().__init__()
         if not 0 <= decay < 1:
             raise LowbitError(f"task.ema_decay must be in [0, 1), got {decay}")
-        self.decay, self.warmup = decay, warmup
+        names = [n for n, p in model.named_parameters() if p.requires_grad]
+        if not names:
+            raise LowbitError(f"{type(model).__name__} has no trainable parameters: nothing to train or average")
+        # exclude_buffers: parameters are averaged, the (absent) buffers copied; float32 whatever the model's dtype
+        super().__init__(
+            _trainable(model, names), decay=decay, dtype=torch.float32, stochastic_rounding=False, exclude_buffers=True
+        )
+        # never trained; no forward, so its mode means nothing (timm leaves it in eval, which Lightning warns about)
+        self.module.requires_grad_(False).train()
+        self.names, self.warmup = names, warmup
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
-        self.names = [n for n, p in model.named_parameters() if p.requires_grad]
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                self.register_buffer(_key(name), p.detach().float().clone())
+        self._register_load_state_dict_pre_hook(self._upgrade_state)
+
+    def get_decay(self, step: int | None = None) -> float:
+        """The decay of update ``step`` (0-based): ``ema_decay(decay, step, warmup)``; ``decay`` when None."""
+        return self.decay if step is None else ema_decay(self.decay, step, self.warmup)
+
+    @torch.no_grad()
+    def update(self, model: nn.Module, step: int | None = None) -> float:
+        """θ_ema ← d θ_ema + (1 − d) θ with d of update ``step`` (default: the count so far); returns the d used."""
+        step = int(self.updates) if step is None else step
+        d = self.get_decay(step)
+        self.apply_update_no_buffers_(_trainable(model, self.names), d)
+        self.updates += 1
+        return d
 
     def _pairs(self, model: nn.Module) -> Iterator[tuple[nn.Parameter, torch.Tensor]]:
         params = dict(model.named_parameters())
         for name in self.names:
-            yield params[name], getattr(self, _key(name))
-
-    @torch.no_grad()
-    def update(self, model: nn.Module) -> float:
-        """θ_ema ← d θ_ema + (1 − d) θ; returns the d used."""
-        d = ema_decay(self.decay, int(self.updates), self.warmup)
-        for p, shadow in self._pairs(model):
-            shadow.lerp_(p.detach().float(), 1 - d)
-        self.updates += 1
-        return d
+            yield params[name], getattr(self.module, _key(name))
 
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
@@ -73,3 +95,10 @@ class EMA(nn.Module):
             with torch.no_grad():
                 for (p, _), value in zip(self._pairs(model), saved):
                     p.copy_(value)
+
+    def _upgrade_state(self, state_dict, prefix, *args) -> None:
+        """Checkpoints from before timm's EMA kept the averages as buffers ``ema.<name>``: now ``ema.module.<name>``."""
+        for name in self.names:
+            old = prefix + _key(name)
+            if old in state_dict:
+                state_dict[f"{prefix}module.{_key(name)}"] = state_dict.pop(old)

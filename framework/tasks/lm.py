@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -14,7 +13,8 @@ from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
-from lowbit.tasks.optim import build_optimizer, warmup_cosine
+from lowbit.tasks.optim import configure
+from lowbit.tasks.schedule import step_scheduler
 
 __all__ = ["CausalLM"]
 
@@ -26,7 +26,9 @@ class CausalLM(L.LightningModule):
     bytes) and ``val/ppl`` (torchmetrics ``Perplexity``).
     """
 
+    lowbit_plugin_api = 1
     throughput_unit = "tokens"
+    flops_per_batch: int | None = None  # set it for perf/mfu (Lightning's ThroughputMonitor); unknown by default
 
     def __init__(
         self, model: nn.Module, optimizer: Mapping[str, Any], scheduler: Mapping[str, Any], max_steps: int
@@ -66,7 +68,7 @@ class CausalLM(L.LightningModule):
         self.val_ppl.reset()
 
     def configure_optimizers(self):
-        optimizer = build_optimizer(self.model.named_parameters(), **self.optimizer_cfg)
-        schedule = functools.partial(warmup_cosine, total_steps=self.max_steps, **self.scheduler_cfg)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure(self.model, self.optimizer_cfg, self.scheduler_cfg, self.max_steps)
+
+    def lr_scheduler_step(self, scheduler, metric) -> None:
+        step_scheduler(scheduler, self.global_step, metric)  # timm schedulers are stepped by the step count

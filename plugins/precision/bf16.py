@@ -12,5 +12,5 @@ class BF16Precision(AutocastPrecision):
 
     lowbit_plugin_api = 1
 
-    def __init__(self, *, device_type: str = "cpu", mode: str = "auto") -> None:
+    def __init__(self, *, device_type: str | None = None, mode: str = "auto") -> None:
         super().__init__(device_type=device_type, mode=mode)

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from lowbit.errors import LowbitError
+from lowbit.quant.convert import DEFAULT_KEEP
 from lowbit.quant.precision import QuantPrecision
 
 __all__ = ["FP8Precision", "fp8_recipe"]
@@ -41,10 +42,10 @@ class FP8Precision(QuantPrecision):
         history_len: int = 16,
         amax_compute: str = "max",
         margin: int = 0,
-        keep: Sequence[str] = ("lm_head",),
+        keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
         backend: str = "auto",
-        device_type: str = "cpu",
+        device_type: str | None = None,
         mode: str = "auto",
     ) -> None:
         if scaling not in ("current", "delayed"):

@@ -32,6 +32,11 @@ def _run(fn, argv, capsys):
             ["model=vit", "debug=smoke"],
             "error: model.image_size cannot be set: Interpolation key 'data.image_size' not found",
         ),
+        (["+trainer.precision=16-mixed", "debug=smoke"], "error: trainer.precision=16-mixed would fight the precision"),
+        (
+            ["+trainer.flux=1", "debug=smoke"],
+            "error: trainer: Trainer.__init__() got an unexpected keyword argument 'flux'",
+        ),
         (
             ["precision=nvfp4", "+trainer.strategy=fsdp", "debug=smoke"],
             "error: precision 'nvfp4' does not work with trainer.strategy=fsdp",
@@ -39,10 +44,11 @@ def _run(fn, argv, capsys):
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, expected, capsys, tmp_path):
-    code, out, err = _run(train_main, [*argv, f"hydra.run.dir={tmp_path}"], capsys)
+    code, out, err = _run(train_main, [*argv, f"hydra.run.dir={tmp_path / 'run'}"], capsys)
     assert code == 2
     assert err.startswith(expected), err
     assert err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "run").exists()  # nothing created by a failed start
 
 
 def test_verbose_shows_the_traceback():

@@ -1,6 +1,9 @@
 """W&B mode selection (never hangs offline) and the always-on CSV log."""
 
+import json
+
 import pytest
+import yaml
 
 import lowbit.logging as lg
 
@@ -29,13 +32,34 @@ def test_offline_when_service_unreachable(monkeypatch):
 def test_offline_wandb_run_is_written_locally(monkeypatch, tmp_path):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
-    loggers = lg.build_loggers(
-        {"wandb": True, "project": "lowbit-test", "tags": ["t"]}, tmp_path, "run", "grp", {"seed": 1}
-    )
+    loggers = lg.build_loggers({"wandb": True, "project": "lowbit-test"}, tmp_path, "run", "grp", ["t"])
+    assert not any(tmp_path.iterdir())  # nothing written before the first log call
     csv, wandb_logger = loggers
+    wandb_logger.log_hyperparams({"seed": 1})
     wandb_logger.log_metrics({"train/loss": 1.5}, step=0)
-    wandb_logger.experiment.finish()
-    assert list((tmp_path / "wandb").glob("offline-run-*"))
+    lg.finish(loggers, summary={"final/val/loss": 2.5})
+    (run,) = (tmp_path / "wandb").glob("offline-run-*")
+    assert yaml.safe_load((run / "files" / "config.yaml").read_text())["seed"] == {"value": 1}
+    assert json.loads((run / "files" / "wandb-summary.json").read_text())["final/val/loss"] == 2.5
     csv.log_metrics({"train/loss": 1.5}, step=0)
     csv.save()
     assert "train/loss" in (tmp_path / "csv" / "metrics.csv").read_text()
+
+
+def test_tags_are_the_choices_then_the_users():
+    choices = {
+        "recipe": "bf16_llm",
+        "precision": "nvfp4",
+        "model": "gpt",
+        "data": "stdlib",
+        "task": "lm",
+        "posenc": None,
+    }
+    assert lg.tags(choices, ["ablation", "gpt"]) == ["bf16_llm", "nvfp4", "gpt", "stdlib", "lm", "ablation"]
+
+
+def test_wandb_run_id_is_the_newest_runs(tmp_path):
+    for name in ("offline-run-20261204_101500-aaaa1111", "run-20261204_111500-bbbb2222"):
+        (tmp_path / "wandb" / name).mkdir(parents=True)
+    assert lg.wandb_run_id(tmp_path) == "bbbb2222"
+    assert lg.wandb_run_id(tmp_path / "none") is None

@@ -157,7 +157,18 @@ def third_party(tmp_path_factory):
 
 def test_builtin_groups_are_discovered_without_importing():
     reg = Registry()
-    assert set(GROUPS) == {"formats", "precision", "posenc", "layers", "models", "data", "recipes"}
+    assert set(GROUPS) == {
+        "formats",
+        "precision",
+        "posenc",
+        "layers",
+        "models",
+        "data",
+        "optimizers",
+        "schedulers",
+        "tasks",
+        "recipes",
+    }
     assert {"none", "rope"} <= set(reg.names("posenc"))
     assert reg.infos("models")["gpt"].dist == "lowbit"
     assert reg.infos("models")["gpt"].status == "not loaded"
@@ -313,15 +324,38 @@ def test_the_plugin_api_changes_only_with_its_version():
 
     surface = {
         1: (
-            ("formats", "precision", "posenc", "layers", "models", "data", "recipes"),
+            # optimizers, schedulers and tasks joined version 1 as new groups: no existing plugin changes
+            (
+                "formats",
+                "precision",
+                "posenc",
+                "layers",
+                "models",
+                "data",
+                "optimizers",
+                "schedulers",
+                "tasks",
+                "recipes",
+            ),
             {
                 "precision": ("device_type",),
                 "posenc": ("dim", "n_heads", "head_dim", "max_len", "grid"),
                 "layers": ("f",),
                 "models": ("posenc",),
                 "data": ("seed",),
+                "optimizers": ("model",),
+                "schedulers": ("optimizer", "max_steps"),
+                "tasks": ("model", "optimizer", "scheduler", "max_steps"),
             },
-            {"precision": "precision", "posenc": "posenc", "model": "models", "data": "data"},
+            {
+                "precision": "precision",
+                "posenc": "posenc",
+                "model": "models",
+                "data": "data",
+                "optimizer": "optimizers",
+                "scheduler": "schedulers",
+                "task": "tasks",
+            },
         )
     }
     assert surface[PLUGIN_API] == (GROUPS, CONTEXT, CONFIG_GROUPS), "plugin API changed: raise PLUGIN_API"

@@ -83,7 +83,9 @@ def test_ctrl_c_leaves_a_usable_last_checkpoint(tmp_path, monkeypatch):
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
     assert torch.load(last, weights_only=False)["global_step"] == 2
     monkeypatch.setattr(run, "_callbacks", original)
-    result = train(compose([*common, f"hydra.run.dir={tmp_path / 'b'}", f"resume={tmp_path / 'a'}"]), echo=lambda *_: None)
+    result = train(
+        compose([*common, f"hydra.run.dir={tmp_path / 'b'}", f"resume={tmp_path / 'a'}"]), echo=lambda *_: None
+    )
     train(compose([*common, f"hydra.run.dir={tmp_path / 'full'}"]), echo=lambda *_: None)
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "b")
     assert sorted(resumed) == [2, 3, 4]

@@ -8,9 +8,9 @@ from lowbit.config import compose, list_recipes
 from lowbit.run import build, train
 
 RECIPES = [name for name, _, package in list_recipes() if package == "lowbit.recipes"]
-LANGUAGE_TASKS = {"CausalLM", "EquilibriumLM"}
-CLASSIFIER_TASKS = {"ImageClassifier", "EquilibriumClassifier"}
-DIFFUSION_TASKS = {"Diffusion"}
+LANGUAGE_TASKS = {"lm", "deq_lm"}  # lowbit.tasks plugin names
+CLASSIFIER_TASKS = {"classify", "deq_classify"}
+DIFFUSION_TASKS = {"diffusion"}
 
 
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -29,7 +29,7 @@ def test_recipe_smoke_runs_on_cpu(recipe, tmp_path):
     assert 0 < loss < 10
     # 3 steps from a fresh model leave the loss near chance, by an amount each task family bounds (on this seed,
     # BF16 or FP32 alike: LMs 5.23-5.36, classifiers 2.24-2.31, diffusion 0.968-0.979)
-    task = composed.cfg.task._target_.rsplit(".", 1)[1]
+    task = composed.cfg.task.name
     if task in LANGUAGE_TASKS:
         # chance is ln 256 = 5.545 nats per byte; 3 AdamW steps lower it by 0.19-0.32
         assert math.log(256) - 0.5 < loss < math.log(256) - 0.1

@@ -11,7 +11,6 @@ from lowbit.data.images import (
     Digits,
     ImageFolderData,
     SeededImageStream,
-    _shift,
     load_digits_tensors,
     stratified_split,
 )
@@ -28,9 +27,10 @@ def test_digits_sizes_and_stratified_split():
     data = Digits(image_size=16, val_fraction=0.2, seed=0)
     images, labels = data.train_set.tensors
     assert images.shape[1:] == (1, 16, 16) and images.dtype == torch.float32 and labels.dtype == torch.int64
-    expected_val = [round(0.2 * n) for n in CLASS_SIZES]
-    assert torch.bincount(_val_labels(data), minlength=10).tolist() == expected_val
-    assert torch.bincount(labels, minlength=10).tolist() == [n - v for n, v in zip(CLASS_SIZES, expected_val)]
+    val_counts = torch.bincount(_val_labels(data), minlength=10).tolist()
+    assert sum(val_counts) == 360  # scikit-learn's train_test_split: ceil(0.2 · 1797) to val, stratified
+    assert all(abs(v - 0.2 * n) < 1 for v, n in zip(val_counts, CLASS_SIZES))
+    assert torch.bincount(labels, minlength=10).tolist() == [n - v for n, v in zip(CLASS_SIZES, val_counts)]
     assert len(data.train_set) + len(data.val_set) == 1797
     assert (data.num_classes, data.image_size, data.in_chans) == (10, 16, 1)
 
@@ -42,6 +42,12 @@ def test_split_is_a_pure_function_of_the_seed_and_disjoint():
     assert np.array_equal(train, again_train) and np.array_equal(val, again_val)
     assert not set(train) & set(val) and len(train) + len(val) == 1797
     assert not np.array_equal(val, stratified_split(labels, 0.2, seed=6)[1])
+    from sklearn.model_selection import train_test_split
+
+    _, sklearn_val = train_test_split(np.arange(1797), test_size=0.2, stratify=labels, random_state=5)
+    assert np.array_equal(val, np.sort(sklearn_val))
+    with pytest.raises(LowbitError, match="cannot split 3 images of 2 classes by data.val_fraction=0.5"):
+        stratified_split(np.array([0, 0, 1]), 0.5, seed=0)  # a class with a single image
     a, b = Digits(seed=5), Digits(seed=5)
     assert torch.equal(a.val_set.tensors[0], b.val_set.tensors[0])
 
@@ -100,17 +106,31 @@ def test_loader_resumes_after_the_samples_the_trainer_consumed():
         assert torch.equal(x[row], stream[i * 2 + 1][0])  # rank 1 of 2 takes every second sample
 
 
-def test_shift_translates_and_fills_the_border():
-    image = torch.arange(16.0).view(1, 4, 4)
-    shifted = _shift(image, 1, -1, max_shift=1, fill=-5.0)  # down one row, left one column
-    expected = torch.full((1, 4, 4), -5.0)
-    expected[:, 1:, :3] = image[:, :3, 1:]
-    assert torch.equal(shifted, expected)
+def test_augmentation_shifts_by_at_most_max_shift_and_fills_the_border():
     data = Digits(image_size=8, augment=True, seed=0)
-    stream = data._stream(data.train_set)
-    assert torch.equal(stream[7][0], stream[7][0])  # augmentation seeded by (seed, i)
+    stream = data._stream(data.train_set)  # max_shift 1, the border a blank pixel
     plain = SeededImageStream(data.train_set, seed=0)
-    assert sum(not torch.equal(stream[i][0], plain[i][0]) for i in range(20)) >= 10
+    blank = (0.0 - data.mean) / data.std
+    shifts = []
+    for i in range(40):
+        image, original = stream[i][0], plain[i][0]
+        padded = torch.nn.functional.pad(original, (1, 1, 1, 1), value=blank)  # (1, 10, 10)
+        found = [
+            (dy, dx)
+            for dy in (-1, 0, 1)
+            for dx in (-1, 0, 1)
+            if torch.equal(image, padded[:, 1 - dy : 9 - dy, 1 - dx : 9 - dx])
+        ]
+        assert found, i  # a translation by (dy, dx) in [-1, 1]², blank where the image moved away
+        shifts.append(found[0])
+    assert len(set(shifts)) >= 6  # torchvision's RandomCrop draws all nine
+    assert torch.equal(stream[7][0], stream[7][0])  # augmentation seeded by (seed, i)
+    assert torch.equal(stream[7][0], data._stream(data.train_set)[7][0])
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    stream[3]
+    assert torch.equal(torch.rand(1), before)  # torch's global generator untouched
 
 
 def _write_png(path, rgb, size=8):

@@ -119,3 +119,34 @@ def test_a_stock_timm_vit_converts_and_trains():
     assert losses[0] == pytest.approx(math.log(10), abs=0.15)
     # and it learns the fixed batch: each AdamW step lowers the loss, 0.59 in all on this seed (deterministic)
     assert losses[0] > losses[1] > losses[2] and losses[0] - losses[2] > 0.3
+
+
+@pytest.mark.parametrize(
+    "model_name,options,head",
+    [
+        # a timm ViT's classifier is `head`; 10 classes would not fit NVFP4's blocks, 16 would
+        (
+            "vit_tiny_patch16_224",
+            {"img_size": 32, "patch_size": 4, "embed_dim": 64, "depth": 2, "num_heads": 2},
+            "head",
+        ),
+        # a pooling head (ConvNeXt, its MLPs as Linear layers): `head.fc`
+        ("convnext_atto", {"dims": (16, 32, 48, 64), "depths": (1, 1, 1, 1), "conv_mlp": False}, "head.fc"),
+    ],
+)
+@pytest.mark.parametrize("num_classes", [10, 16])
+def test_precision_plugins_keep_a_timm_classifier_by_default(model_name, options, head, num_classes):
+    import timm
+
+    from lowbit.registry import registry
+
+    torch.manual_seed(0)
+    model = timm.create_model(model_name, pretrained=False, num_classes=num_classes, **options)
+    precision = registry.build("precision", "nvfp4", device_type="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # kept by name, so never reported as a misfit
+        precision.convert_module(model)
+    linears = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    assert precision.report.kept == [head] and not precision.report.misfit
+    assert set(quant_layers(model)) == linears - {head} and len(linears) > 4
+    assert type(model.get_submodule(head)) is nn.Linear
