@@ -108,6 +108,26 @@ def test_multirun_logs_one_wandb_run_per_job(tmp_path, launcher):
     assert records[1]["tags"] == ["bf16_llm", "nvfp4", "gpt", "stdlib", "lm", "none"]
     assert records[0]["id"] != records[1]["id"]
     assert all((_wandb_runs(job)[0] / "files" / "wandb-summary.json").is_file() for job in jobs)  # finished
+    if launcher == "basic":  # the NVFP4 job found the BF16 job of its sweep as its baseline
+        assert "compare/gap_to_bf16" in (jobs[1] / "csv" / "metrics.csv").read_text()
+        _compare_the_two_runs(jobs, tmp_path)
+
+
+def _compare_the_two_runs(jobs: list[Path], tmp_path: Path) -> None:
+    out = tmp_path / "compare"
+    result = subprocess.run(
+        [str(BIN / "lowbit"), "compare", *map(str, jobs), "--out", str(out)],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    assert len(rows) == 4 and "bf16" in rows[2] and "nvfp4" in rows[3]  # header, rule, one row per run
+    for png in ("loss.png", "gap.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "compare.md").read_text().strip().splitlines()[2:] == rows[2:]
 
 
 def test_submitit_local_launcher_runs_each_job(tmp_path):
