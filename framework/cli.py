@@ -38,6 +38,12 @@ def _guard(fn: Callable[[list[str]], int], argv: list[str], verbose: bool) -> in
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as err:
+        from lowbit.callbacks.checkpoint import Preempted
+
+        if not isinstance(err, Preempted):
+            raise
+        return err.exit_code  # saved and said so; 143 for SIGTERM, as a scheduler expects
 
 
 def _parser():
@@ -65,7 +71,7 @@ def _validate(args) -> list:
     return [compose(job) for job in jobs]
 
 
-_FAILED: list[LowbitError] = []  # a single run's error, raised once Hydra has returned
+_FAILED: list[Exception] = []  # a single run's error (or preemption), raised once Hydra has returned
 _EXISTED: set = set()  # run directories that were there before this command (never removed)
 
 
@@ -83,6 +89,7 @@ def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
+    from lowbit.callbacks.checkpoint import Preempted
     from lowbit.config import Composed
     from lowbit.run import train
 
@@ -91,6 +98,11 @@ def _task(cfg) -> float | None:
     composed = Composed(cfg, dict(hydra_cfg.runtime.choices), tuple(hydra_cfg.overrides.task), run_dir)
     try:
         result = train(composed, echo=logging.getLogger("lowbit").info)
+    except Preempted as err:  # saved; the exit code tells the scheduler
+        if hydra_cfg.mode != RunMode.RUN:
+            raise
+        _FAILED.append(err)
+        return None
     except LowbitError as err:
         if hydra_cfg.mode != RunMode.RUN:
             raise
@@ -115,6 +127,9 @@ def _train(argv: list[str]) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
     composed = _validate(args)
+    if _continue_in_place(args, composed):
+        composed = _validate(args)
+    _check_run_dirs(args, composed)
     _FAILED.clear()
     _EXISTED.clear()
     _EXISTED.update(c.run_dir.resolve() for c in composed if c.run_dir is not None and c.run_dir.exists())
@@ -133,6 +148,46 @@ def _train(argv: list[str]) -> int:
     if _FAILED:
         raise _FAILED[0]
     return 0
+
+
+def _continue_in_place(args, composed: list) -> bool:
+    """``train ... resume=RUN`` without ``hydra.run.dir``: the run continues in its own directory
+    (Hydra's files of this start go to ``.hydra/resume-<time>``, the first start's stay)."""
+    import datetime as dt
+
+    from lowbit.rundir import run_dir_of
+
+    if args.multirun or len(composed) != 1 or not composed[0].cfg.resume:
+        return False
+    if any(o.startswith("hydra.run.dir=") for o in args.overrides):
+        return False
+    source = run_dir_of(str(composed[0].cfg.resume))
+    if source is None:
+        return False
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    quoted = str(source.resolve()).replace("\\", "\\\\").replace("'", "\\'")
+    args.overrides += [f"hydra.run.dir='{quoted}'", f"hydra.output_subdir=.hydra/resume-{stamp}"]
+    return True
+
+
+def _check_run_dirs(args, composed: list) -> None:
+    """Before Hydra writes ``.hydra/`` anywhere: no run into a directory that holds another run."""
+    from pathlib import Path
+
+    from lowbit.rundir import RUN_FILES, check_run_dir
+
+    if args.multirun:
+        sweep = Path(str(composed[0].hydra.sweep.dir)) if composed and composed[0].hydra is not None else None
+        if (
+            sweep is not None
+            and sweep.is_dir()
+            and any((job / f).exists() for job in sweep.iterdir() for f in RUN_FILES)
+        ):
+            raise LowbitError(f"hydra.sweep.dir {sweep} already holds runs; choose another hydra.sweep.dir")
+        return
+    if args.run or not (args.cfg or args.info or args.help or args.hydra_help or args.shell_completion):
+        for c in composed:
+            check_run_dir(c.run_dir, c.cfg.resume)
 
 
 @contextmanager

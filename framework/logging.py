@@ -4,6 +4,7 @@ written."""
 
 from __future__ import annotations
 
+import csv
 import netrc
 import os
 import socket
@@ -11,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["build_loggers", "describe", "finish", "tags", "wandb_mode", "wandb_run_id"]
+__all__ = ["build_loggers", "describe", "finish", "tags", "trim_csv", "wandb_mode", "wandb_run_id"]
 
 _WANDB_HOST = "api.wandb.ai"
 
@@ -58,6 +59,46 @@ def wandb_run_id(run_dir: Path) -> str | None:
     return runs[-1].name.rsplit("-", 1)[1] if runs else None
 
 
+def _appending_csv_logger(run_dir: Path):
+    """Lightning's CSVLogger, except that an existing ``metrics.csv`` is continued (its header kept,
+    new columns merged in) rather than deleted: a run resumed in place appends to its own log."""
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:  # Lightning's deletes metrics.csv here
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    class AppendingCSVLogger(CSVLogger):
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")
+
+
+def trim_csv(path: Path, before_step: int) -> None:
+    """Keep the rows of a step-indexed CSV log (``metrics.csv``, ``health.csv``) logged before
+    ``before_step``: a run resumed from a checkpoint of that step logs the later ones again."""
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        rows = list(csv.reader(f))
+    if not rows or "step" not in rows[0]:
+        return
+    at = rows[0].index("step")
+    kept = [rows[0], *(r for r in rows[1:] if r[at] == "" or int(float(r[at])) < before_step)]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)
+
+
 def build_loggers(
     logger_cfg: dict[str, Any],
     run_dir: Path,
@@ -66,12 +107,10 @@ def build_loggers(
     tags: Sequence[str],
     run_id: str | None = None,
 ) -> list:
-    """CSV always (``run_dir/csv/metrics.csv``); W&B when ``logger.wandb`` is true: one run named
+    """CSV always (``run_dir/csv/metrics.csv``, continued if it exists); W&B when ``logger.wandb`` is true: one run named
     ``name`` in ``logger.group`` (default ``group``: the experiment), continuing ``run_id`` when given.
     Nothing is written until the first log call."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    loggers: list = [CSVLogger(save_dir=str(run_dir), name="csv", version="")]
+    loggers: list = [_appending_csv_logger(run_dir)]
     if logger_cfg.get("wandb", True):
         import wandb
         from lightning.pytorch.loggers import WandbLogger

@@ -24,6 +24,12 @@ __all__ = ["install_filters"]
 _LEAFSPEC_MESSAGE = r"`isinstance\(treespec, LeafSpec\)` is deprecated"
 _LEAFSPEC_MODULE = r"lightning\.pytorch\.utilities\._pytree"
 
+# Lightning's ModelCheckpoint warns when its directory already has files, and when a resumed run's
+# directory differs from the checkpoint's. lowbit refuses a directory holding another run before
+# training (lowbit.rundir), so the first is a run resumed in place; the second a resume elsewhere.
+_CHECKPOINT_DIR_MESSAGES = (r"Checkpoint directory .* exists and is not empty", r"The dirpath has changed from ")
+_CHECKPOINT_MODULE = r"lightning\.pytorch\.callbacks\.model_checkpoint"
+
 # Lightning logs an advertisement for its LitLogger on every Trainer that has no LitLogger.
 _LITLOGGER_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 _LITLOGGER_PREFIX = "💡 Tip: For seamless cloud logging"
@@ -52,8 +58,10 @@ def _add_logging_filter(logger_name: str, prefix: str) -> None:
 
 
 def install_filters() -> None:
-    """Install the filters above: one ``warnings`` filter and two ``logging`` filters, each for one message."""
+    """Install the filters above: three ``warnings`` filters and two ``logging`` filters, each for one message."""
     warnings.filterwarnings("ignore", message=_LEAFSPEC_MESSAGE, category=FutureWarning, module=_LEAFSPEC_MODULE)
+    for message in _CHECKPOINT_DIR_MESSAGES:
+        warnings.filterwarnings("ignore", message=message, module=_CHECKPOINT_MODULE)
     for name in _LITLOGGER_LOGGERS:
         _add_logging_filter(name, _LITLOGGER_PREFIX)
     _add_logging_filter(_CUDA_HOME_LOGGER, _CUDA_HOME_PREFIX)

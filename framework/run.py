@@ -18,6 +18,7 @@ from lowbit.config import Composed, one_line, plain, to_yaml
 from lowbit.errors import LowbitError
 from lowbit.models.base import count_parameters
 from lowbit.registry import call_with_options, registry
+from lowbit.rundir import RunLock, check_run_dir, resume_command
 
 __all__ = ["RunResult", "build", "resolve_checkpoint", "train"]
 
@@ -154,10 +155,10 @@ def _check_strategy(precision: Any, trainer_cfg: dict[str, Any]) -> None:
         )
 
 
-def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
+def _callbacks(cfg: DictConfig, ckpt_dir: Path, echo=print) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from lowbit.callbacks.checkpoint import SaveOnInterrupt
+    from lowbit.callbacks.checkpoint import Preemption
     from lowbit.callbacks.health import QuantHealth, StopOnNonFinite
     from lowbit.callbacks.rounding import SeedStochasticRounding
     from lowbit.callbacks.throughput import Throughput
@@ -173,7 +174,7 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path) -> list:
             save_last=True,
             auto_insert_metric_name=False,
         ),
-        SaveOnInterrupt(ckpt_dir),  # Ctrl-C leaves a usable last.ckpt
+        Preemption(ckpt_dir, notice=echo),  # SIGTERM, SIGUSR1, Ctrl-C: last.ckpt after this step, then stop
         QuantHealth(int(cfg.health.every_n_steps), path=ckpt_dir.parent / "health.csv"),
         StopOnNonFinite(ckpt_dir / "last.ckpt"),  # a NaN never reaches the weights or a checkpoint
         SeedStochasticRounding(int(cfg.seed)),  # SR noise from (seed, step): resumes are exact
@@ -231,16 +232,15 @@ def train(composed: Composed, echo=print) -> RunResult:
     """Train one composed config to the end (or Ctrl-C) in its run directory; print and return the
     final metrics. Its W&B run is named ``cfg.name``, grouped by experiment (model, data, budget:
     see ``lowbit.experiment``), tagged by the choices, and finished before this returns."""
-    import torch
-
     from lowbit.callbacks.baseline import BaselineLoss
     from lowbit.experiment import baseline_roots, experiment_name
-    from lowbit.logging import build_loggers, describe, finish, tags, wandb_run_id
+    from lowbit.logging import build_loggers, tags, wandb_run_id
 
     cfg = composed.cfg
     _seed(int(cfg.seed))
     built = build(cfg)
     resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+    check_run_dir(composed.run_dir or Path("."), cfg.resume)
     run_dir = _run_dir(composed)
     config = plain(cfg)
     run_id = wandb_run_id(Path(resume).parent.parent) if resume else None
@@ -254,9 +254,24 @@ def train(composed: Composed, echo=print) -> RunResult:
     )
     ckpt_dir = run_dir / "checkpoints"
     against = BaselineLoss(config, baseline_roots(run_dir), run_dir)
-    trainer = _trainer(built, loggers, [*_callbacks(cfg, ckpt_dir), against], run_dir)
+    trainer = _trainer(built, loggers, [*_callbacks(cfg, ckpt_dir, echo), against], run_dir)
 
-    # the run is valid: from here on it writes into its directory
+    # the run is valid: from here on it writes into its directory, which it holds alone
+    with RunLock(run_dir, notice=echo):
+        return _fit(composed, built, trainer, loggers, against, run_dir, resume, echo)
+
+
+def _fit(composed, built, trainer, loggers, against, run_dir, resume, echo) -> RunResult:
+    import torch
+
+    from lowbit.callbacks.checkpoint import Preempted
+    from lowbit.logging import describe, finish, trim_csv
+
+    cfg, config, ckpt_dir = composed.cfg, plain(composed.cfg), run_dir / "checkpoints"
+    if resume:  # continuing in place: the rows after the checkpoint's step are logged again
+        step = int(torch.load(resume, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+        for log in (run_dir / "csv" / "metrics.csv", run_dir / "health.csv"):
+            trim_csv(log, step)
     _write_hydra_files(composed, run_dir)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     ckpt_dir.mkdir(exist_ok=True)
@@ -276,10 +291,13 @@ def train(composed: Composed, echo=print) -> RunResult:
     result = RunResult(run_dir=run_dir, baseline_bpb=baseline)
     try:
         trainer.fit(built.task, datamodule=built.data, ckpt_path=resume)
-    except SystemExit:  # Lightning exits after a graceful Ctrl-C shutdown (SaveOnInterrupt has saved)
-        echo(f"resume with: train {' '.join(composed.overrides)} resume={ckpt_dir / 'last.ckpt'}")
-        finish(loggers, exit_code=1)
+    except Preempted as stop:
+        finish(loggers, exit_code=stop.exit_code)
+        echo(f"{stop}\nresume with: {resume_command(composed, run_dir)}")
         raise
+    except SystemExit as stop:  # Lightning exits so after a KeyboardInterrupt (a second Ctrl-C)
+        finish(loggers, exit_code=130)
+        raise KeyboardInterrupt from stop
     except BaseException:
         finish(loggers, exit_code=1)
         raise

@@ -2,6 +2,8 @@
 
 import csv
 import math
+import os
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -66,31 +68,42 @@ def test_resume_reproduces_every_later_loss_exactly(tmp_path, recipe):
         assert resumed[step] == full[step], f"step {step}: {resumed[step]} != {full[step]}"
 
 
-class _CtrlC(L.Callback):
+class _Signal(L.Callback):
+    """Sends ``signum`` to this process when the run reaches ``at_step``, as a scheduler or a user would."""
+
+    def __init__(self, signum: int, at_step: int) -> None:
+        self.signum, self.at_step = signum, at_step
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
-        if trainer.global_step == 2:
-            raise KeyboardInterrupt
+        if trainer.global_step == self.at_step:
+            os.kill(os.getpid(), self.signum)
 
 
-def test_ctrl_c_leaves_a_usable_last_checkpoint(tmp_path, monkeypatch):
+def _rows(run_dir: Path, key: str) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+def test_a_signal_saves_after_the_step_and_resume_matches_train_and_validation(tmp_path, monkeypatch, signum, code):
     import lowbit.run as run
+    from lowbit.callbacks.checkpoint import Preempted
 
     original = run._callbacks
-    monkeypatch.setattr(run, "_callbacks", lambda cfg, d: [*original(cfg, d), _CtrlC()])
-    common = [*SMOKE, "trainer.max_steps=5", "checkpoint.every_n_steps=100"]
-    with pytest.raises(SystemExit):
+    monkeypatch.setattr(run, "_callbacks", lambda *a: [*original(*a), _Signal(signum, at_step=2)])
+    common = [*SMOKE, "trainer.max_steps=6", "trainer.val_check_interval=2", "checkpoint.every_n_steps=100"]
+    with pytest.raises(Preempted) as stop:
         train(compose([*common, f"hydra.run.dir={tmp_path / 'a'}"]), echo=lambda *_: None)
+    assert stop.value.exit_code == code and stop.value.step == 3  # the step in flight finished first
     last = tmp_path / "a" / "checkpoints" / "last.ckpt"
-    assert torch.load(last, weights_only=False)["global_step"] == 2
+    assert torch.load(last, weights_only=False)["global_step"] == 3
     monkeypatch.setattr(run, "_callbacks", original)
-    result = train(
-        compose([*common, f"hydra.run.dir={tmp_path / 'b'}", f"resume={tmp_path / 'a'}"]), echo=lambda *_: None
-    )
+    train(compose([*common, f"hydra.run.dir={tmp_path / 'b'}", f"resume={last}"]), echo=lambda *_: None)
     train(compose([*common, f"hydra.run.dir={tmp_path / 'full'}"]), echo=lambda *_: None)
     full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "b")
-    assert sorted(resumed) == [2, 3, 4]
-    assert all(resumed[s] == full[s] for s in (2, 3, 4))
-    assert torch.load(result.run_dir / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 5
+    assert sorted(resumed) == [3, 4, 5] and all(resumed[s] == full[s] for s in (3, 4, 5))
+    full_val, a_val, b_val = (_rows(tmp_path / d, "val/loss") for d in ("full", "a", "b"))
+    assert {**a_val, **b_val} == full_val  # validation at the same steps with the same losses
 
 
 def test_adamw8bit_trains(tmp_path):
