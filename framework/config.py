@@ -24,6 +24,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from lowbit import hydra_plugins
 from lowbit.errors import LowbitError
 from lowbit.registry import CONFIG_GROUPS, registry
+from lowbit.validate import check_config
 
 __all__ = [
     "Composed",
@@ -138,6 +139,7 @@ def compose(overrides: Sequence[str] = ()) -> Composed:
     with open_dict(cfg):
         del cfg["hydra"]
     _check_types(cfg, overrides, groups)
+    check_config(cfg)
     return Composed(cfg, choices, user_overrides, run_dir, hydra)
 
 

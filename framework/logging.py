@@ -1,44 +1,100 @@
 """Loggers: Weights & Biases (online when it can reach the service with credentials, offline
 otherwise, never hanging; one W&B run per job, finished at its end) and a CSV log that is always
-written."""
+written. ``WANDB_MODE=online`` without a key or a reachable service logs offline with a one-line
+notice (``logger.offline_fallback: false``: a one-line error instead), decided within seconds."""
 
 from __future__ import annotations
 
 import csv
+import logging
 import netrc
 import os
 import socket
-from collections.abc import Sequence
+import ssl
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+from lowbit.errors import LowbitError
 
 __all__ = ["build_loggers", "describe", "finish", "tags", "trim_csv", "wandb_mode", "wandb_run_id"]
 
 _WANDB_HOST = "api.wandb.ai"
+_PROBE_TIMEOUT_S = 2.0
+
+log = logging.getLogger("lowbit")
+
+
+def _service() -> tuple[str, int, bool]:
+    """(host, port, https) of the W&B service: ``$WANDB_BASE_URL`` (a self-hosted server) or api.wandb.ai."""
+    url = urlparse(os.environ.get("WANDB_BASE_URL") or f"https://{_WANDB_HOST}")
+    https = url.scheme != "http"
+    return url.hostname or _WANDB_HOST, url.port or (443 if https else 80), https
 
 
 def _has_credentials() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     try:
-        return netrc.netrc().authenticators(_WANDB_HOST) is not None
+        return netrc.netrc().authenticators(_service()[0]) is not None
     except (OSError, netrc.NetrcParseError):
         return False
 
 
-def _reachable(host: str, port: int = 443, timeout: float = 2.0) -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
+def _reachable(host: str, port: int = 443, timeout: float = _PROBE_TIMEOUT_S, tls: bool = True) -> bool:
+    """``host`` answers within ``timeout`` seconds, the DNS lookup included (in a thread:
+    ``create_connection``'s timeout does not bound ``getaddrinfo``); with ``tls``, the TLS handshake
+    with a certificate valid for ``host`` too, so a proxy that accepts every connection is no answer."""
+    answer: list[bool] = []
+
+    def probe() -> None:
+        try:
+            with socket.create_connection((host, port), timeout=timeout) as sock:
+                if tls:
+                    context = ssl.create_default_context(cafile=os.environ.get("REQUESTS_CA_BUNDLE"))
+                    with context.wrap_socket(sock, server_hostname=host):
+                        pass
+                answer.append(True)
+        except (OSError, ValueError):  # ssl.SSLError is an OSError
+            answer.append(False)
+
+    thread = threading.Thread(target=probe, daemon=True, name="lowbit-wandb-probe")
+    thread.start()
+    thread.join(timeout)
+    return bool(answer and answer[0])
 
 
-def wandb_mode() -> str:
-    """``$WANDB_MODE`` if set; else ``online`` with credentials and a reachable service; else ``offline``."""
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    return "online" if _has_credentials() and _reachable(_WANDB_HOST) else "offline"
+def _online_problem() -> str | None:
+    """Why an online W&B run cannot start now (no key, service unreachable), None when it can."""
+    if not _has_credentials():
+        return "no W&B API key (WANDB_API_KEY or ~/.netrc from `wandb login`)"
+    host, port, https = _service()
+    if not (_reachable(host, port) if https else _reachable(host, port, tls=False)):
+        return f"{host}:{port} is unreachable (no answer within {_PROBE_TIMEOUT_S:.0f} s)"
+    return None
+
+
+def wandb_mode(offline_fallback: bool = True, notice: Callable[[str], None] | None = None) -> str:
+    """``$WANDB_MODE`` if set; else ``online`` with credentials and a reachable service; else ``offline``.
+
+    An explicit ``WANDB_MODE=online`` that cannot work (no key, no network) logs offline with a
+    one-line ``notice`` (default: the ``lowbit`` logger) or, with ``offline_fallback=False``, is a
+    ``LowbitError``; either way within a few seconds, never W&B's own minutes of retries."""
+    mode = os.environ.get("WANDB_MODE")
+    if mode and mode != "online":
+        return mode
+    problem = _online_problem()
+    if mode is None or problem is None:
+        return "online" if problem is None else "offline"
+    if not offline_fallback:
+        raise LowbitError(
+            f"WANDB_MODE=online but {problem}; run `wandb login`, or unset WANDB_MODE, "
+            "or set logger.offline_fallback=true to log offline"
+        )
+    (notice or log.warning)(f"notice: WANDB_MODE=online but {problem}; logging offline (wandb sync later)")
+    return "offline"
 
 
 def tags(choices: dict[str, Any], extra: Sequence[str] = ()) -> list[str]:
@@ -115,7 +171,7 @@ def build_loggers(
         import wandb
         from lightning.pytorch.loggers import WandbLogger
 
-        mode = wandb_mode()
+        mode = wandb_mode(offline_fallback=bool(logger_cfg.get("offline_fallback", True)))
         extra: dict[str, Any] = {"mode": "disabled"} if mode == "disabled" else {}
         if run_id:
             extra.update(id=run_id, resume="allow")

@@ -81,16 +81,19 @@ def _write_hydra_files(composed: Composed, run_dir: Path) -> None:
         (folder / "hydra.yaml").write_text(OmegaConf.to_yaml(OmegaConf.create({"hydra": composed.hydra})))
 
 
-def resolve_checkpoint(resume: str) -> str:
-    """A checkpoint file, or a run directory whose ``checkpoints/last.ckpt`` to use."""
+def resolve_checkpoint(resume: str, expected_state=None, notice=print) -> str:
+    """A checkpoint file, or a run directory whose ``checkpoints/last.ckpt`` to use; it is verified
+    (readable, the same model), and an unreadable one falls back to the previous good one."""
+    from lowbit.checkpoint_io import choose_checkpoint, previous_path
+
     path = Path(resume).expanduser()
     if path.is_dir():
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    if not path.is_file() and not previous_path(path).is_file():
         raise LowbitError(
             f"resume={resume}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt"
         )
-    return str(path)
+    return str(choose_checkpoint(path, expected_state, notice=notice))
 
 
 def _build_target(node: dict[str, Any], what: str, **context: Any) -> Any:
@@ -209,6 +212,8 @@ def _trainer(built: Built, loggers: list, callbacks: list, run_dir: Path):
     import lightning as L
     from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+    from lowbit.checkpoint_io import DurableCheckpointIO
+
     if "precision" in built.trainer_kwargs:
         raise LowbitError(
             f"trainer.precision={built.trainer_kwargs['precision']} would fight the precision plugin; "
@@ -217,7 +222,7 @@ def _trainer(built: Built, loggers: list, callbacks: list, run_dir: Path):
     try:
         return L.Trainer(
             **built.trainer_kwargs,
-            plugins=[built.precision],
+            plugins=[built.precision, DurableCheckpointIO()],  # temp file, fsync, rename; the previous kept
             logger=loggers,
             callbacks=callbacks,
             default_root_dir=str(run_dir),
@@ -239,7 +244,7 @@ def train(composed: Composed, echo=print) -> RunResult:
     cfg = composed.cfg
     _seed(int(cfg.seed))
     built = build(cfg)
-    resume = resolve_checkpoint(cfg.resume) if cfg.resume else None
+    resume = resolve_checkpoint(cfg.resume, built.task.state_dict(), notice=echo) if cfg.resume else None
     check_run_dir(composed.run_dir or Path("."), cfg.resume)
     run_dir = _run_dir(composed)
     config = plain(cfg)

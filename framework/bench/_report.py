@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import platform
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,8 @@ def train_once(overrides: Sequence[str], run_dir: Path, label: str, echo=print) 
     if val_loss is not None:
         echo(f"[{label}] already trained in {run_dir} with this config: val/loss {val_loss:.4f}")
         return val_loss
+    if run_dir.exists():  # the bench's own folder: an unfinished run or another config, trained again
+        shutil.rmtree(run_dir)
     echo(f"[{label}] train {' '.join(overrides)}")
     start = time.perf_counter()
     val_loss = train(composed, echo=lambda *_: None).metrics.get("val/loss", float("nan"))

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import lightning as L
 
+from lowbit.errors import LowbitError
+
 __all__ = ["Preempted", "Preemption"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
@@ -41,12 +43,11 @@ class Preemption(L.Callback):
         self._previous: dict[int, object] = {}
 
     def _handler(self, signum: int, frame) -> None:
+        # only a flag here: writing to a stream from a signal handler can interrupt a write in progress
         if self.received == signal.SIGINT and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C: stop now
         if self.received is None:
             self.received = signum
-            again = " (Ctrl-C again to stop now, without saving)" if signum == signal.SIGINT else ""
-            self.notice(f"{signal.Signals(signum).name}: saving a checkpoint after this step, then stopping{again}")
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         # after Lightning's own SIGTERM handler (set once on_fit_start has run), so this one decides
@@ -63,7 +64,12 @@ class Preemption(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.received is None or self._saved_at is not None or trainer.fit_loop.epoch_loop._should_accumulate():
             return
-        trainer.save_checkpoint(self.path, weights_only=False)  # where a periodic checkpoint is written
+        again = " (Ctrl-C again to stop now, without saving)" if self.received == signal.SIGINT else ""
+        self.notice(f"{signal.Signals(self.received).name}: saving a checkpoint after this step, then stopping{again}")
+        try:
+            trainer.save_checkpoint(self.path, weights_only=False)  # where a periodic checkpoint is written
+        except LowbitError as err:  # a full disk, say: stop all the same, with the scheduler's exit code
+            self.notice(f"error: {err}")
         self._saved_at = trainer.global_step
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

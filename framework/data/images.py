@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lowbit.data.text import _CountFrom
+from lowbit.data.text import _CountFrom, check_sizes, check_workers
 from lowbit.errors import LowbitError
 
 __all__ = ["Digits", "ImageFolderData", "SeededImageStream", "augmentation", "load_digits_tensors", "stratified_split"]
@@ -153,8 +153,8 @@ class _ImageData(L.LightningDataModule):
         num_workers: int,
     ) -> None:
         super().__init__()
-        if image_size < 1 or batch_size < 1:
-            raise LowbitError(f"data.image_size and data.batch_size must be >= 1, got {image_size} and {batch_size}")
+        check_sizes(image_size=image_size, batch_size=batch_size, val_batch_size=val_batch_size)
+        check_workers(num_workers)
         if not 0 < val_fraction < 1:
             raise LowbitError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.image_size, self.in_chans, self.num_classes = image_size, in_chans, num_classes

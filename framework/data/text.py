@@ -18,10 +18,37 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lowbit.data.corpus import Corpus, load_corpus, stdlib_files, text_files, unigram_bits_per_byte
+from lowbit.data.corpus import (
+    Corpus,
+    check_cache_dir,
+    check_readable,
+    corpus_dir,
+    load_corpus,
+    split_sizes,
+    stdlib_files,
+    text_files,
+    unigram_bits_per_byte,
+)
 from lowbit.errors import LowbitError
 
-__all__ = ["ByteWindows", "RandomWindows", "StdlibText", "TextFiles"]
+__all__ = ["ByteWindows", "RandomWindows", "StdlibText", "TextFiles", "check_sizes", "check_workers"]
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_sizes(**sizes: int | None) -> None:
+    """Each ``data.<name>`` is an integer >= 1; ``val_batch_size`` may be None (then ``batch_size``)."""
+    for name, value in sizes.items():
+        if not (value is None and name == "val_batch_size") and not (_is_int(value) and value >= 1):
+            raise LowbitError(f"data.{name} must be an integer of at least 1, got {value!r}")
+
+
+def check_workers(num_workers: int) -> None:
+    """``data.num_workers`` is an integer >= 0 (0: load in the main process)."""
+    if not (_is_int(num_workers) and num_workers >= 0):
+        raise LowbitError(f"data.num_workers must be an integer of at least 0, got {num_workers!r}")
 
 
 class RandomWindows(Dataset):
@@ -84,12 +111,28 @@ class _ByteLM(L.LightningDataModule):
         num_workers: int = 0,
     ) -> None:
         super().__init__()
-        if seq_len < 1 or batch_size < 1:
-            raise LowbitError(f"data.seq_len and data.batch_size must be >= 1, got {seq_len} and {batch_size}")
+        check_sizes(seq_len=seq_len, batch_size=batch_size, val_windows=val_windows, val_batch_size=val_batch_size)
+        check_workers(num_workers)
+        if not 0 < val_fraction < 1:
+            raise LowbitError(f"data.val_fraction must be in (0, 1), got {val_fraction}")
         self.seq_len, self.batch_size, self.seed = seq_len, batch_size, seed
         self.val_windows, self.val_batch_size = val_windows, val_batch_size or batch_size
         self.val_fraction, self.cache_dir, self.num_workers = val_fraction, cache_dir, num_workers
         self._corpus: Corpus | None = None
+        self._listing: tuple[Path, list[Path]] | None = None
+        self._check_input()
+
+    def _check_input(self) -> None:
+        """What ``corpus`` would fail on, found now (the text is listed and sized, not read): too few
+        bytes for one window in either split, a cache folder the corpus cannot be written to."""
+        root, files = self._listing = self._files()
+        for split, size in split_sizes(root, files, self.val_fraction).items():
+            if size < self.seq_len + 2:
+                raise LowbitError(
+                    f"the {split} split has {size} bytes, fewer than data.seq_len+2 = {self.seq_len + 2}; use more text or a shorter seq_len"
+                )
+        if not (corpus_dir(root, files, self.val_fraction, self.cache_dir) / "meta.json").is_file():
+            check_cache_dir(self.cache_dir)  # to be built: the cache must be writable (a built one may be read-only)
 
     @abc.abstractmethod
     def _files(self) -> tuple[Path, list[Path]]:
@@ -98,7 +141,7 @@ class _ByteLM(L.LightningDataModule):
     @property
     def corpus(self) -> Corpus:
         if self._corpus is None:
-            root, files = self._files()
+            root, files = self._listing or self._files()
             corpus = load_corpus(root, files, self.val_fraction, self.cache_dir)
             for split in ("train", "val"):
                 if len(getattr(corpus, split)) < self.seq_len + 2:
@@ -148,9 +191,9 @@ class TextFiles(_ByteLM):
     lowbit_plugin_api = 1
 
     def __init__(self, *, path: str, **kwargs) -> None:
-        text_files(path)  # a missing path is a clear error at build time, not mid-run
+        check_readable(path, text_files(path)[1])  # a missing, unreadable or empty path: one line now, not mid-run
+        self.path = os.fspath(path)  # before the base's checks, which list the files
         super().__init__(**kwargs)
-        self.path = os.fspath(path)
 
     def _files(self) -> tuple[Path, list[Path]]:
         return text_files(self.path)

@@ -24,6 +24,7 @@ __all__ = [
     "build_text_posenc",
     "check_heads",
     "check_patches",
+    "check_sizes",
     "count_parameters",
     "init_gpt2_weights",
 ]
@@ -35,14 +36,23 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+def check_sizes(**sizes: int) -> None:
+    """Each ``model.<name>`` is an integer >= 1 (widths, depths, heads, patch and image sides, classes)."""
+    for name, value in sizes.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise LowbitError(f"model.{name} must be an integer of at least 1, got {value!r}")
+
+
 def check_heads(dim: int, n_heads: int) -> None:
     """The width splits into whole heads."""
+    check_sizes(dim=dim, n_heads=n_heads)
     if dim % n_heads:
         raise LowbitError(f"model.dim {dim} is not divisible by model.n_heads {n_heads}; pick dim = k·n_heads")
 
 
 def check_patches(image_size: int, patch_size: int) -> None:
     """The (square) training images split into whole p×p patches."""
+    check_sizes(image_size=image_size, patch_size=patch_size)
     if image_size % patch_size:
         raise LowbitError(
             f"model.image_size {image_size} is not divisible by model.patch_size {patch_size}; pick image_size = k·patch_size"

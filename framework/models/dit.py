@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.base import ModelPlugin, build_grid_posenc, check_heads, check_patches
+from lowbit.models.base import ModelPlugin, build_grid_posenc, check_heads, check_patches, check_sizes
 from lowbit.models.vit import PatchEmbed, patch_positions
 from lowbit.nn.adaln import AdaLNBlock, AdaLNFinal
 from lowbit.nn.transformer import attention_mask
@@ -99,6 +99,7 @@ class DiffusionTransformer(ModelPlugin):
         self.dim, self.n_heads, self.norm = dim, n_heads, norm  # what a subclass's trunk is built with
         check_patches(image_size, patch_size)
         check_heads(dim, n_heads)
+        check_sizes(in_chans=in_chans, num_classes=num_classes, freq_dim=freq_dim)
         if not 0 <= class_dropout < 1:
             raise LowbitError(f"model.class_dropout must be in [0, 1), got {class_dropout}")
         self.image_size, self.patch_size, self.in_chans, self.num_classes = (
@@ -179,6 +180,7 @@ class DiT(DiffusionTransformer):
     """
 
     def __init__(self, *, n_layers: int = 6, mlp_ratio: float = 8 / 3, bias: bool = True, **backbone: Any) -> None:
+        check_sizes(n_layers=n_layers)
         super().__init__(**backbone)  # the options DiffusionTransformer names
         self.blocks = nn.ModuleList(
             AdaLNBlock(self.dim, self.n_heads, mlp_ratio, bias, self.norm) for _ in range(n_layers)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.models.base import ModelPlugin, build_text_posenc, check_heads, init_gpt2_weights
+from lowbit.models.base import ModelPlugin, build_text_posenc, check_heads, check_sizes, init_gpt2_weights
 from lowbit.nn.posenc import positions_1d
 from lowbit.nn.transformer import Transformer
 
@@ -30,6 +30,7 @@ class CausalLM(ModelPlugin):
         self, vocab_size: int, dim: int, n_heads: int, max_len: int, posenc: str | Mapping[str, Any]
     ) -> None:
         check_heads(dim, n_heads)
+        check_sizes(vocab_size=vocab_size, max_len=max_len)
         self.max_len = max_len
         self.posenc = build_text_posenc(posenc, dim=dim, n_heads=n_heads, max_len=max_len, model=self.display_name)
         self.tok_emb = nn.Embedding(vocab_size, dim)
@@ -74,6 +75,7 @@ class GPT(CausalLM):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
+        check_sizes(n_layers=n_layers)
         self._build_embedding(vocab_size, dim, n_heads, max_len, posenc)
         self.trunk = Transformer(dim, n_layers, n_heads, mlp_ratio, bias)
         self._build_head(vocab_size, dim, tie_weights)

@@ -21,7 +21,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.errors import LowbitError
-from lowbit.models.base import ModelPlugin, build_grid_posenc, check_heads, check_patches, init_gpt2_weights
+from lowbit.models.base import (
+    ModelPlugin,
+    build_grid_posenc,
+    check_heads,
+    check_patches,
+    check_sizes,
+    init_gpt2_weights,
+)
 from lowbit.nn.posenc import PositionalEncoding, positions_2d
 from lowbit.nn.transformer import Transformer
 
@@ -106,6 +113,7 @@ class PatchClassifier(ModelPlugin):
     ) -> None:
         check_patches(image_size, patch_size)
         check_heads(dim, n_heads)
+        check_sizes(in_chans=in_chans)
         if pool not in POOLS:
             raise LowbitError(f"unknown model.pool '{pool}'; valid: {', '.join(POOLS)}")
         self.image_size, self.patch_size, self.pool = image_size, patch_size, pool
@@ -165,6 +173,7 @@ class ViT(PatchClassifier):
         init_std: float = 0.02,
     ) -> None:
         super().__init__()
+        check_sizes(n_layers=n_layers, num_classes=num_classes)
         self._build_patches(image_size, patch_size, in_chans, dim, n_heads, pool, posenc)
         self.trunk = Transformer(dim, n_layers, n_heads, mlp_ratio, bias)
         self.head = nn.Linear(dim, num_classes)

@@ -35,7 +35,7 @@ from torchmetrics import MeanMetric
 from lowbit.errors import LowbitError
 from lowbit.tasks.ddpm import BUDGET_SCHEDULES, ddim_sample, ddim_timesteps, iteration_budget, noise_schedule, q_sample
 from lowbit.tasks.ema import EMA
-from lowbit.tasks.equilibrium import log_val_deq_stats, with_deq_terms
+from lowbit.tasks.equilibrium import flush_deq_fallbacks, log_val_deq_stats, note_deq_fallbacks, with_deq_terms
 from lowbit.tasks.optim import configure
 from lowbit.tasks.schedule import step_scheduler
 
@@ -156,9 +156,13 @@ class Diffusion(L.LightningModule):
         return with_deq_terms(self, self.model, loss)
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        note_deq_fallbacks(self, self.model)  # a fixed-point model's solver breakdowns, noticed every 50 steps
         if self.global_step != self._ema_step:  # once per optimizer step, also with gradient accumulation
             self._ema_step = self.global_step
             self.ema.update(self.model)
+
+    def on_train_end(self) -> None:
+        flush_deq_fallbacks(self)
 
     # ---- validation --------------------------------------------------------------------------------
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:

@@ -3,12 +3,14 @@
 A model with a DEQ layer exposes ``deq_stats() -> {"deq/iters": ..., "deq/abs_res": ..., "deq/fallbacks": ...}``
 (the last forward's solver stats) and ``deq_aux_loss() -> Tensor`` (the Jacobian regulariser, zero when
 off). ``log_deq_stats`` logs the stats every training step (W&B and CSV through the task's loggers) and
-``deq_aux_loss`` adds the regulariser to the loss. The classifier and LM tasks here are the plain ones
-plus that; the diffusion task does the same itself.
+``deq_aux_loss`` adds the regulariser to the loss. ``note_deq_fallbacks`` counts the training steps whose
+solve broke down and says so on the console once per ``FALLBACK_NOTICE_EVERY`` steps. The classifier and LM
+tasks here are the plain ones plus that; the diffusion task does the same itself.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import lightning as L
@@ -19,13 +21,21 @@ from lowbit.tasks.classify import ImageClassifier
 from lowbit.tasks.lm import CausalLM
 
 __all__ = [
+    "FALLBACK_NOTICE_EVERY",
     "EquilibriumClassifier",
     "EquilibriumLM",
+    "FallbackNotice",
     "deq_aux_loss",
+    "flush_deq_fallbacks",
     "log_deq_stats",
     "log_val_deq_stats",
+    "note_deq_fallbacks",
     "with_deq_terms",
 ]
+
+FALLBACK_NOTICE_EVERY = 50  # training steps per console notice of DEQ solver fallbacks
+
+log = logging.getLogger("lowbit")
 
 
 def log_deq_stats(task: L.LightningModule, model: nn.Module, prefix: str = "") -> dict[str, float]:
@@ -62,11 +72,59 @@ def log_val_deq_stats(task: L.LightningModule, model: nn.Module) -> None:
         task.log("val/deq_rel_res", stats["deq/rel_res"], on_epoch=True)
 
 
+class FallbackNotice:
+    """Counts training steps whose DEQ solve broke down (``deq/fallbacks`` > 0: the solver handed over to
+    damped fixed-point iteration); every ``every`` steps, and at the end, one console line if any did."""
+
+    def __init__(self, every: int = FALLBACK_NOTICE_EVERY) -> None:
+        self.every, self.steps, self.fell_back = every, 0, 0
+
+    def update(self, fallbacks: float) -> None:
+        self.steps += 1
+        self.fell_back += fallbacks > 0
+        if self.steps >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.fell_back:
+            log.warning(
+                f"notice: DEQ solver fell back to damped fixed-point iteration in {self.fell_back} of the last "
+                f"{self.steps} steps (deq/fallbacks in the logs)"
+            )
+        self.steps = self.fell_back = 0
+
+
+def note_deq_fallbacks(task: L.LightningModule, model: nn.Module) -> None:
+    """Count the last training step's solver fallbacks (forward and backward: call it after backward,
+    from ``on_train_batch_end``) towards the task's periodic notice; nothing for a model without a DEQ layer."""
+    stats = getattr(model, "deq_stats", dict)()
+    if stats:
+        if not hasattr(task, "_deq_fallback_notice"):
+            task._deq_fallback_notice = FallbackNotice()
+        task._deq_fallback_notice.update(stats.get("deq/fallbacks", 0.0))
+
+
+def flush_deq_fallbacks(task: L.LightningModule) -> None:
+    """The notice of the steps since the last one (at the end of training)."""
+    notice = getattr(task, "_deq_fallback_notice", None)
+    if notice is not None:
+        notice.flush()
+
+
 class _EquilibriumMixin:
-    """training_step = the task's loss + the DEQ regulariser, with the solver stats logged."""
+    """training_step = the task's loss + the DEQ regulariser, with the solver stats logged and fallbacks
+    noticed on the console."""
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         return with_deq_terms(self, self.model, super().training_step(batch, batch_idx))
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        note_deq_fallbacks(self, self.model)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        flush_deq_fallbacks(self)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         super().validation_step(batch, batch_idx)

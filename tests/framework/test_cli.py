@@ -80,8 +80,8 @@ def test_unknown_command_and_bench(capsys):
 
 
 def test_cfg_job_prints_the_composed_config(capsys):
-    code, out, _ = _run(train_main, ["--cfg", "job", "--resolve", "recipe=bf16_llm", "trainer.max_steps=11"], capsys)
-    assert code == 0 and "max_steps: 11" in out and "max_len: 128" in out  # interpolations resolved
+    code, out, _ = _run(train_main, ["--cfg", "job", "--resolve", "recipe=bf16_llm", "trainer.max_steps=111"], capsys)
+    assert code == 0 and "max_steps: 111" in out and "max_len: 128" in out  # interpolations resolved
 
 
 def test_a_sweep_checks_every_job_before_running_any(capsys, tmp_path):

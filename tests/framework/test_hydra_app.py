@@ -37,9 +37,9 @@ def _wandb_runs(run_dir: Path) -> list[Path]:
 
 
 def test_cfg_job_and_resolve_print_the_config(tmp_path):
-    out = _train(["--cfg", "job", "recipe=bf16_llm", "trainer.max_steps=11"], tmp_path).stdout
+    out = _train(["--cfg", "job", "recipe=bf16_llm", "trainer.max_steps=111"], tmp_path).stdout
     cfg = yaml.safe_load(out)
-    assert cfg["trainer"]["max_steps"] == 11 and cfg["model"]["max_len"] == "${data.seq_len}"
+    assert cfg["trainer"]["max_steps"] == 111 and cfg["model"]["max_len"] == "${data.seq_len}"
     resolved = yaml.safe_load(_train(["--cfg", "job", "--resolve", "recipe=bf16_llm"], tmp_path).stdout)
     assert resolved["model"]["max_len"] == resolved["data"]["seq_len"] == 128
     assert resolved["name"] == "bf16_llm-bf16-1337"

@@ -29,7 +29,9 @@ def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 
 
 def _hashes(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*") if p.is_file()
+    }
 
 
 def _curves(run_dir: Path) -> tuple[dict[int, float], dict[int, float]]:
@@ -92,7 +94,13 @@ def test_sigterm_at_a_random_step_then_resume_in_place_is_bit_exact(tmp_path, pr
 def test_ctrl_c_saves_and_exits_130(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [str(BIN / "train"), *TINY, "trainer.max_steps=5000", "trainer.enable_progress_bar=true", f"hydra.run.dir={run_dir}"],
+        [
+            str(BIN / "train"),
+            *TINY,
+            "trainer.max_steps=5000",
+            "trainer.enable_progress_bar=true",
+            f"hydra.run.dir={run_dir}",
+        ],
         cwd=tmp_path,
         env=_env(),
         stdout=subprocess.PIPE,
@@ -133,5 +141,8 @@ def test_a_live_lock_is_refused_and_a_stale_one_taken_over(tmp_path):
     lock.write_text(json.dumps({"pid": pid, "host": socket.gethostname(), "started": "2026-12-04T10:00:00"}))
     result = _train([*TINY, "trainer.max_steps=2", f"hydra.run.dir={run_dir}"], tmp_path)
     assert result.returncode == 0, result.stderr
-    assert f"notice: taking over the stale lock of {run_dir} (PID {pid} on {socket.gethostname()} is gone)" in result.stdout
+    assert (
+        f"notice: taking over the stale lock of {run_dir} (PID {pid} on {socket.gethostname()} is gone)"
+        in result.stdout
+    )
     assert not lock.exists() and (run_dir / "checkpoints" / "last.ckpt").is_file()
