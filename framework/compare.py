@@ -1,7 +1,7 @@
 """``lowbit compare RUN...`` and ``lowbit plot RUN...``: finished runs side by side against a BF16
 baseline, as a markdown table and PNG loss and gap curves.
 
-A RUN is a lowbit run directory (``runs/<recipe>/<time>``) or a W&B run directory
+A RUN is a lowbit run directory (``runs/<name>/<time>``) or a W&B run directory
 (``wandb/offline-run-*``). The baseline is ``--baseline`` when given, else a BF16 run among the
 RUNs (of the same experiment as the first quantized RUN when there is one), else the finished
 BF16 run of the first run's experiment that ``lowbit.experiment.find_baseline`` finds beside it. Gaps are relative: (loss - baseline) /
