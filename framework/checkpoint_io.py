@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lowbit.errors import LowbitError
+from lowbit.rundir import pid_alive
 
 __all__ = [
     "CheckpointUnreadable",
@@ -138,21 +139,9 @@ def _remove_stale_temps(path: Path) -> None:
             match = _TEMP_FILE.fullmatch(entry.name)
             if match is None or match["name"] != path.name or int(match["pid"]) == os.getpid():
                 continue
-            if not _pid_alive(int(match["pid"])):
+            if not pid_alive(int(match["pid"])):
                 with contextlib.suppress(OSError):
                     os.unlink(entry.path)
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != "posix":
-        return True  # os.kill(pid, 0) is no probe on Windows: keep every temp file
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's) or unknowable: leave its file alone
-    return True
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -14,7 +14,7 @@ import sys
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, Preempted
 
 __all__ = ["main", "train_main"]
 
@@ -38,11 +38,7 @@ def _guard(fn: Callable[[list[str]], int], argv: list[str], verbose: bool) -> in
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
-    except Exception as err:
-        from lowbit.callbacks.checkpoint import Preempted
-
-        if not isinstance(err, Preempted):
-            raise
+    except Preempted as err:
         return err.exit_code  # saved and said so; 143 for SIGTERM, as a scheduler expects
 
 
@@ -89,7 +85,6 @@ def _task(cfg) -> float | None:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
-    from lowbit.callbacks.checkpoint import Preempted
     from lowbit.config import Composed
     from lowbit.run import train
 
@@ -98,12 +93,7 @@ def _task(cfg) -> float | None:
     composed = Composed(cfg, dict(hydra_cfg.runtime.choices), tuple(hydra_cfg.overrides.task), run_dir)
     try:
         result = train(composed, echo=logging.getLogger("lowbit").info)
-    except Preempted as err:  # saved; the exit code tells the scheduler
-        if hydra_cfg.mode != RunMode.RUN:
-            raise
-        _FAILED.append(err)
-        return None
-    except LowbitError as err:
+    except (LowbitError, Preempted) as err:  # a preempted run has saved; its exit code tells the scheduler
         if hydra_cfg.mode != RunMode.RUN:
             raise
         only_hydra = {p.name for p in run_dir.iterdir()} <= {".hydra", f"{hydra_cfg.job.name}.log"}

@@ -160,7 +160,7 @@ def hydra_error(err: Exception, overrides: Sequence[str], loader: Any = None) ->
         if not match or loader is None:
             return LowbitError(one_line(err))
         group, option = match.groups()
-        valid = ", ".join(sorted({*_group_options(loader, group), *_plugin_names(group)}))
+        valid = ", ".join(_group_options(loader, group))  # YAML files and installed plugins alike
         hint = {"recipe": " (lowbit recipes)", **dict.fromkeys(CONFIG_GROUPS, " (lowbit plugins)")}.get(group, "")
         broken = recipe_packages()[1]
         note = f"; note: {'; '.join(broken)}" if broken else ""
@@ -178,11 +178,6 @@ def hydra_error(err: Exception, overrides: Sequence[str], loader: Any = None) ->
     return err
 
 
-def _plugin_names(group: str) -> list[str]:
-    """Installed plugins a config group selects from (``precision`` -> the ``lowbit.precision`` entry points)."""
-    return registry.names(CONFIG_GROUPS[group]) if group in CONFIG_GROUPS else []
-
-
 def _parse(overrides: Sequence[str]) -> list[Any]:
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
@@ -197,7 +192,8 @@ def _selections(overrides: Sequence[str], groups: set[str]) -> list[str]:
 def _unknown_key_message(key: str, selections: Sequence[str]) -> str:
     """Name the unknown key and the keys that do exist beside it."""
     parent, _, _ = key.rpartition(".")
-    node = OmegaConf.select(compose(selections).cfg, parent) if parent else compose(selections).cfg
+    cfg = compose(selections).cfg
+    node = OmegaConf.select(cfg, parent) if parent else cfg
     valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "none"
     where = f" under '{parent}'" if parent else ""
     return f"unknown config key '{key}'; valid keys{where}: {valid} (use +{key}=VALUE to add a new key)"
@@ -217,7 +213,12 @@ def _check_types(cfg: DictConfig, overrides: Sequence[str], groups: set[str]) ->
         group, _, key = o.key_or_group.partition(".")
         new_name = OmegaConf.select(cfg, o.key_or_group) if key == "name" and group in CONFIG_GROUPS else None
         others = ", ".join(k for k in base[group] if k != "name") if new_name is not None else ""
-        if new_name is not None and new_name != base[group].name and others and new_name in _plugin_names(group):
+        if (
+            new_name is not None
+            and new_name != base[group].name
+            and others
+            and new_name in hydra_plugins.plugin_names(group)
+        ):
             raise LowbitError(
                 f"{o.key_or_group}={new_name} would keep {base[group].name}'s options ({others}); "
                 f"select the plugin with {group}={new_name}"

@@ -20,7 +20,7 @@ from hydra.core.plugins import Plugins
 from hydra.plugins.config_source import ConfigResult, ConfigSource
 from hydra.plugins.search_path_plugin import SearchPathPlugin
 
-__all__ = ["PluginConfigSource", "RecipeSearchPath", "register"]
+__all__ = ["PluginConfigSource", "RecipeSearchPath", "plugin_names", "register"]
 
 SCHEME = "lowbit"
 
@@ -31,7 +31,8 @@ def _groups() -> dict[str, str]:
     return CONFIG_GROUPS
 
 
-def _names(group: str) -> list[str]:
+def plugin_names(group: str) -> list[str]:
+    """Installed plugins a config group selects from (``precision`` -> the ``lowbit.precision`` entry points)."""
     from lowbit.registry import registry
 
     plugin_group = _groups().get(group)
@@ -68,7 +69,7 @@ class PluginConfigSource(ConfigSource):
 
     def is_config(self, config_path: str) -> bool:
         group, name = self._split(config_path)
-        return bool(name) and "/" not in name and name in _names(group)
+        return bool(name) and "/" not in name and name in plugin_names(group)
 
     def list(self, config_path: str, results_filter: ObjectType | None) -> list[str]:
         group = config_path.strip("/")
@@ -76,7 +77,7 @@ class PluginConfigSource(ConfigSource):
             return sorted(_groups()) if results_filter in (None, ObjectType.GROUP) else []
         if group not in _groups() or results_filter == ObjectType.GROUP:
             return []
-        return sorted(_names(group))
+        return sorted(plugin_names(group))
 
 
 class RecipeSearchPath(SearchPathPlugin):

@@ -18,7 +18,7 @@ from lowbit.config import Composed, one_line, plain, to_yaml
 from lowbit.errors import LowbitError
 from lowbit.models.base import count_parameters
 from lowbit.registry import call_with_options, registry
-from lowbit.rundir import RunLock, check_run_dir, resume_command
+from lowbit.rundir import RunLock, check_run_dir, resume_command, run_dir_of
 
 __all__ = ["RunResult", "build", "resolve_checkpoint", "train"]
 
@@ -58,12 +58,14 @@ def _device_type(trainer_cfg: dict[str, Any]) -> str:
 
 
 def _run_dir(composed: Composed) -> Path:
-    """Hydra's output directory for this job (``hydra.run.dir``; a sweep job's own subdirectory)."""
+    """Hydra's output directory for this job (``hydra.run.dir``; a sweep job's own subdirectory), made
+    unless it holds another run."""
     if composed.run_dir is None:
         raise LowbitError(
             "this config has no run directory; compose it with lowbit.config.compose or run it with train"
         )
     path = composed.run_dir
+    check_run_dir(path, composed.cfg.resume)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -245,10 +247,10 @@ def train(composed: Composed, echo=print) -> RunResult:
     _seed(int(cfg.seed))
     built = build(cfg)
     resume = resolve_checkpoint(cfg.resume, built.task.state_dict(), notice=echo) if cfg.resume else None
-    check_run_dir(composed.run_dir or Path("."), cfg.resume)
     run_dir = _run_dir(composed)
     config = plain(cfg)
-    run_id = wandb_run_id(Path(resume).parent.parent) if resume else None
+    source = run_dir_of(resume) if resume else None
+    run_id = wandb_run_id(source) if source else None
     loggers = build_loggers(
         config["logger"],
         run_dir,
@@ -269,7 +271,7 @@ def train(composed: Composed, echo=print) -> RunResult:
 def _fit(composed, built, trainer, loggers, against, run_dir, resume, echo) -> RunResult:
     import torch
 
-    from lowbit.callbacks.checkpoint import Preempted
+    from lowbit.errors import Preempted
     from lowbit.logging import describe, finish, trim_csv
 
     cfg, config, ckpt_dir = composed.cfg, plain(composed.cfg), run_dir / "checkpoints"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 
-__all__ = ["RUN_FILES", "RunLock", "check_run_dir", "resume_command", "run_dir_of"]
+__all__ = ["RUN_FILES", "RunLock", "check_run_dir", "pid_alive", "resume_command", "run_dir_of"]
 
 RUN_FILES = ("config.yaml", "checkpoints", "csv")
 """What makes a directory hold a run (Hydra's own ``.hydra/`` and ``train.log`` do not)."""
@@ -52,13 +52,17 @@ def resume_command(composed, run_dir: Path) -> str:
     return shlex.join(["train", *keep, f"resume={run_dir}"])
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this host; True where that cannot be told (not POSIX, another
+    user's process), so nothing of a possibly live process is taken or removed."""
+    if os.name != "posix":
+        return True  # os.kill(pid, 0) is no probe on Windows
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        return True  # someone else's process
+    except OSError:
+        return True
     return True
 
 
@@ -91,7 +95,7 @@ class RunLock:
         except (OSError, ValueError):
             holder = {}
         pid, host = holder.get("pid"), holder.get("host")
-        live = isinstance(pid, int) and (host != socket.gethostname() or _alive(pid))
+        live = isinstance(pid, int) and (host != socket.gethostname() or pid_alive(pid))
         if live:
             raise LowbitError(
                 f"{self.path.parent} is in use by PID {pid} on {host} (since {holder.get('started', '?')}); "

@@ -1,4 +1,5 @@
-"""What every bench report shares: the device in words and a markdown table."""
+"""What every bench report shares: the device in words, a markdown table (``lowbit.compare``'s) and
+training a config once."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig
 
+from lowbit.compare import markdown_table
+
 __all__ = ["device_name", "finished_val_loss", "markdown_table", "train_once"]
 
 
@@ -22,13 +25,6 @@ def device_name() -> str:
     import os
 
     return f"{len(os.sched_getaffinity(0))} CPU cores ({platform.machine()}), no GPU, torch {torch.__version__.split('+')[0]}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A GitHub markdown table; cells are written with ``str``."""
-    lines = ["| " + " | ".join(map(str, header)) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 _DISPLAY_ONLY = ("enable_progress_bar", "enable_model_summary")  # trainer keys that change no number

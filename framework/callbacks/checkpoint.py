@@ -16,20 +16,11 @@ from pathlib import Path
 
 import lightning as L
 
-from lowbit.errors import LowbitError
+from lowbit.errors import LowbitError, Preempted
 
-__all__ = ["Preempted", "Preemption"]
+__all__ = ["Preemption"]
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
-
-
-class Preempted(Exception):
-    """Training stopped on a signal after saving ``checkpoint``; exit with ``exit_code``."""
-
-    def __init__(self, signum: int, step: int, checkpoint: Path) -> None:
-        self.signum, self.step, self.checkpoint = signum, step, checkpoint
-        self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint: {checkpoint}")
 
 
 class Preemption(L.Callback):

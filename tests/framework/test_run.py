@@ -87,7 +87,7 @@ def _rows(run_dir: Path, key: str) -> dict[int, float]:
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
 def test_a_signal_saves_after_the_step_and_resume_matches_train_and_validation(tmp_path, monkeypatch, signum, code):
     import lowbit.run as run
-    from lowbit.callbacks.checkpoint import Preempted
+    from lowbit.errors import Preempted
 
     original = run._callbacks
     monkeypatch.setattr(run, "_callbacks", lambda *a: [*original(*a), _Signal(signum, at_step=2)])
