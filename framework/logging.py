@@ -71,7 +71,7 @@ def _online_problem() -> str | None:
     if not _has_credentials():
         return "no W&B API key (WANDB_API_KEY or ~/.netrc from `wandb login`)"
     host, port, https = _service()
-    if not (_reachable(host, port) if https else _reachable(host, port, tls=False)):
+    if not _reachable(host, port, tls=https):
         return f"{host}:{port} is unreachable (no answer within {_PROBE_TIMEOUT_S:.0f} s)"
     return None
 

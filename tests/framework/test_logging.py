@@ -23,9 +23,9 @@ def test_offline_without_credentials(monkeypatch, tmp_path):
 def test_offline_when_service_unreachable(monkeypatch):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setattr(lg, "_reachable", lambda host, port=443, timeout=2.0: False)
+    monkeypatch.setattr(lg, "_reachable", lambda host, port=443, timeout=2.0, tls=True: False)
     assert lg.wandb_mode() == "offline"
-    monkeypatch.setattr(lg, "_reachable", lambda host, port=443, timeout=2.0: True)
+    monkeypatch.setattr(lg, "_reachable", lambda host, port=443, timeout=2.0, tls=True: True)
     assert lg.wandb_mode() == "online"
 
 
