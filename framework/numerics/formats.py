@@ -58,6 +58,7 @@ __all__ = [
     "FloatFormat",
     "IntFormat",
     "BUILTIN_FORMATS",
+    "INT_WIDTHS",
     "FLT_MAX",
     "format_names",
     "get_format",
@@ -508,11 +509,13 @@ mirroring E4M3: bias 15, subnormals, no Inf, only 0xFF is NaN, saturating; so ma
 E8M0 = E8M0Format()
 INT8 = IntFormat("int8", bits=8)
 INT4 = IntFormat("int4", bits=4)
+INT_WIDTHS = {bits: IntFormat(f"int{bits}", bits=bits) for bits in (2, 3, 5, 6, 7)} | {4: INT4, 8: INT8}
+"""Two's-complement integers of 2 to 8 bits by width (QAT's word lengths; int4 and int8 are INT4, INT8)."""
 FP32 = FP32Format()
 
 
 BUILTIN_FORMATS: dict[str, ElementFormat] = {
-    f.name: f for f in (E4M3, E5M2, E2M3, E3M2, E2M1, INT8, INT4, E8M0, UE5M3, FP32)
+    f.name: f for f in (E4M3, E5M2, E2M3, E3M2, E2M1, *INT_WIDTHS.values(), E8M0, UE5M3, FP32)
 }
 """The formats this module defines, by name."""
 

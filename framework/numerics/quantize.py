@@ -301,12 +301,16 @@ def _plan(
     scale: torch.Tensor | float | None,
     fast: bool,
     compile: bool = False,
+    scales: torch.Tensor | None = None,
+    zero_points: torch.Tensor | None = None,
 ) -> _Plan:
     """``compile``: the RHT, block amax and E4M3 block scales as compiled kernels (same values); the
     caller decides where that applies (``_fake_quantize``: CPU, 2^16 elements or more)."""
     _check_input(x)
     element, scale_format = _formats(spec)
     layout = block_layout(x.shape, spec.block)
+    if scales is not None or zero_points is not None:
+        return _given_plan(x, spec, element, layout, generator, seed, amax, scale, scales, zero_points, fast)
     if (amax is not None or scale is not None) and not (layout.per_tensor or spec.global_scale):
         raise LowbitError(f"amax/scale overrides need block='tensor' or global_scale=True, got block={spec.block!r}")
     if scale is not None and (not layout.per_tensor or spec.scale_format != "fp32"):
@@ -357,6 +361,53 @@ def _plan(
     return _Plan(spec, element, layout, rows, scaling, global_encode, rng, fast, finite_rows)
 
 
+def _given_plan(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    element: ElementFormat,
+    layout: BlockLayout,
+    generator: torch.Generator | None,
+    seed: int | None,
+    amax: Any,
+    scale: Any,
+    scales: torch.Tensor | None,
+    zero_points: torch.Tensor | None,
+    fast: bool,
+) -> _Plan:
+    """The plan for block scales (and zero points) given rather than measured: learned step sizes
+    (LSQ), calibrated or searched ranges. FP32 decode scales of the layout's scale shape; the encode
+    factor is 1 / scale, as ``requantize`` uses for FP32 scales."""
+    if scales is None:
+        raise LowbitError("zero_points need their scales: pass scales= too")
+    if amax is not None or scale is not None:
+        raise LowbitError("scales= replaces the measured scales; it does not combine with amax= or scale=")
+    if spec.scale_format != "fp32" or spec.global_scale or spec.rht_size:
+        raise LowbitError(
+            f"given scales= are FP32 decode scales: they need scale_format='fp32', no global scale and no RHT; "
+            f"got scale_format={spec.scale_format!r}, global_scale={spec.global_scale}, rht_size={spec.rht_size}"
+        )
+    if zero_points is not None and not spec.asymmetric:
+        raise LowbitError("zero_points= need an asymmetric spec (asymmetric=True)")
+    n_scale_rows = 1 if layout.per_tensor else layout.n_block_rows
+    decode = torch.as_tensor(scales, dtype=torch.float32, device=x.device)
+    if decode.numel() != math.prod(layout.scale_shape):
+        raise LowbitError(
+            f"scales= has {decode.numel()} values; block {spec.block!r} over shape {tuple(x.shape)} needs "
+            f"shape {layout.scale_shape}"
+        )
+    decode = decode.reshape(n_scale_rows, -1)
+    factor = torch.clamp(torch.reciprocal(decode), max=FLT_MAX)
+    zero_point = None
+    if zero_points is not None:
+        zero_point = torch.as_tensor(zero_points, device=x.device).to(torch.int32).reshape(decode.shape)
+    scaling = _Scaling(decode, decode.view(torch.int32), factor, zero_point)
+    rows = layout.block_rows(x)
+    fast = fast and x.device.type == "cpu" and _fast.supported(element, spec.saturating) and _finite_factors(scaling)
+    finite_rows = _finite_rows(rows.shape[0], tensor_amax(x).reshape(1, 1)) if fast else None
+    rng = _draw_bits(spec, generator, seed, x.device)
+    return _Plan(spec, element, layout, rows, scaling, None, rng, fast, finite_rows)
+
+
 def _quantize(
     x: torch.Tensor,
     spec: QuantSpec,
@@ -366,9 +417,11 @@ def _quantize(
     scale: torch.Tensor | float | None,
     stats: dict[str, torch.Tensor] | None = None,
     fast: bool = True,
+    scales: torch.Tensor | None = None,
+    zero_points: torch.Tensor | None = None,
 ) -> QTensor:
     """``quantize``; ``fast=False`` forces the general element path (the tests' reference)."""
-    plan = _plan(x, spec, generator, seed, amax, scale, fast)
+    plan = _plan(x, spec, generator, seed, amax, scale, fast, scales=scales, zero_points=zero_points)
     codes = plan.encode_codes(stats)
     scaling, scale_shape = plan.scaling, plan.layout.scale_shape
     return QTensor(
@@ -391,6 +444,8 @@ def quantize(
     seed: int | None = None,
     amax: torch.Tensor | float | None = None,
     scale: torch.Tensor | float | None = None,
+    scales: torch.Tensor | None = None,
+    zero_points: torch.Tensor | None = None,
 ) -> QTensor:
     """Quantize ``x`` (any float dtype; computed in float32) as ``spec`` describes.
 
@@ -448,13 +503,15 @@ def _fake_quantize(
     fast: bool = True,
     compile: bool = False,
     rotated: bool = False,
+    scales: torch.Tensor | None = None,
+    zero_points: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x))`` without materializing codes: where the arithmetic path applies,
     each chunk's elements are rounded to the format's values directly and unscaled
     (:func:`._fast.fake_quantize_blocks`), or the whole tensor in one compiled kernel (``compile``);
     elsewhere encoded, decoded and unscaled exactly as ``dequantize`` does."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
-    plan = _plan(x, spec, generator, seed, amax, scale, fast, compile)
+    plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales, zero_points)
     scaling, element, layout = plan.scaling, plan.element, plan.layout
     global_scale = None if plan.global_encode is None else torch.reciprocal(plan.global_encode).reshape(())
     out_dtype = torch.float32 if spec.rht_size else x.dtype
@@ -582,6 +639,8 @@ def fake_quantize(
     scale: torch.Tensor | float | None = None,
     compile: bool = False,
     rotated: bool = False,
+    scales: torch.Tensor | None = None,
+    zero_points: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``dequantize(quantize(x, spec))``: x rounded to the values the spec can represent.
 
@@ -590,8 +649,20 @@ def fake_quantize(
     of ~15 eager passes (same bits, 2-5x faster; the first call of each format, rounding and
     dtype compiles, seconds each; without a working C++ compiler a warning, then eager).
     ``rotated``: with an RHT in the spec, the values in the rotated basis (float32, before the
-    inverse transform), what a GEMM whose two operands share the rotation multiplies."""
-    return _fake_quantize(x, get_spec(spec), generator, seed, amax, scale, compile=compile, rotated=rotated)
+    inverse transform), what a GEMM whose two operands share the rotation multiplies.
+    ``scales`` / ``zero_points``: given block scales, as for ``quantize``."""
+    return _fake_quantize(
+        x,
+        get_spec(spec),
+        generator,
+        seed,
+        amax,
+        scale,
+        compile=compile,
+        rotated=rotated,
+        scales=scales,
+        zero_points=zero_points,
+    )
 
 
 def _requantize(

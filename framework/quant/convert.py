@@ -13,7 +13,7 @@ from __future__ import annotations
 import fnmatch
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from torch import nn
@@ -22,7 +22,14 @@ from lowbit.errors import LowbitError
 from lowbit.quant.linear import QuantLinear
 from lowbit.quant.recipe import GemmRecipe
 
-__all__ = ["DEFAULT_KEEP", "ConversionReport", "block_prefixes", "convert_linears", "quant_layers"]
+__all__ = [
+    "DEFAULT_KEEP",
+    "ConversionReport",
+    "block_prefixes",
+    "convert_linears",
+    "quant_layers",
+    "replace_linears",
+]
 
 # What the precision plugins keep in high precision unless told otherwise: the output layer, whose
 # errors reach the loss unaveraged: an LM's ``lm_head``, a classifier's ``head`` (lowbit's ViTs and
@@ -72,6 +79,45 @@ def _matches(name: str, pattern: str) -> bool:
     return fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(name, f"*.{pattern}")
 
 
+def replace_linears(
+    module: nn.Module,
+    make: Callable[[nn.Linear], nn.Module],
+    multiples: Mapping[str, int],
+    *,
+    keep: Sequence[str] = (),
+    keep_last_blocks: int | float = 0,
+    skip: type | tuple[type, ...] = (),
+) -> ConversionReport:
+    """Replace every eligible ``nn.Linear`` in ``module`` by ``make(linear)``, in place: layers matching
+    a ``keep`` glob or in the last ``keep_last_blocks`` blocks stay, as do layers whose in/out features
+    do not divide by ``multiples["in"]`` / ``multiples["out"]`` (one warning lists them) and instances
+    of ``skip`` (already converted). What QuantLinear and the QAT layers are converted by."""
+    report = ConversionReport()
+    kept_blocks = _last_blocks(block_prefixes(module), keep_last_blocks)
+    targets = []
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.Linear) or isinstance(child, skip):
+            continue
+        if any(_matches(name, pattern) for pattern in keep) or any(name.startswith(p + ".") for p in kept_blocks):
+            report.kept.append(name)
+        elif child.in_features % multiples.get("in", 1) or child.out_features % multiples.get("out", 1):
+            report.misfit.append(f"{name} ({child.out_features}x{child.in_features})")
+        else:
+            targets.append(name)
+    for name in targets:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, make(getattr(parent, attr)))
+        report.converted.append(name)
+    if report.misfit:
+        warnings.warn(
+            f"kept {len(report.misfit)} Linear layer(s) in high precision: shapes not divisible by the recipe's "
+            f"blocks (in x{multiples.get('in', 1)}, out x{multiples.get('out', 1)}): {', '.join(report.misfit)}",
+            stacklevel=3,
+        )
+    return report
+
+
 def convert_linears(
     module: nn.Module,
     recipe: GemmRecipe,
@@ -81,33 +127,16 @@ def convert_linears(
     backend: str = "auto",
 ) -> ConversionReport:
     """Replace every eligible ``nn.Linear`` in ``module`` by a QuantLinear sharing its parameters."""
-    report = ConversionReport()
     if not recipe.quantized:
-        return report  # a high-precision recipe converts nothing
-    kept_blocks = _last_blocks(block_prefixes(module), keep_last_blocks)
-    multiples = recipe.multiples()
-    targets = []
-    for name, child in module.named_modules():
-        if not isinstance(child, nn.Linear) or isinstance(child, QuantLinear):
-            continue
-        if any(_matches(name, pattern) for pattern in keep) or any(name.startswith(p + ".") for p in kept_blocks):
-            report.kept.append(name)
-        elif child.in_features % multiples["in"] or child.out_features % multiples["out"]:
-            report.misfit.append(f"{name} ({child.out_features}x{child.in_features})")
-        else:
-            targets.append(name)
-    for name in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, QuantLinear.from_linear(getattr(parent, attr), recipe, backend))
-        report.converted.append(name)
-    if report.misfit:
-        warnings.warn(
-            f"kept {len(report.misfit)} Linear layer(s) in high precision: shapes not divisible by the recipe's "
-            f"blocks (in x{multiples['in']}, out x{multiples['out']}): {', '.join(report.misfit)}",
-            stacklevel=2,
-        )
-    return report
+        return ConversionReport()  # a high-precision recipe converts nothing
+    return replace_linears(
+        module,
+        lambda linear: QuantLinear.from_linear(linear, recipe, backend),
+        recipe.multiples(),
+        keep=keep,
+        keep_last_blocks=keep_last_blocks,
+        skip=QuantLinear,
+    )
 
 
 def quant_layers(module: nn.Module) -> dict[str, QuantLinear]:
