@@ -65,7 +65,9 @@ class _StrictQAT(QATPrecision):
 
 class QATInt8Precision(_StrictQAT):
     """W8A8: INT8 per-channel weights; INT8 inputs per token (``dynamic``), per tensor (``static``,
-    calibrated over ``calibration_steps`` forwards, or learned with ``lsq``), or ``none``."""
+    calibrated over ``calibration_steps`` forwards, or learned with ``lsq``), or ``none``.
+    ``weight_mode`` overrides where the weight scales come from (``static``: stored, as
+    ``lowbit quantize`` writes them; default: ``lsq`` if lsq else ``minmax``)."""
 
     lowbit_plugin_api = 1
     name = "qat_int8"
@@ -75,6 +77,7 @@ class QATInt8Precision(_StrictQAT):
         *,
         activations: str = "dynamic",
         lsq: bool = False,
+        weight_mode: str | None = None,
         calibration_steps: int = 32,
         keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
@@ -87,7 +90,7 @@ class QATInt8Precision(_StrictQAT):
         self.activations, self.lsq = activations, lsq
         super().__init__(
             weight={"element": "int8", "block": "row"},
-            weight_mode="lsq" if lsq else "minmax",
+            weight_mode=weight_mode or ("lsq" if lsq else "minmax"),
             activation=activation_spec,
             activation_mode=activation_mode,
             calibration_steps=calibration_steps,
@@ -101,7 +104,7 @@ class QATInt8Precision(_StrictQAT):
 class QATInt4Precision(_StrictQAT):
     """W4A8 (torchao's 8da4w): ``bits``-bit weights in groups of ``group_size`` along the input dim,
     learned step sizes (``lsq``) and optionally zero points (``zero_point``, LSQ+); INT8 dynamic
-    per-token inputs, or ``activations=none`` for weight-only."""
+    per-token inputs, or ``activations=none`` for weight-only. ``weight_mode`` as qat_int8's."""
 
     lowbit_plugin_api = 1
     name = "qat_int4"
@@ -114,6 +117,7 @@ class QATInt4Precision(_StrictQAT):
         activations: str = "dynamic",
         lsq: bool = True,
         zero_point: bool = False,
+        weight_mode: str | None = None,
         keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
         device_type: str | None = None,
@@ -126,7 +130,7 @@ class QATInt4Precision(_StrictQAT):
         self.group_size, self.bits, self.activations, self.lsq = group_size, bits, activations, lsq
         super().__init__(
             weight={"element": f"int{bits}", "block": [1, group_size], "asymmetric": zero_point},
-            weight_mode="lsq" if lsq else "minmax",
+            weight_mode=weight_mode or ("lsq" if lsq else "minmax"),
             activation=_INT8_TOKEN if activations == "dynamic" else None,
             learn_zero_point=zero_point and lsq,
             keep=keep,
