@@ -45,9 +45,10 @@ __all__ = [
     "wandb_run_record",
 ]
 
-# The config groups that define what is computed; precision, seed, logger, checkpoint, health,
-# description, resume, run_dir and name (and W&B's recipe and choices) are left out.
-EXPERIMENT_KEYS = ("model", "posenc", "data", "task", "optimizer", "scheduler", "trainer")
+# The config groups that define what is computed, and the checkpoint a run starts from (``init_from``:
+# a QAT fine-tune's baseline is the BF16 fine-tune of the same checkpoint); precision, seed, logger,
+# checkpoint, health, description, resume, run_dir and name (and W&B's recipe and choices) are left out.
+EXPERIMENT_KEYS = ("model", "posenc", "data", "task", "optimizer", "scheduler", "trainer", "init_from")
 
 # Keys inside those groups that change how a run is executed or shown, not the numbers it learns.
 # The accelerator and strategy are here on purpose: a BF16 baseline trained on a GPU is the

@@ -20,7 +20,7 @@ from lowbit.models.base import count_parameters
 from lowbit.registry import call_with_options, registry
 from lowbit.rundir import RunLock, check_run_dir, resume_command, run_dir_of
 
-__all__ = ["RunResult", "build", "resolve_checkpoint", "train"]
+__all__ = ["RunResult", "build", "init_weights", "resolve_checkpoint", "train"]
 
 
 @dataclass
@@ -144,7 +144,58 @@ def build(cfg: DictConfig) -> Built:
         task = registry.build("tasks", task_cfg, **context)
     _check_strategy(precision, trainer_cfg)
     precision.convert_module(task)  # now, so a bad layer shape is reported before training; Lightning's call is a no-op
+    if cfg.get("init_from"):
+        if cfg.get("resume"):
+            raise LowbitError(
+                "init_from and resume are both set; resume continues a run (weights, optimizer, step), "
+                "init_from starts a new one from a checkpoint's weights: set one"
+            )
+        init_weights(task, str(cfg.init_from))
     return Built(task=task, data=data, precision=precision, trainer_kwargs=trainer_cfg)
+
+
+_QUANTIZER_KEYS = (".weight_quant.", ".input_quant.")  # QAT quantizers' parameters and buffers
+
+
+def init_weights(task: Any, source: str) -> None:
+    """Load a checkpoint's model weights into ``task`` (``init_from``): a fine-tune or QAT run starting
+    from a trained one. Every weight must match by name and shape; the QAT quantizers' state is
+    optional either way (a BF16 checkpoint into a QAT model: the scales initialize from the data;
+    a QAT checkpoint into any model: its learned scales come along where the layers have them).
+    Optimizer, step and scheduler start fresh."""
+    import torch
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        path = path / "checkpoints" / "last.ckpt"
+    if not path.is_file():
+        raise LowbitError(
+            f"init_from={source}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt"
+        )
+    try:
+        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+    except Exception as err:
+        raise LowbitError(f"init_from={source}: cannot read {path} as a checkpoint: {one_line(err)}") from err
+    state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
+    if not isinstance(state, dict):
+        raise LowbitError(f"init_from={source}: {path} holds no state_dict; give a checkpoint written by train")
+    own = task.state_dict()
+    optional = lambda key: any(part in key for part in _QUANTIZER_KEYS)  # noqa: E731
+    missing = [k for k in own if k not in state and not optional(k)]
+    unexpected = [k for k in state if k not in own and not optional(k)]
+    for keys, what in ((missing, "has no"), (unexpected, "has a key the model lacks:")):
+        if keys:
+            raise LowbitError(
+                f"init_from={source}: the checkpoint {what} '{keys[0]}' ({len(keys)} such key(s)); it was trained "
+                f"with another model (checkpoint {path})"
+            )
+    for key, value in state.items():
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise LowbitError(
+                f"init_from={source}: '{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
+                f"in this model; the model config differs (checkpoint {path})"
+            )
+    task.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
 
 
 _QUANT_STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device")

@@ -14,6 +14,7 @@ weights (see ``lowbit.quant.qat`` for the quantizers and their gradients).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -43,23 +44,24 @@ def _check_choice(value: str, valid: Sequence[str], what: str) -> str:
 
 
 class _StrictQAT(QATPrecision):
-    """A QAT preset: a layer whose width its blocks do not divide is the user's error, not a silent
-    high-precision layer (the group size was chosen on the command line)."""
+    """A QAT preset: layers whose width the blocks do not divide stay in high precision with one
+    warning (as torchao's 8da4w skips them), but a group size that divides no layer's width is the
+    user's error, not a silently high-precision model."""
 
     def convert_module(self, module: nn.Module) -> nn.Module:
-        import warnings
-
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the misfits are raised below, in one line
+        first = not self.report.converted
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             super().convert_module(module)
-        if self.report.misfit:
-            first = self.report.misfit[0]
-            need = self.multiples()["in"]
+        r = self.report
+        if r.misfit and not r.converted:
+            widths = ", ".join(sorted({m.rpartition("x")[2].rstrip(")") for m in r.misfit}, key=int))
             raise LowbitError(
-                f"precision '{self.name}': layer {first} has in_features not divisible by the block size {need} "
-                f"({len(self.report.misfit)} such layer(s)); pick a group_size that divides every layer's width, "
-                "or keep those layers with precision.keep"
+                f"precision '{self.name}': block size {self.multiples()['in']} divides no Linear layer's in_features "
+                f"({widths}); pick a group_size that divides them (such as 32 or 16)"
             )
+        for w in caught if first else ():  # a second call (Lightning's, after build's) repeats nothing
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         return module
 
 
