@@ -290,8 +290,14 @@ COMMANDS: dict[str, tuple[Callable[[list[str]], int], str]] = {
     "compare": (_compare, "finished runs side by side against a BF16 baseline: markdown table + loss/gap PNGs"),
     "plot": (_plot, "loss and gap-to-baseline curves of finished runs as PNGs"),
     "bench": (_bench, "run a benchmark: lowbit bench NAME"),
-    "quantize": (_quantize, "post-training quantization of a checkpoint (RTN min-max/MSE, AdaRound) into a QAT-config run"),
-    "export": (_export, "a QAT or PTQ checkpoint as real low-bit weights: safetensors + manifest.json, loadable for inference"),
+    "quantize": (
+        _quantize,
+        "post-training quantization of a checkpoint (RTN min-max/MSE, AdaRound) into a QAT-config run",
+    ),
+    "export": (
+        _export,
+        "a QAT or PTQ checkpoint as real low-bit weights: safetensors + manifest.json, loadable for inference",
+    ),
 }
 
 

@@ -1,12 +1,20 @@
-"""Quantization health: per-layer, per-operand statistics of every QuantLinear, and a stop on
-non-finite losses that says which layers looked worst.
+"""Quantization health: per-layer, per-operand statistics of every QuantLinear and QATLinear,
+and a stop on non-finite losses that says which layers looked worst.
 
-``QuantHealth`` turns on recording in every ``QuantLinear`` for one training step every
+``QuantHealth`` turns on recording in every ``QuantLinear`` (the six operands of its three GEMMs)
+and ``QATLinear`` (its fake-quantized ``fprop.x`` and ``fprop.w``) for one training step every
 ``every_n_steps``; each quantized operand then reports amax, block-scale range, underflow and
-saturation fractions and SNR (dB) (``lowbit.quant.operand_health``). Every record goes to
-``<run_dir>/health.csv`` (long format: one row per step, layer and operand); scalar summaries
-(``health/snr_db_min``, ``health/underflow_max``, ``health/saturation_max``, and the same per
-operand kind) go to every logger; W&B also gets a table of the worst layers and histograms.
+saturation (clipped) fractions and SNR (dB) (``lowbit.quant.operand_health``,
+``lowbit.quant.qat.FakeQuant.stats``). Every record goes to ``<run_dir>/health.csv`` (long format:
+one row per step, layer and operand); scalar summaries (``health/snr_db_min``,
+``health/underflow_max``, ``health/saturation_max``, and the same per operand kind) go to every
+logger; W&B also gets a table of the worst layers and histograms.
+
+QAT quantizers with learned or fixed state add one scalar per layer and operand to every logger,
+``qat/scale_mean/<layer>.<operand>`` (LSQ and static scales) and ``qat/frac_bits/<layer>.<operand>``
+(QFX's binary point in use, round(F)), so their convergence is a curve per layer. Per layer, not
+summarized: an average over layers hides the one whose scale runs away, and the volume is bounded
+by the health cadence and by the operands that have such state (min/max operands have none).
 
 ``StopOnNonFinite`` checks the loss and the gradients before every optimizer step. When either
 is not finite it re-runs the step's forward with health recording on, and stops the run with
@@ -27,20 +35,27 @@ import lightning as L
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.quant import quant_layers
+from lowbit.quant import QuantLinear
+from lowbit.quant.qat import QATLinear
 
-__all__ = ["HEALTH_FIELDS", "QuantHealth", "StopOnNonFinite", "worst_layers"]
+__all__ = ["HEALTH_FIELDS", "QAT_FIELDS", "QuantHealth", "StopOnNonFinite", "health_layers", "worst_layers"]
 
 HEALTH_FIELDS = ("amax", "scale_min", "scale_max", "underflow", "saturation", "snr_db")
+QAT_FIELDS = ("scale_mean", "frac_bits")  # a QAT quantizer's learned state, where it has one
+
+
+def health_layers(module: torch.nn.Module) -> dict[str, QuantLinear | QATLinear]:
+    """The layers that record health (QuantLinear, QATLinear), by fully-qualified name."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, (QuantLinear, QATLinear))}
 
 
 def _records(module: torch.nn.Module) -> list[tuple[str, str, dict[str, float]]]:
     """(layer, operand, stats) for every operand recorded since recording was turned on."""
-    return [(name, op, stats) for name, layer in quant_layers(module).items() for op, stats in layer.health.items()]
+    return [(name, op, stats) for name, layer in health_layers(module).items() for op, stats in layer.health.items()]
 
 
 def _set_recording(module: torch.nn.Module, on: bool) -> None:
-    for layer in quant_layers(module).values():
+    for layer in health_layers(module).values():
         layer.record_health = on
         if on:
             layer.health = {}
@@ -73,7 +88,7 @@ class QuantHealth(L.Callback):
         self._recording = False
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        self._recording = trainer.global_step % self.every_n_steps == 0 and bool(quant_layers(pl_module))
+        self._recording = trainer.global_step % self.every_n_steps == 0 and bool(health_layers(pl_module))
         if self._recording:
             _set_recording(pl_module, True)
 
@@ -84,10 +99,9 @@ class QuantHealth(L.Callback):
         records = _records(pl_module)
         step = trainer.global_step - 1  # the step whose forward and backward were recorded
         self._write_csv(step, records)
-        summary = self.summary(records)
-        for lg in (
-            trainer.loggers
-        ):  # straight to the loggers: logged through the module, Lightning repeats a callback's value every step
+        summary = {**self.summary(records), **self.qat_state(records)}
+        # straight to the loggers: logged through the module, Lightning repeats a callback's value every step
+        for lg in trainer.loggers:
             lg.log_metrics(summary, step=step)
         self._log_wandb(trainer, step, records)
 
@@ -106,6 +120,14 @@ class QuantHealth(L.Callback):
             out[f"health/{prefix}underflow_max"] = max(s["underflow"] for s in stats)
             out[f"health/{prefix}saturation_max"] = max(s["saturation"] for s in stats)
         return out
+
+    @staticmethod
+    def qat_state(records: list[tuple[str, str, dict[str, float]]]) -> dict[str, float]:
+        """The QAT quantizers' learned state per layer and operand: ``qat/scale_mean/<layer>.<operand>``
+        (LSQ, static), ``qat/frac_bits/<layer>.<operand>`` (QFX)."""
+        return {
+            f"qat/{key}/{name}.{op}": stats[key] for name, op, stats in records for key in QAT_FIELDS if key in stats
+        }
 
     def _write_csv(self, step: int, records: list[tuple[str, str, dict[str, float]]]) -> None:
         if self.path is None:
@@ -165,7 +187,7 @@ class StopOnNonFinite(L.Callback):
 
     def _diagnose(self, trainer, pl_module) -> list[str]:
         """Re-run this step's forward with health recording on; the worst operands, described."""
-        if not quant_layers(pl_module) or self._batch is None:
+        if not health_layers(pl_module) or self._batch is None:
             return []
         _set_recording(pl_module, True)
         try:

@@ -49,7 +49,12 @@ __all__ = [
     "E5M2",
     "E8M0",
     "FP32",
+    "INT2",
+    "INT3",
     "INT4",
+    "INT5",
+    "INT6",
+    "INT7",
     "INT8",
     "UE5M3",
     "E8M0Format",
@@ -509,7 +514,8 @@ mirroring E4M3: bias 15, subnormals, no Inf, only 0xFF is NaN, saturating; so ma
 E8M0 = E8M0Format()
 INT8 = IntFormat("int8", bits=8)
 INT4 = IntFormat("int4", bits=4)
-INT_WIDTHS = {bits: IntFormat(f"int{bits}", bits=bits) for bits in (2, 3, 5, 6, 7)} | {4: INT4, 8: INT8}
+INT2, INT3, INT5, INT6, INT7 = (IntFormat(f"int{bits}", bits=bits) for bits in (2, 3, 5, 6, 7))
+INT_WIDTHS = {f.bits: f for f in (INT2, INT3, INT4, INT5, INT6, INT7, INT8)}
 """Two's-complement integers of 2 to 8 bits by width (QAT's word lengths; int4 and int8 are INT4, INT8)."""
 FP32 = FP32Format()
 

@@ -454,9 +454,11 @@ def quantize(
         neither, torch's global generator. Reproducible for the same seed, shape and version.
     amax: tensor amax to use instead of measuring it (``block="tensor"``, or NVFP4's global
         scale); scale: FP8 encode scale to use (``block="tensor"``, fp32 scales; delayed scaling).
+    scales / zero_points: given FP32 decode block scales (shape ``block_layout(...).scale_shape``)
+        and integer zero points, e.g. a learned or calibrated quantizer's, instead of measured ones.
     Blocks run along the last dim (or the last two); move another dim last to block along it.
     """
-    return _quantize(x, get_spec(spec), generator, seed, amax, scale)
+    return _quantize(x, get_spec(spec), generator, seed, amax, scale, scales=scales, zero_points=zero_points)
 
 
 def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True) -> torch.Tensor:

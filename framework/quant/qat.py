@@ -181,6 +181,11 @@ class FakeQuant(nn.Module):
             else:
                 self.register_buffer("zero_point", zeros)
 
+    def no_weight_decay(self) -> set[str]:
+        """Learned step sizes, zero points and binary points are not decayed (timm's convention, read by
+        ``lowbit.tasks.optim.param_groups``): decay would pull a scale toward 0, i.e. toward clipping."""
+        return {name for name, _ in self.named_parameters(recurse=False)}
+
     # ---- scales ------------------------------------------------------------------------------------
     @property
     def element(self):
@@ -244,8 +249,8 @@ class FakeQuant(nn.Module):
             return _StraightThrough.apply(x, self.spec)
         if self.mode == "static" and self.training and int(self.observed) < self.calibration_steps:
             self._calibrate(x)
-        elif not bool(self.initialized):
-            self.init_from(x)
+        elif not bool(self.initialized) and x.detach().any():  # an all-zero tensor (a zero-initialised weight:
+            self.init_from(x)  # adaLN-Zero, a zero head) rounds to itself on any scale: init from the first nonzero one
         zero_point = getattr(self, "zero_point", None) if self.spec.asymmetric else None
         return _LearnedFakeQuant.apply(x, self.current_scale(), zero_point, self)
 
@@ -272,7 +277,8 @@ class FakeQuant(nn.Module):
             "scale_max": float(scales.max()),
             "underflow": underflow,
             "saturation": clipped,
-            "snr_db": 10 * math.log10(signal / noise) if noise > 0 and signal > 0 else math.inf,
+            # as lowbit.numerics.quant_error: +inf exact (or all zero), -inf where a NaN makes the noise NaN
+            "snr_db": math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf),
         }
         if self.mode == "fixed":
             out["frac_bits"] = float(torch.round(self.frac_bits.detach()))

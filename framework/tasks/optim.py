@@ -40,11 +40,16 @@ def timm_optimizers() -> list[str]:
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """timm's weight-decay rule (``param_groups_weight_decay``: none on 1-D parameters, biases and the names in
-    ``model.no_weight_decay()``), as two groups, decayed first, also when ``weight_decay`` is 0: the order lowbit's
+    ``model.no_weight_decay()``; also none on QAT quantizers' parameters, ``FakeQuant.no_weight_decay()``), as two groups, decayed first, also when ``weight_decay`` is 0: the order lowbit's
     optimizers always had, which shows in the last bit (gradient clipping sums the norms in optimizer order)."""
     from timm.optim import param_groups_weight_decay
 
-    no_decay_names = getattr(model, "no_weight_decay", set)()
+    from lowbit.quant.qat import FakeQuant
+
+    no_decay_names = set(getattr(model, "no_weight_decay", set)())
+    for prefix, module in model.named_modules():  # QAT step sizes, zero points and binary points
+        if isinstance(module, FakeQuant):
+            no_decay_names |= {f"{prefix}.{name}" for name in module.no_weight_decay()}
     split = param_groups_weight_decay(model, 1.0, no_weight_decay_list=no_decay_names)  # 1.0: only to split
     decay = [p for g in split if g["weight_decay"] > 0 for p in g["params"]]
     rest = [p for g in split if g["weight_decay"] == 0 for p in g["params"]]

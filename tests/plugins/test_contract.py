@@ -29,6 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.deq import EquilibriumCell
 from lowbit.nn.posenc import PositionalEncoding, positions_1d, positions_2d
 from lowbit.nn.transformer import attention_mask
+from lowbit.quant.qat import QATPrecision
 from lowbit.registry import CONFIG_GROUPS, registry
 
 CONFIG_GROUP = {plugin_group: config_group for config_group, plugin_group in CONFIG_GROUPS.items()}
@@ -137,6 +138,8 @@ def _small_mlp() -> nn.Sequential:
 
 
 def _quantizes_forward(precision: Precision) -> bool:
+    if isinstance(precision, QATPrecision):  # fake-quantized weights (and inputs) in the forward
+        return True
     recipe = getattr(precision, "recipe", None)
     return recipe is not None and recipe.fprop.quantized
 

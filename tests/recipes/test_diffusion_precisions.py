@@ -10,6 +10,7 @@ from torch import nn
 
 from lowbit.config import compose
 from lowbit.quant.convert import quant_layers
+from lowbit.quant.qat import FakeQuant, qat_layers
 from lowbit.registry import registry
 from lowbit.run import build
 
@@ -24,25 +25,30 @@ def _build(precision: str):
     return build(compose(overrides).cfg)
 
 
-def _gradient_with_nonzero_output(built, model: nn.Module) -> torch.Tensor:
+def _gradient_with_nonzero_output(built, model: nn.Module) -> dict[str, torch.Tensor]:
     """Every parameter's gradient, flattened, of an MSE step after the zero-initialised parameters (adaLN-Zero's
     output layer, the biases) are drawn from N(0, 0.02²): ε̂ ≠ 0, so real numbers flow back through the quantized
     GEMMs and the fixed-point cell. Seeded: the same draws (and SR bits) whatever ran before."""
     torch.manual_seed(1)
     model.zero_grad()
+    quantizers = [m for m in model.modules() if isinstance(m, FakeQuant)]  # QAT's: their parameters stay as built
+    own = {id(p) for q in quantizers for p in q.parameters()}
     with torch.no_grad():
         for p in model.parameters():
-            if not p.any():
+            if id(p) not in own and not p.any():
                 p.normal_(0.0, 0.02)
+        for quantizer in quantizers:  # ranges learned from data start from this network, not from the fresh one
+            if hasattr(quantizer, "initialized"):
+                quantizer.initialized.fill_(False)
     x, t = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,))
     with built.precision.forward_context():
         eps = model(x, t, torch.arange(4))
     (eps.float() - torch.randn_like(x)).square().mean().backward()
-    return torch.cat([p.grad.flatten() for p in model.parameters()])
+    return {name: p.grad.flatten() for name, p in model.named_parameters()}
 
 
 @functools.cache
-def _bf16_gradient() -> torch.Tensor:
+def _bf16_gradient() -> dict[str, torch.Tensor]:
     built = _build("bf16")
     return _gradient_with_nonzero_output(built, built.task.model.train())
 
@@ -50,7 +56,7 @@ def _bf16_gradient() -> torch.Tensor:
 @pytest.mark.parametrize("precision", registry.names("precision"))
 def test_every_precision_plugin_trains_fpdm(precision):
     built = _build(precision)
-    converted = quant_layers(built.task)
+    converted = quant_layers(built.task) | qat_layers(built.task)  # quantized GEMMs, or QAT's fake-quantized ones
     assert bool(converted) == (precision != "bf16")
     if converted:  # the weight-tied cell is converted once, and every solver iteration goes through it
         assert any(name.startswith("model.fixed_point_layer.f.block.") for name in converted)
@@ -65,6 +71,8 @@ def test_every_precision_plugin_trains_fpdm(precision):
     assert all(p.grad is not None and torch.isfinite(p.grad).all() and not p.grad.any() for p in model.parameters())
     # with ε̂ ≠ 0 the gradient is finite, nonzero, and points where BF16's does: cosine 0.956 (mxfp4) to 0.996 on
     # this seed; FP4 GEMMs at ~20 dB SNR perturb each GEMM's result by ~10%, far from turning it to 0.9
-    got = _gradient_with_nonzero_output(built, model)
+    grads, want = _gradient_with_nonzero_output(built, model), _bf16_gradient()
+    got = torch.cat(list(grads.values()))
     assert torch.isfinite(got).all() and got.norm() > 0
-    assert F.cosine_similarity(got, _bf16_gradient(), dim=0) > 0.9
+    shared = torch.cat([grads[name] for name in want])  # the network's own parameters (QAT adds its quantizers')
+    assert F.cosine_similarity(shared, torch.cat(list(want.values())), dim=0) > 0.9

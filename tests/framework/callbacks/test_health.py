@@ -7,7 +7,7 @@ import lightning as L
 import pytest
 import torch
 
-from lowbit.callbacks.health import QuantHealth, StopOnNonFinite, worst_layers
+from lowbit.callbacks.health import HEALTH_FIELDS, QuantHealth, StopOnNonFinite, worst_layers
 from lowbit.config import compose
 from lowbit.errors import LowbitError
 from lowbit.run import build, train
@@ -89,3 +89,115 @@ def test_a_non_finite_loss_stops_the_run_naming_the_step_and_the_worst_layer(tmp
     assert trainer.global_step == 2  # the step with the NaN never updated the weights
     changed = [n for n, p in built.task.named_parameters() if not torch.equal(p, before[n])]
     assert changed == list(before)  # steps 0 and 1 did train, every parameter
+
+
+# ---- QAT layers ------------------------------------------------------------------------------------------
+
+QAT_SMOKE = ["recipe=bf16_llm", "debug=smoke", "posenc=none", "logger=csv", "health.every_n_steps=1"]
+
+
+QAT_LAYERS = {
+    f"model.trunk.blocks.{b}.{n}" for b in (0, 1) for n in ("attn.qkv", "attn.proj", "mlp.fc_in", "mlp.fc_out")
+}
+
+
+def _qat_run(tmp_path, *overrides) -> tuple[list[dict], list[dict]]:
+    """health.csv rows (checked: the QuantLinear columns, both operands of every QAT layer at steps 0-2)
+    and metrics.csv rows of a 3-step QAT run with health every step."""
+    train(compose([*QAT_SMOKE, *overrides, f"hydra.run.dir={tmp_path}"]), echo=lambda *_: None)
+    with open(tmp_path / "health.csv") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+    assert tuple(reader.fieldnames) == ("step", "layer", "operand", *HEALTH_FIELDS)
+    keys = [(int(r["step"]), r["layer"], r["operand"]) for r in rows]
+    assert sorted(keys) == sorted(
+        (s, layer, op) for s in (0, 1, 2) for layer in QAT_LAYERS for op in ("fprop.x", "fprop.w")
+    )
+    for r in rows:
+        assert float(r["amax"]) > 0 and float(r["scale_max"]) >= float(r["scale_min"]) > 0
+        assert 0 <= float(r["underflow"]) <= 1 and 0 <= float(r["saturation"]) <= 1
+    with open(tmp_path / "csv" / "metrics.csv") as f:
+        logged = list(csv.DictReader(f))
+    return rows, logged
+
+
+def _curves(logged: list[dict], prefix: str) -> dict[str, list[float]]:
+    """Every logged ``prefix<layer>.<operand>`` scalar, by layer.operand, in step order."""
+    names = [k for k in logged[0] if k.startswith(prefix)]
+    return {k.removeprefix(prefix): [float(r[k]) for r in logged if r.get(k)] for k in names}
+
+
+def test_qat_layers_are_recorded_and_their_learned_step_sizes_logged_per_layer(tmp_path):
+    rows, logged = _qat_run(tmp_path, "precision=qat_int4")  # LSQ INT4 weights in groups of 32, INT8 per-token inputs
+    for r in rows:
+        if int(r["step"]) == 0:  # LSQ starts at the min/max scales: PTQ's SNR (later steps move with AdamW)
+            low, high = (12, 25) if r["operand"] == "fprop.w" else (35, 50)
+            assert low < float(r["snr_db"]) < high and float(r["saturation"]) == 0
+    scale_mean = _curves(logged, "qat/scale_mean/")
+    assert set(scale_mean) == {f"{layer}.fprop.w" for layer in QAT_LAYERS}  # min/max inputs have no learned state
+    assert not any(k.startswith("qat/frac_bits/") for k in logged[0])
+    health = {(int(r["step"]), f"{r['layer']}.{r['operand']}"): r for r in rows}
+    for operand, values in scale_mean.items():
+        assert len(values) == 3 and len(set(values)) == 3  # steps 0, 1, 2: the step sizes train
+        for step, value in enumerate(values):  # the mean of a layer's scales lies within their range
+            r = health[(step, operand)]
+            assert float(r["scale_min"]) * (1 - 1e-5) <= value <= float(r["scale_max"]) * (1 + 1e-5)
+    for step in (0, 1, 2):  # the clipped fraction is summarized as for QuantLinear
+        summary = next(r for r in logged if r.get("health/saturation_max") and int(r["step"]) == step)
+        saturation = max(float(r["saturation"]) for r in rows if int(r["step"]) == step)
+        assert float(summary["health/saturation_max"]) == pytest.approx(saturation, rel=1e-5, abs=1e-9)
+
+
+def test_qfx_binary_points_are_logged_per_layer_and_operand(tmp_path):
+    rows, logged = _qat_run(tmp_path, "precision=qat_fixed")  # INT8 words, weights and inputs
+    frac_bits = _curves(logged, "qat/frac_bits/")
+    assert set(frac_bits) == {f"{layer}.{op}" for layer in QAT_LAYERS for op in ("fprop.x", "fprop.w")}
+    health = {(int(r["step"]), f"{r['layer']}.{r['operand']}"): r for r in rows}
+    # round(F), the binary point in use: at the smoke lr (3e-3, Adam moves F ~lr a step) it holds over 3 steps
+    for operand, values in frac_bits.items():
+        assert len(values) == 3
+        for step, f in enumerate(values):
+            r = health[(step, operand)]
+            assert f == round(f) and float(r["scale_min"]) == float(r["scale_max"]) == pytest.approx(2.0**-f, rel=1e-6)
+        if operand.endswith("fprop.w"):  # F = floor(log2(127 / amax)) from the weight itself: nothing clips
+            r = health[(0, operand)]
+            assert float(r["saturation"]) == 0 and float(r["amax"]) <= 127 * 2.0 ** -values[0] < 2 * float(r["amax"])
+
+
+def test_qat_state_is_one_scalar_per_layer_and_operand_with_learned_state():
+    rec = {"amax": 1.0, "scale_min": 0.5, "scale_max": 0.5, "underflow": 0.0, "saturation": 0.0, "snr_db": 30.0}
+    records = [
+        ("a", "fprop.w", rec | {"scale_mean": 0.25}),
+        ("a", "fprop.x", rec),  # min/max: nothing learned, nothing logged
+        ("b", "fprop.x", rec | {"frac_bits": 6.0}),
+    ]
+    assert QuantHealth.qat_state(records) == {"qat/scale_mean/a.fprop.w": 0.25, "qat/frac_bits/b.fprop.x": 6.0}
+
+
+class _BreakQATWeights(L.Callback):
+    """Writes a NaN into one QAT layer's master weight before step 2."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 2:
+            with torch.no_grad():
+                pl_module.model.trunk.blocks[1].mlp.fc_in.weight[0, 0] = math.nan
+
+
+def test_a_non_finite_loss_in_a_qat_run_names_the_worst_qat_layer(tmp_path):
+    built = build(compose(["recipe=bf16_llm", "precision=qat_int4", "debug=smoke", "posenc=none"]).cfg)
+    trainer = L.Trainer(
+        **{**built.trainer_kwargs, "max_steps": 4},
+        plugins=[built.precision],
+        callbacks=[_BreakQATWeights(), StopOnNonFinite(tmp_path / "last.ckpt")],
+        logger=False,
+        enable_checkpointing=False,
+    )
+    with pytest.raises(LowbitError) as err:
+        trainer.fit(built.task, datamodule=built.data)
+    message = str(err.value)
+    # INT formats encode a NaN as +0 (lowbit.numerics), so the loss stays finite; the NaN reaches the step
+    # size's gradient (round(v) - v), and the step never runs
+    assert message.startswith("non-finite gradients at step 2; worst quantized operands: ")
+    # the NaN weight first; a NaN's SNR is -inf, not a perfect score
+    assert message.split("operands: ")[1].startswith("model.trunk.blocks.1.mlp.fc_in.fprop.w (amax nan, SNR -inf dB")
+    assert trainer.global_step == 2

@@ -76,6 +76,19 @@ def test_weight_decay_only_on_matrices():
     assert by_decay == {0.1: [(4, 4)], 0.0: [(4,), (4,), (4,)]}
 
 
+def test_learned_step_sizes_are_not_decayed():
+    from lowbit.quant.qat import FakeQuant, QATLinear
+
+    layer = nn.Linear(64, 8)
+    weight_quant = FakeQuant({"element": "int4", "block": [1, 32]}, "lsq", shape=(8, 64))  # scales (8, 2): 2-D
+    model = nn.Sequential(
+        QATLinear.from_linear(layer, weight_quant, FakeQuant({"element": "int8", "block": "tensor"}, "fixed"))
+    )
+    groups = build_optimizer(model, {"name": "adamw", "lr": 1e-3, "weight_decay": 0.1}).param_groups
+    by_decay = {g["weight_decay"]: [tuple(p.shape) for p in g["params"]] for g in groups}
+    assert by_decay == {0.1: [(8, 64)], 0.0: [(8,), (8, 2), ()]}  # bias, step sizes, binary point
+
+
 @pytest.mark.parametrize("recipe", ["bf16_llm", "bf16_vit", "bf16_dit", "deq_llm", "timm_nvfp4"])
 def test_timms_weight_decay_groups_are_lowbits_rule_on_every_model_family(recipe):
     cfg = compose([f"recipe={recipe}", "debug=smoke"]).cfg
