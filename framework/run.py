@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from lowbit.models.base import count_parameters
 from lowbit.registry import call_with_options, registry
 from lowbit.rundir import RunLock, check_run_dir, resume_command, run_dir_of
 
-__all__ = ["RunResult", "build", "init_weights", "resolve_checkpoint", "train"]
+__all__ = ["RunResult", "build", "build_task", "init_weights", "load_weights", "resolve_checkpoint", "train"]
 
 
 @dataclass
@@ -120,6 +121,22 @@ def _against_baseline(value: float, baseline: float) -> str:
     return f"{abs(change):.1f}% {'above' if change > 0 else 'below'} the baseline"
 
 
+def build_task(config: Mapping[str, Any]) -> Any:
+    """The task (a LightningModule, its network as ``.model``) a resolved run config describes, in high
+    precision and without its data: what ``build`` trains, ``lowbit export``'s loader fills."""
+    model = registry.build("models", config["model"], posenc=config.get("posenc"))
+    task_cfg = dict(config["task"])
+    context = {
+        "model": model,
+        "optimizer": config["optimizer"],
+        "scheduler": config["scheduler"],
+        "max_steps": int(config["trainer"]["max_steps"]),
+    }
+    if "_target_" in task_cfg:  # a task named by its class rather than by a lowbit.tasks entry point
+        return _build_target(task_cfg, "task", **context)
+    return registry.build("tasks", task_cfg, **context)
+
+
 def build(cfg: DictConfig) -> Built:
     """Build precision, data, model and task from a composed config (nothing runs yet)."""
     plain(cfg)  # every interpolation resolves, or one clear error
@@ -130,18 +147,7 @@ def build(cfg: DictConfig) -> Built:
     device_type = _device_type(trainer_cfg)
     precision = registry.build("precision", plain(cfg.precision), device_type=device_type)
     data = registry.build("data", plain(cfg.data), seed=int(cfg.seed))
-    model = registry.build("models", plain(cfg.model), posenc=plain(cfg.posenc))
-    task_cfg = plain(cfg.task)
-    context = {
-        "model": model,
-        "optimizer": plain(cfg.optimizer),
-        "scheduler": plain(cfg.scheduler),
-        "max_steps": int(trainer_cfg["max_steps"]),
-    }
-    if "_target_" in task_cfg:  # a task named by its class rather than by a lowbit.tasks entry point
-        task = _build_target(task_cfg, "task", **context)
-    else:
-        task = registry.build("tasks", task_cfg, **context)
+    task = build_task(plain(cfg))
     _check_strategy(precision, trainer_cfg)
     precision.convert_module(task)  # now, so a bad layer shape is reported before training; Lightning's call is a no-op
     if cfg.get("init_from"):
@@ -179,23 +185,29 @@ def init_weights(task: Any, source: str) -> None:
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(state, dict):
         raise LowbitError(f"init_from={source}: {path} holds no state_dict; give a checkpoint written by train")
+    load_weights(task, state, f"init_from={source}: checkpoint {path}")
+
+
+def load_weights(task: Any, state: dict[str, Any], what: str, quantizers: bool = True) -> None:
+    """``state``'s weights into ``task``: every key but the QAT quantizers' must match by name and shape,
+    else one line starting with ``what`` (the source) names the first that does not. ``quantizers``:
+    also load the source's quantizer state where both have it (``init_from``); False leaves the model's
+    (``lowbit quantize`` sets the scales itself)."""
     own = task.state_dict()
     optional = lambda key: any(part in key for part in _QUANTIZER_KEYS)  # noqa: E731
-    missing = [k for k in own if k not in state and not optional(k)]
-    unexpected = [k for k in state if k not in own and not optional(k)]
-    for keys, what in ((missing, "has no"), (unexpected, "has a key the model lacks:")):
+    weights = {k: v for k, v in state.items() if quantizers or not optional(k)}
+    missing = [k for k in own if k not in weights and not optional(k)]
+    unexpected = [k for k in weights if k not in own and not optional(k)]
+    for keys, verb in ((missing, "has no"), (unexpected, "has a key the model lacks:")):
         if keys:
-            raise LowbitError(
-                f"init_from={source}: the checkpoint {what} '{keys[0]}' ({len(keys)} such key(s)); it was trained "
-                f"with another model (checkpoint {path})"
-            )
-    for key, value in state.items():
+            raise LowbitError(f"{what} {verb} '{keys[0]}' ({len(keys)} such key(s)); it holds another model")
+    for key, value in weights.items():
         if key in own and tuple(value.shape) != tuple(own[key].shape):
             raise LowbitError(
-                f"init_from={source}: '{key}' is {tuple(value.shape)} in the checkpoint but {tuple(own[key].shape)} "
-                f"in this model; the model config differs (checkpoint {path})"
+                f"{what}: '{key}' is {tuple(value.shape)} there but {tuple(own[key].shape)} in this model; "
+                "the model config differs"
             )
-    task.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
+    task.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 
 
 _QUANT_STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device")

@@ -301,31 +301,6 @@ class PackedLinear(nn.Module):
 
 
 # ---- building the model from a run config --------------------------------------------------------------
-def _build_task(config: Mapping[str, Any]) -> nn.Module:
-    """The task (with its model) a resolved run config builds, as ``lowbit.run.build`` does, without
-    the data (an export or its loader may run where the training text is not)."""
-    from lowbit.registry import call_with_options, registry
-
-    model = registry.build("models", config["model"], posenc=config.get("posenc"))
-    context = {
-        "model": model,
-        "optimizer": config["optimizer"],
-        "scheduler": config["scheduler"],
-        "max_steps": int(config["trainer"]["max_steps"]),
-    }
-    task_cfg = dict(config["task"])
-    if "_target_" not in task_cfg:
-        return registry.build("tasks", task_cfg, **context)
-    from hydra.utils import get_object
-
-    target = task_cfg.pop("_target_")
-    try:
-        factory = get_object(target)
-    except Exception as err:
-        raise LowbitError(f"task._target_ '{target}' cannot be imported: {err}") from err
-    return call_with_options(factory, f"task '{target}'", task_cfg, context)
-
-
 def _checkpoint_and_run(source: str | Path) -> tuple[Path, Path]:
     """(checkpoint file, run directory) of a checkpoint or run directory, or one clear error."""
     from lowbit.rundir import run_dir_of
@@ -421,6 +396,7 @@ def _prepare(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     import yaml
 
     from lowbit.registry import registry
+    from lowbit.run import build_task
 
     ckpt, run_dir = _checkpoint_and_run(source)
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
@@ -432,7 +408,7 @@ def _prepare(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
             "(train precision=qat_int4 ..., or lowbit quantize a checkpoint first)"
         )
     state, step = _read_state_dict(ckpt)
-    task = _build_task(config)
+    task = build_task(config)
     precision.convert_module(task)
     _load_strict(task, state, ckpt)
     layers = qat_layers(task)
@@ -524,7 +500,9 @@ def load_exported(path: str | Path) -> nn.Module:
     from safetensors.torch import load_file
 
     manifest, model_file = _read_manifest(Path(path).expanduser())
-    task = _build_task(manifest["config"])  # no precision conversion: the layers as the BF16 model has them
+    from lowbit.run import build_task
+
+    task = build_task(manifest["config"])  # no precision conversion: the layers as the BF16 model has them
     for name, entry in manifest["layers"].items():
         parent_name, _, attr = name.rpartition(".")
         try:

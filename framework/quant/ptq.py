@@ -65,7 +65,6 @@ PTQ_METHODS = ("rtn", "adaround")
 RANGES = ("minmax", "mse")
 ADAROUND_ITERS = 500  # per layer; the paper runs 10k (batch 32 images), a few hundred already beat RTN
 ZETA, GAMMA = 1.1, -0.1  # the rectified sigmoid's stretch (Louizos et al. 2018's hard concrete, as AdaRound)
-_QUANTIZER_KEYS = (".weight_quant.", ".input_quant.")  # QAT quantizers' parameters and buffers
 
 
 # ---- weight ranges ---------------------------------------------------------------------------------
@@ -428,30 +427,6 @@ def _precision_node(overrides: Sequence[str]) -> dict[str, Any]:
     return plain(compose([*overrides, "precision.weight_mode=static", "precision.lsq=false"]).cfg.precision)
 
 
-def _load_weights(task: nn.Module, state: Mapping[str, torch.Tensor], ckpt: Path) -> None:
-    """The source's weights into the QAT model: every key but the quantizers' must match by name and
-    shape (the source's own quantizer state, if any, is not used: PTQ sets the scales)."""
-    own = task.state_dict()
-    quantizer = lambda key: any(part in key for part in _QUANTIZER_KEYS)  # noqa: E731
-    weights = {k: v for k, v in state.items() if not quantizer(k)}
-    missing = [k for k in own if k not in weights and not quantizer(k)]
-    unexpected = [k for k in weights if k not in own]
-    mismatched = [k for k in weights if k in own and tuple(weights[k].shape) != tuple(own[k].shape)]
-    if missing:
-        raise LowbitError(f"{ckpt} has no '{missing[0]}' ({len(missing)} such key(s)); it holds another model")
-    if unexpected:
-        raise LowbitError(
-            f"{ckpt} has '{unexpected[0]}', which the model lacks ({len(unexpected)} such key(s)); it holds another model"
-        )
-    if mismatched:
-        k = mismatched[0]
-        raise LowbitError(
-            f"{ckpt}: '{k}' is {tuple(weights[k].shape)} there but {tuple(own[k].shape)} in the model its "
-            "config.yaml builds; the checkpoint holds another model"
-        )
-    task.load_state_dict(weights, strict=False)
-
-
 def _check_out(out: Path) -> None:
     from lowbit.rundir import RUN_FILES
 
@@ -501,7 +476,7 @@ def quantize_checkpoint(
 
     from lowbit.checkpoint_io import DurableCheckpointIO, verify_checkpoint
     from lowbit.config import to_yaml
-    from lowbit.run import build
+    from lowbit.run import build, load_weights
 
     _check_options(method, ranges, calibration, iters, val_batches)
     ckpt_path, run_dir = _source_paths(source)
@@ -523,7 +498,7 @@ def quantize_checkpoint(
             f"task '{cfg.task.get('name', type(task).__name__)}' takes more"
         )
     checkpoint = verify_checkpoint(ckpt_path)
-    _load_weights(task, checkpoint["state_dict"], ckpt_path)
+    load_weights(task, checkpoint["state_dict"], f"checkpoint {ckpt_path}", quantizers=False)
     layers = qat_layers(task)
 
     device = torch.device("cuda" if getattr(precision, "device_type", "cpu") == "cuda" else "cpu")
