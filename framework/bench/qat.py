@@ -15,8 +15,9 @@
 
 Columns: val loss (and accuracy for classifiers); gap to the BF16 reference (the pretrained model for
 PTQ rows, the BF16 fine-tune for fine-tuned rows); the share of PTQ RTN INT4's gap a W4A8 QAT row
-recovers (1 - gap / PTQ gap); exported bytes vs the same model's parameters in BF16; inference ms per
-validation batch on this machine (median of 10), against the BF16 model under BF16 autocast.
+recovers (1 - gap / PTQ gap); exported bytes vs the same model's parameters in BF16 (and the quantized
+layers' bytes vs the same layers in BF16; the layers kept high precision are stored in FP32); inference ms per
+validation batch on this machine (median of 20), against the BF16 model under BF16 autocast.
 Outputs ``qat.md`` (the table) and ``qat.png`` (fine-tuning curves) under ``--out``; every run keeps
 its folder there, and a finished one is read back when the bench runs again.
 """
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import io
+import json
 import shutil
 import statistics
 import sys
@@ -94,6 +96,7 @@ class Outcome:
     reference: str
     bytes: int | None = None
     bf16_bytes: int | None = None
+    layer_ratio: float | None = None  # the quantized layers' exported bytes vs the same layers in BF16
     ms: float | None = None
     curve: dict[int, float] = field(default_factory=dict)
 
@@ -118,7 +121,7 @@ def _validate(task: Any, data: Any, limit: Any) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _inference_ms(model: torch.nn.Module, batch: torch.Tensor, autocast: bool = False, repeats: int = 10) -> float:
+def _inference_ms(model: torch.nn.Module, batch: torch.Tensor, autocast: bool = False, repeats: int = 20) -> float:
     """Median wall time of one forward over ``batch`` (after two warm-up calls), in milliseconds."""
     model.eval()
     times = []
@@ -197,6 +200,13 @@ class Bench:
         cfg = self.compose().cfg
         return registry.build("data", plain(cfg.data), seed=int(cfg.seed)), cfg
 
+    def reference_bytes(self) -> int:
+        """The BF16 model's parameter bytes, every row's size reference (an exported model's packed layers
+        hold buffers, not parameters)."""
+        from lowbit.run import build
+
+        return _bf16_bytes(build(self.compose().cfg).task.model)
+
     def run_row(self, row: Row, echo) -> Outcome:
         from lowbit.run import build
 
@@ -247,12 +257,14 @@ class Bench:
         task = load_exported(export_dir)
         metrics = _validate(task, data, limit)
         size = (export_dir / "model.safetensors").stat().st_size
+        manifest = json.loads((export_dir / "manifest.json").read_text())
         return Outcome(
             row,
             metrics,
             reference,
             bytes=size,
-            bf16_bytes=_bf16_bytes(task.model),
+            bf16_bytes=self.reference_bytes(),
+            layer_ratio=manifest["bytes"]["ratio"],
             ms=_inference_ms(task.model, batch),
             curve=curve,
         )
@@ -309,7 +321,7 @@ class Bench:
             metrics,
             "bf16_ft",
             bytes=_state_bytes(built.task.model),
-            bf16_bytes=2 * sum(p.numel() for p in built.task.model.parameters()),
+            bf16_bytes=self.reference_bytes(),
             ms=_inference_ms(built.task.model, batch),
             curve=curve,
         )
@@ -354,7 +366,8 @@ def table(outcomes: list[Outcome]) -> str:
         recovered = ""
         if o.row.w4a8 and o.row.kind != "ptq" and ptq_gap and ref is not None:
             recovered = f"{100 * (1 - (loss - ref.metrics[metric]) / ptq_gap):.0f}%"
-        size = "" if o.bytes is None else f"{o.bytes / 1e6:.2f} MB ({o.bytes / o.bf16_bytes:.2f}x)"
+        size = "" if o.bytes is None else f"{o.bytes / 1e6:.2f} MB ({o.bytes / o.bf16_bytes:.2f}x"
+        size += "" if o.bytes is None else ")" if o.layer_ratio is None else f"; layers {o.layer_ratio:.3f}x)"
         speed = "" if o.ms is None else f"{o.ms:.1f}" + (f" ({o.ms / bf16_ms:.2f}x)" if bf16_ms else "")
         acc = [f"{100 * o.metrics['val/acc']:.2f}%"] if has_acc else []
         rows.append([f"`{o.row.name}`", o.row.what, f"{loss:.4f}", *acc, gap, recovered, size, speed])

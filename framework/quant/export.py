@@ -49,6 +49,7 @@ from lowbit.numerics import (
     QTensor,
     QuantSpec,
     block_layout,
+    current_scale,
     dequantize,
     fake_quantize,
     get_format,
@@ -98,6 +99,31 @@ def integer_gemm(weight: QuantSpec, activation: QuantSpec | None) -> bool:
     return _is_plain_int(weight, ("row", "tensor", "group")) and _is_plain_int(activation, ("row", "tensor"))
 
 
+def _fast_int_input(spec: QuantSpec | None) -> bool:
+    """Whether ``_int_codes`` computes this input spec's codes: symmetric integers per token or tensor,
+    FP32 scales, round to nearest even."""
+    return _is_plain_int(spec, ("row", "tensor")) and spec.rounding == "rne" and not spec.pow2_scale
+
+
+def _int_codes(x2: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize(x2, spec)``'s codes and decode scales for an input ``_fast_int_input`` accepts, in four
+    tensor passes (five with a NaN) instead of the reference's general path (the per-call cost of an integer GEMM's
+    input); the same definition: factor = ``current_scale(amax, qmax)``, code = RNE(x * factor) clamped,
+    NaN -> 0. tests/framework/quant/test_export.py checks it against the reference on adversarial rows."""
+    fmt = get_format(spec.element)
+    x = x2.float()
+    if spec.block == "row":
+        lo, hi = torch.aminmax(x, dim=1, keepdim=True)  # one pass; NaN propagates as through abs().amax()
+    else:
+        lo, hi = (t.reshape(1, 1) for t in torch.aminmax(x))
+    amax = torch.maximum(-lo, hi)
+    factor = current_scale(amax, fmt.max)
+    y = x * factor
+    if torch.isnan(amax).any():  # only a row holding a NaN has one to zero
+        y = y.nan_to_num_(nan=0.0)
+    return y.round_().clamp_(fmt.qmin, fmt.qmax).to(torch.int8), torch.reciprocal(factor)
+
+
 def _packs(spec: QuantSpec, in_features: int) -> bool:
     """Codes of 4 bits or fewer (INT2-INT4, E2M1) go two per byte (an even row length)."""
     return get_format(spec.element).bits <= 4 and in_features % 2 == 0
@@ -134,7 +160,10 @@ class PackedLinear(nn.Module):
     docstring says), its input quantized per call as the QAT layer's input quantizer did.
 
     ``kernel`` is ``int_mm`` (integer GEMMs, where ``integer_gemm`` allows) or ``dequantize``
-    (dequantize the weight, FP32 GEMM); set it to compare the two paths.
+    (dequantize the weight, one GEMM in the input's dtype); set it to compare the two paths. The
+    default is ``int_mm`` for weights with one scale per row or tensor (one int32 GEMM per call) and
+    ``dequantize`` for grouped weights: on CPU, one ``_int_mm`` per group of 32 columns ran 1.9x
+    slower than unpacking and one GEMM (the GPT of ``lowbit bench qat``, 2026-12-05).
 
     Args:
         in_features, out_features, bias: as ``nn.Linear``.
@@ -159,7 +188,8 @@ class PackedLinear(nn.Module):
         self.activation_spec = None if activation is None else get_spec(activation)
         self.activation_mode = activation_mode
         self.packed = _packs(self.weight_spec, in_features)
-        self.kernel = "int_mm" if integer_gemm(self.weight_spec, self.activation_spec) else "dequantize"
+        one_group = _group_size(self.weight_spec, in_features) in (None, in_features)
+        self.kernel = "int_mm" if integer_gemm(self.weight_spec, self.activation_spec) and one_group else "dequantize"
         spec, element = self.weight_spec, get_format(self.weight_spec.element)
         codes_dtype = torch.int8 if element.is_integer and not self.packed else torch.uint8
         self.register_buffer(
@@ -238,15 +268,30 @@ class PackedLinear(nn.Module):
         return self.input_scales.float(), None if self.input_zero_points is None else self.input_zero_points.float()
 
     # ---- forward: the two paths ----
+    def _quantize_input(self, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The (N, in) input's codes and decode scales ((N, 1) per token, (1, 1) per tensor), as the QAT
+        layer's input quantizer rounds it."""
+        spec = self.activation_spec
+        if self.activation_mode == "minmax" and _fast_int_input(spec):
+            return _int_codes(x2, spec)
+        if self.activation_mode == "minmax":
+            xq = quantize(x2, spec)
+        else:
+            scales, zero_points = self._input_grid()
+            xq = quantize(x2, spec, scales=scales, zero_points=zero_points)
+        return xq.codes, xq.scales.reshape(-1, 1)
+
     def dequantize_forward(self, x: torch.Tensor) -> torch.Tensor:
         """The reference path: inputs fake-quantized by the QAT call, weight dequantized, one GEMM."""
         spec = self.activation_spec
-        if spec is not None:
-            if self.activation_mode == "minmax":
-                x = fake_quantize(x, spec)
-            else:
-                scales, zero_points = self._input_grid()
-                x = fake_quantize(x, spec, scales=scales, zero_points=zero_points)
+        if spec is not None and self.activation_mode == "minmax" and _fast_int_input(spec):
+            codes, scales = _int_codes(x.reshape(-1, self.in_features), spec)  # fake_quantize's values, bit for bit
+            x = (codes.float() * scales).to(x.dtype).reshape(x.shape)
+        elif spec is not None and self.activation_mode == "minmax":
+            x = fake_quantize(x, spec)
+        elif spec is not None:
+            scales, zero_points = self._input_grid()
+            x = fake_quantize(x, spec, scales=scales, zero_points=zero_points)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, dequantize(self.weight_qtensor(), x.dtype), bias)
 
@@ -254,20 +299,17 @@ class PackedLinear(nn.Module):
         """int8 x int8 -> int32 GEMMs: y = sx * sum_g (xq_g @ wq_gᵀ) * sw_g + b, g over the weight's
         groups along ``in`` (one group per channel or tensor scale)."""
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features)  # (N, in): per-token and per-tensor scales see the same rows
-        if self.activation_mode == "minmax":
-            xq = quantize(x2, self.activation_spec)
-        else:
-            scales, zero_points = self._input_grid()
-            xq = quantize(x2, self.activation_spec, scales=scales, zero_points=zero_points)
-        x_codes, sx = xq.codes, xq.scales.reshape(-1, 1)  # (N, in) int8; (N, 1) per token or (1, 1)
+        x_codes, sx = self._quantize_input(x.reshape(-1, self.in_features))  # (N, in) int8; (N, 1) or (1, 1)
         w_codes = unpack_int4(self.weight_codes) if self.packed else self.weight_codes  # (out, in) int8
         sw = self.weight_scales.float()  # (out, groups): (out, 1) per channel, (1, 1) per tensor
         group = _group_size(self.weight_spec, self.in_features) or self.in_features
-        y = torch.zeros(x2.shape[0], self.out_features, device=x.device)
-        for g, start in enumerate(range(0, self.in_features, group)):
-            cols = slice(start, start + group)
-            y.addcmul_(int8_matmul(x_codes[:, cols], w_codes[:, cols].t()), sw[:, g])  # int32 sums (exact) * (out,)
+        if group == self.in_features:  # one int32 GEMM, scaled once
+            y = int8_matmul(x_codes, w_codes.t()).float().mul_(sw.reshape(1, -1))
+        else:
+            y = torch.zeros(x_codes.shape[0], self.out_features, device=x.device)
+            for g, start in enumerate(range(0, self.in_features, group)):
+                cols = slice(start, start + group)
+                y.addcmul_(int8_matmul(x_codes[:, cols], w_codes[:, cols].t()), sw[:, g])  # int32 sums (exact)
         y.mul_(sx)
         if self.bias is not None:
             y = y + self.bias

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from lowbit.config import compose
+from lowbit.errors import LowbitError
 from lowbit.run import build, train
 
 SMOKE = ["debug=smoke", "posenc=none", "logger=csv"]
@@ -131,3 +132,44 @@ def test_the_summary_says_above_or_below_the_baseline():
     assert _against_baseline(2.0, 2.5) == "20.0% below the baseline"
     assert _against_baseline(2.5, 2.0) == "25.0% above the baseline"
     assert _against_baseline(2.0001, 2.0) == "level with the baseline"
+
+
+def _bf16_checkpoint(path: Path, *overrides: str) -> Path:
+    """A checkpoint as train writes it (``state_dict`` of the task), of the smoke GPT with ``overrides``."""
+    torch.manual_seed(0)
+    task = build(compose([*SMOKE, *overrides]).cfg).task
+    torch.save({"state_dict": task.state_dict(), "global_step": 5}, path)
+    return path
+
+
+def test_init_from_loads_a_bf16_checkpoint_into_a_qat_model(tmp_path):
+    ckpt = _bf16_checkpoint(tmp_path / "bf16.ckpt")
+    source = torch.load(ckpt, weights_only=False)["state_dict"]
+    task = build(compose([*SMOKE, "precision=qat_int4", f"init_from={ckpt}"]).cfg).task
+    own = task.state_dict()
+    assert any(".weight_quant." in key for key in own)  # the quantizers: not in the BF16 checkpoint, left to the data
+    assert all(torch.equal(own[key], value) for key, value in source.items())  # every weight, bit for bit
+    # a run directory means its checkpoints/last.ckpt
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    ckpt.rename(tmp_path / "run" / "checkpoints" / "last.ckpt")
+    again = build(compose([*SMOKE, "precision=qat_int4", f"init_from={tmp_path / 'run'}"]).cfg).task
+    assert all(torch.equal(again.state_dict()[key], value) for key, value in source.items())
+
+
+def test_init_from_a_missing_or_mismatched_checkpoint_is_one_line_naming_path_and_key(tmp_path):
+    missing = tmp_path / "nowhere.ckpt"
+    with pytest.raises(LowbitError, match=rf"init_from={missing}: no checkpoint at {missing}"):
+        build(compose([*SMOKE, "precision=qat_int4", f"init_from={missing}"]).cfg)
+    wide = _bf16_checkpoint(tmp_path / "wide.ckpt", "model.mlp_ratio=4")
+    with pytest.raises(
+        LowbitError, match=r"wide\.ckpt: '[\w.]+\.fc_in\.weight' is \(256, 32\) there but \(\d+, 32\) in this"
+    ):
+        build(compose([*SMOKE, "precision=qat_int4", f"init_from={wide}"]).cfg)
+    deeper = _bf16_checkpoint(tmp_path / "deeper.ckpt", "model.n_layers=3")
+    with pytest.raises(LowbitError, match=r"deeper\.ckpt has a key the model lacks: 'model\.trunk\.blocks\.2\."):
+        build(compose([*SMOKE, f"init_from={deeper}"]).cfg)
+    (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+    with pytest.raises(LowbitError, match=r"cannot read .*junk\.ckpt as a checkpoint"):
+        build(compose([*SMOKE, f"init_from={tmp_path / 'junk.ckpt'}"]).cfg)
+    with pytest.raises(LowbitError, match="init_from and resume are both set"):
+        build(compose([*SMOKE, f"init_from={missing}", f"resume={missing}"]).cfg)

@@ -9,18 +9,23 @@ import lightning as L
 import pytest
 import torch
 import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
 from torch import nn
 
 from lowbit.cli import main
 from lowbit.config import compose
 from lowbit.errors import LowbitError
-from lowbit.numerics import get_spec, pack_fp4, quantize, unpack_int4
+from lowbit.numerics import fake_quantize, get_spec, pack_fp4, quantize, unpack_int4
 from lowbit.quant.export import (
     PackedLinear,
+    _int_codes,
     _pad_for_int_mm,
     export_checkpoint,
     export_main,
     int8_matmul,
+    integer_gemm,
     load_exported,
 )
 from lowbit.quant.qat import FakeQuant, QATLinear
@@ -102,7 +107,9 @@ LAYERS = {
 def test_integer_gemm_equals_the_dequantize_path_and_the_qat_layer(case):
     layer = _qat_linear(*LAYERS[case])
     packed = PackedLinear.from_qat(layer)
-    assert packed.kernel == "int_mm"
+    grouped = not isinstance(layer.weight_quant.spec.block, str)
+    assert packed.kernel == ("dequantize" if grouped else "int_mm")  # one _int_mm per group is slower on CPU
+    assert integer_gemm(layer.weight_quant.spec, layer.input_quant.spec)
     x = torch.randn(4, 7, 256)
     with torch.no_grad():
         expected = layer(x)
@@ -120,6 +127,43 @@ def test_exported_codes_are_the_quantizers_and_weight_only_layers_dequantize():
     torch.testing.assert_close(packed.weight_qtensor().codes, q.codes, rtol=0, atol=0)
     x = torch.randn(2, 256)
     torch.testing.assert_close(packed(x), layer(x), rtol=0, atol=0)
+
+
+def _assert_int_codes_are_the_references(x: torch.Tensor) -> None:
+    for element in ("int8", "int4"):
+        for block in ("row", "tensor"):
+            spec = get_spec({"element": element, "block": block})
+            codes, scales = _int_codes(x, spec)
+            q = quantize(x, spec)
+            assert torch.equal(codes, q.codes) and torch.equal(scales.reshape(q.scales.shape), q.scales)
+            fake = (codes.float() * scales).to(x.dtype)  # the dequantize path's inputs: fake_quantize's values
+            assert torch.equal(fake.float().nan_to_num(7.0), fake_quantize(x, spec).float().nan_to_num(7.0))
+
+
+def test_fast_input_codes_equal_the_reference_on_adversarial_rows():
+    x = torch.randn(12, 96, generator=torch.Generator().manual_seed(0))
+    x[0] = 0.0  # an all-zero token: scale 1
+    x[1, 3] = float("nan")  # NaN: code 0, the row's scale 1
+    x[2, 5], x[3, 7] = float("inf"), -float("inf")  # Inf: the row saturates
+    x[4] = 1e-45  # subnormal amax: the encode factor overflows and clamps to FLT_MAX
+    x[5] = 2.5  # ties to even at every element
+    x[6] = torch.arange(96) - 47.5  # every half step
+    x[7] *= 3e38  # near FLT_MAX
+    x[8] *= 1e-30
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        _assert_int_codes_are_the_references(x.to(dtype))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    hnp.arrays(
+        "float32",
+        st.tuples(st.integers(1, 9), st.integers(1, 70)),
+        elements=st.floats(width=32, allow_nan=True, allow_infinity=True),
+    )
+)
+def test_fast_input_codes_equal_the_reference_on_any_floats(array):
+    _assert_int_codes_are_the_references(torch.from_numpy(array))
 
 
 def test_int8_matmul_pads_exactly_to_cuda_shapes():
@@ -150,7 +194,7 @@ def test_export_then_load_evaluates_as_the_fake_quantized_model(run, tmp_path, c
     assert loss == pytest.approx(fake_quant_loss, rel=1e-4)
     kernels = {m.kernel for m in packed}
     name = manifest["precision"]["name"]
-    assert kernels == ({"dequantize"} if name == "qat_nvfp4" else {"int_mm"})
+    assert kernels == ({"int_mm"} if name == "qat_int8" else {"dequantize"})  # int4: groups of 64
     if name == "qat_int4":
         size = manifest["bytes"]
         # per weight: 4-bit codes + one FP32 scale per 64 = 0.5625 bytes, vs 2 in BF16
