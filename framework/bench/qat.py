@@ -17,7 +17,8 @@ Columns: val loss (and accuracy for classifiers); gap to the BF16 reference (the
 PTQ rows, the BF16 fine-tune for fine-tuned rows); the share of PTQ RTN INT4's gap a W4A8 QAT row
 recovers (1 - gap / PTQ gap); exported bytes vs the same model's parameters in BF16 (and the quantized
 layers' bytes vs the same layers in BF16; the layers kept high precision are stored in FP32); inference ms per
-validation batch on this machine (median of 20), against the BF16 model under BF16 autocast.
+validation batch on this machine (median of 20), and the median ratio to the BF16 model's forward under BF16
+autocast, the two timed alternately (the exported model runs as evaluated: FP32 outside its integer GEMMs).
 Outputs ``qat.md`` (the table) and ``qat.png`` (fine-tuning curves) under ``--out``; every run keeps
 its folder there, and a finished one is read back when the bench runs again.
 """
@@ -98,6 +99,7 @@ class Outcome:
     bf16_bytes: int | None = None
     layer_ratio: float | None = None  # the quantized layers' exported bytes vs the same layers in BF16
     ms: float | None = None
+    ms_ratio: float | None = None  # vs the BF16 model under BF16 autocast, measured alternately
     curve: dict[int, float] = field(default_factory=dict)
 
 
@@ -121,17 +123,33 @@ def _validate(task: Any, data: Any, limit: Any) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items()}
 
 
-def _inference_ms(model: torch.nn.Module, batch: torch.Tensor, autocast: bool = False, repeats: int = 20) -> float:
-    """Median wall time of one forward over ``batch`` (after two warm-up calls), in milliseconds."""
-    model.eval()
-    times = []
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+def _inference_ms(
+    model: torch.nn.Module, reference: torch.nn.Module, batch: torch.Tensor, autocast: bool = False, repeats: int = 20
+) -> tuple[float, float]:
+    """(median ms of one forward of ``model`` over ``batch``, median ratio to the BF16 ``reference``'s forward
+    under BF16 autocast), the two alternating call by call after two warm-ups of each, so that the load
+    of the machine, which drifts over seconds, weighs on both sides of every ratio alike. ``autocast``:
+    ``model`` under BF16 autocast too (the BF16 row)."""
+    model.eval(), reference.eval()
+    times, ratios = [], []
+    with torch.inference_mode():
         for i in range(repeats + 2):
             start = time.perf_counter()
-            model(batch)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+                model(batch)
+            mid = time.perf_counter()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                reference(batch)
+            end = time.perf_counter()
             if i >= 2:
-                times.append(1e3 * (time.perf_counter() - start))
-    return statistics.median(times)
+                times.append(1e3 * (mid - start))
+                ratios.append((mid - start) / (end - mid))
+    return statistics.median(times), statistics.median(ratios)
+
+
+def _timing(model: torch.nn.Module, reference: torch.nn.Module, batch: torch.Tensor) -> dict[str, float]:
+    ms, ratio = _inference_ms(model, reference, batch)
+    return {"ms": ms, "ms_ratio": ratio}
 
 
 def _bf16_bytes(model: torch.nn.Module) -> int:
@@ -200,6 +218,16 @@ class Bench:
         cfg = self.compose().cfg
         return registry.build("data", plain(cfg.data), seed=int(cfg.seed)), cfg
 
+    def reference_model(self) -> torch.nn.Module:
+        """The pretrained BF16 network, every row's speed reference (run under BF16 autocast)."""
+        if getattr(self, "_reference", None) is None:
+            from lowbit.run import build
+
+            built = build(self.compose().cfg)
+            _load_checkpoint(built.task, self.base_dir)
+            self._reference = built.task.model
+        return self._reference
+
     def reference_bytes(self) -> int:
         """The BF16 model's parameter bytes, every row's size reference (an exported model's packed layers
         hold buffers, not parameters)."""
@@ -217,9 +245,9 @@ class Bench:
             built = build(self.compose().cfg)
             _load_checkpoint(built.task, self.base_dir)
             metrics = _validate(built.task, data, limit)
-            ms = _inference_ms(built.task.model, batch, autocast=True)
             n = _bf16_bytes(built.task.model)
-            return Outcome(row, metrics, "", bytes=n, bf16_bytes=n, ms=ms)
+            ms, ratio = _inference_ms(self.reference_model(), self.reference_model(), batch, autocast=True)
+            return Outcome(row, metrics, "", bytes=n, bf16_bytes=n, ms=ms, ms_ratio=ratio)
         if row.kind == "torchao":
             return self.torchao_row(row, data, limit, batch, echo)
         run_dir = self.out / row.name
@@ -265,7 +293,7 @@ class Bench:
             bytes=size,
             bf16_bytes=self.reference_bytes(),
             layer_ratio=manifest["bytes"]["ratio"],
-            ms=_inference_ms(task.model, batch),
+            **_timing(task.model, self.reference_model(), batch),
             curve=curve,
         )
 
@@ -322,7 +350,7 @@ class Bench:
             "bf16_ft",
             bytes=_state_bytes(built.task.model),
             bf16_bytes=self.reference_bytes(),
-            ms=_inference_ms(built.task.model, batch),
+            **_timing(built.task.model, self.reference_model(), batch),
             curve=curve,
         )
 
@@ -354,7 +382,6 @@ def table(outcomes: list[Outcome]) -> str:
     ptq_gap = None
     if "ptq_int4" in by_name and "bf16" in by_name:
         ptq_gap = by_name["ptq_int4"].metrics[metric] - by_name["bf16"].metrics[metric]
-    bf16_ms = by_name["bf16"].ms if "bf16" in by_name else None
     has_acc = any("val/acc" in o.metrics for o in outcomes)
     rows = []
     for o in outcomes:
@@ -368,7 +395,7 @@ def table(outcomes: list[Outcome]) -> str:
             recovered = f"{100 * (1 - (loss - ref.metrics[metric]) / ptq_gap):.0f}%"
         size = "" if o.bytes is None else f"{o.bytes / 1e6:.2f} MB ({o.bytes / o.bf16_bytes:.2f}x"
         size += "" if o.bytes is None else ")" if o.layer_ratio is None else f"; layers {o.layer_ratio:.3f}x)"
-        speed = "" if o.ms is None else f"{o.ms:.1f}" + (f" ({o.ms / bf16_ms:.2f}x)" if bf16_ms else "")
+        speed = "" if o.ms is None else f"{o.ms:.1f} ({o.ms_ratio:.2f}x)"
         acc = [f"{100 * o.metrics['val/acc']:.2f}%"] if has_acc else []
         rows.append([f"`{o.row.name}`", o.row.what, f"{loss:.4f}", *acc, gap, recovered, size, speed])
     header = ["row", "what", "val loss", *(["val acc"] if has_acc else []), "gap to BF16 ref", "PTQ INT4 gap recovered"]
