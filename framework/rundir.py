@@ -17,7 +17,7 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 
-__all__ = ["RUN_FILES", "RunLock", "check_run_dir", "pid_alive", "resume_command", "run_dir_of"]
+__all__ = ["RUN_FILES", "RunLock", "check_run_dir", "checkpoint_and_run", "pid_alive", "resume_command", "run_dir_of"]
 
 RUN_FILES = ("config.yaml", "checkpoints", "csv")
 """What makes a directory hold a run (Hydra's own ``.hydra/`` and ``train.log`` do not)."""
@@ -32,6 +32,24 @@ def run_dir_of(resume: str) -> Path | None:
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
         return path.parent.parent
     return None
+
+
+def checkpoint_and_run(source: str | Path, why: str) -> tuple[Path, Path]:
+    """(checkpoint file, run directory) of a checkpoint in a run's ``checkpoints/`` or of a run directory
+    (its ``checkpoints/last.ckpt``), or one LowbitError; ``why`` says what the run's config.yaml is for."""
+    path = Path(source).expanduser()
+    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
+    if not ckpt.is_file():
+        raise LowbitError(
+            f"no checkpoint at {ckpt}; give a .ckpt file in a run's checkpoints/ or a run directory with checkpoints/last.ckpt"
+        )
+    run_dir = run_dir_of(str(path))
+    if run_dir is None or not (run_dir / "config.yaml").is_file():
+        raise LowbitError(
+            f"{source} belongs to no run directory with a config.yaml (RUN/checkpoints/*.ckpt beside RUN/config.yaml); "
+            f"{why}"
+        )
+    return ckpt, run_dir
 
 
 def check_run_dir(run_dir: Path, resume: str | None) -> None:

@@ -60,6 +60,7 @@ from lowbit.numerics import (
     unpack_int4,
 )
 from lowbit.quant.qat import FakeQuant, QATLinear, QATPrecision, qat_layers
+from lowbit.rundir import checkpoint_and_run
 
 __all__ = [
     "FORMAT",
@@ -338,24 +339,7 @@ class PackedLinear(nn.Module):
         )
 
 
-# ---- building the model from a run config --------------------------------------------------------------
-def _checkpoint_and_run(source: str | Path) -> tuple[Path, Path]:
-    """(checkpoint file, run directory) of a checkpoint or run directory, or one clear error."""
-    from lowbit.rundir import run_dir_of
-
-    path = Path(source).expanduser()
-    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if not ckpt.is_file():
-        raise LowbitError(f"no checkpoint at {ckpt}; give a .ckpt file or a run directory with checkpoints/last.ckpt")
-    run_dir = run_dir_of(str(ckpt))
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        raise LowbitError(
-            f"{ckpt} is not in a run directory (RUN/checkpoints/*.ckpt beside RUN/config.yaml); export rebuilds "
-            "the model from the run's config.yaml"
-        )
-    return ckpt, run_dir
-
-
+# ---- reading a run's checkpoint ---------------------------------------------------------------------
 def _read_state_dict(ckpt: Path) -> tuple[dict[str, torch.Tensor], int | None]:
     try:
         payload = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
@@ -436,7 +420,7 @@ def _prepare(source: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any
     from lowbit.registry import registry
     from lowbit.run import build_task
 
-    ckpt, run_dir = _checkpoint_and_run(source)
+    ckpt, run_dir = checkpoint_and_run(source, "export rebuilds the model from the run's config.yaml")
     config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     precision_cfg = dict(config.get("precision") or {})
     precision = registry.build("precision", precision_cfg, device_type="cpu")

@@ -47,6 +47,7 @@ from torch import nn
 from lowbit.errors import LowbitError
 from lowbit.numerics import QuantSpec, block_layout, fake_quantize, get_format, quantize
 from lowbit.quant.qat import FakeQuant, QATLinear, QATPrecision, qat_layers
+from lowbit.rundir import checkpoint_and_run
 
 __all__ = [
     "ADAROUND_ITERS",
@@ -370,26 +371,7 @@ def _calibration_inputs(data: Any, count: int, device: torch.device) -> list[tor
     return batches
 
 
-# ---- checkpoints and run directories ------------------------------------------------------------------
-def _source_paths(source: str | Path) -> tuple[Path, Path]:
-    """(checkpoint file, run directory) of a checkpoint or run directory; one line if either is missing."""
-    from lowbit.rundir import run_dir_of
-
-    path = Path(source).expanduser()
-    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if not ckpt.is_file():
-        raise LowbitError(
-            f"no checkpoint at {ckpt}; give a .ckpt file in a run's checkpoints/ or a run directory with checkpoints/last.ckpt"
-        )
-    run_dir = run_dir_of(str(path))
-    if run_dir is None or not (run_dir / "config.yaml").is_file():
-        raise LowbitError(
-            f"{source} belongs to no run directory with a config.yaml; give a checkpoint inside a run's checkpoints/ "
-            "(the model is rebuilt from the run's config)"
-        )
-    return ckpt, run_dir
-
-
+# ---- the presets PTQ fills ---------------------------------------------------------------------------
 def _ptq_presets() -> list[str]:
     from lowbit.registry import registry
 
@@ -479,7 +461,7 @@ def quantize_checkpoint(
     from lowbit.run import build, load_weights
 
     _check_options(method, ranges, calibration, iters, val_batches)
-    ckpt_path, run_dir = _source_paths(source)
+    ckpt_path, run_dir = checkpoint_and_run(source, "the model is rebuilt from the run's config")
     out = Path(out).expanduser() if out is not None else run_dir.with_name(f"{run_dir.name}-ptq-{method}")
     _check_out(out)
     node = _precision_node(list(precision_overrides))

@@ -2,12 +2,10 @@
 
 import math
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, assume, given, settings
-from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
+from strategies import matrices
 
 from lowbit.errors import LowbitError
 from lowbit.numerics import (
@@ -24,25 +22,12 @@ from lowbit.numerics import (
 MX_PRESETS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4"]
 
 
-def _matrices(cols=64, max_rows=4):
-    """float32 (rows, cols) arrays over a wide dynamic range, each row with its own magnitude."""
-    values = hnp.arrays(
-        np.float32,
-        st.tuples(st.integers(1, max_rows), st.just(cols)),
-        elements=st.floats(-4.0, 4.0, width=32, allow_nan=False, allow_infinity=False),
-    )
-    exponents = st.lists(st.integers(-40, 40), min_size=max_rows, max_size=max_rows)
-    return st.builds(
-        lambda a, e: torch.from_numpy(a) * torch.exp2(torch.tensor(e[: a.shape[0]]).float())[:, None], values, exponents
-    )
-
-
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 @pytest.mark.parametrize("preset", MX_PRESETS)
 @PROPERTY
-@given(x=_matrices())
+@given(x=matrices())
 def test_mx_fake_quantize_is_idempotent(preset, x):
     once = fake_quantize(x, preset)
     assert torch.equal(fake_quantize(once, preset), once)
@@ -57,7 +42,7 @@ def _half_ulp(values: torch.Tensor, fmt) -> torch.Tensor:
 
 @pytest.mark.parametrize("preset", MX_PRESETS + ["nvfp4", "nvfp4_2d", "fp8_e4m3_tensor", "fp8_e5m2_tensor"])
 @PROPERTY
-@given(x=_matrices(cols=64, max_rows=16))
+@given(x=matrices(cols=64, max_rows=16))
 def test_rne_error_is_at_most_half_an_ulp_times_the_scale(preset, x):
     spec = QuantSpec.preset(preset)
     if spec.block == (16, 16):
@@ -84,7 +69,7 @@ def test_rne_error_is_at_most_half_an_ulp_times_the_scale(preset, x):
 
 
 @PROPERTY
-@given(x=_matrices(cols=64, max_rows=16))
+@given(x=matrices(cols=64, max_rows=16))
 def test_nvfp4_is_a_projection_onto_its_own_grid(x):
     """NVFP4 fake-quantization is idempotent only up to float32 rounding (see the next test);
     what holds exactly: re-encoding fq(x) with q's own scales gives q back. Codes can differ only

@@ -6,13 +6,12 @@ operands."""
 import math
 import re
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from hypothesis.extra import numpy as hnp
+from strategies import matrices
 from torch import nn
 
 from lowbit.errors import LowbitError
@@ -33,19 +32,6 @@ MINMAX_SPECS = {
     "nvfp4": "nvfp4",
     "mxfp4": "mxfp4",
 }
-
-
-def _matrices(cols=64, max_rows=4):
-    """float32 (rows, cols) arrays, zeros included, each row scaled by its own 2^e, e in [-40, 40]."""
-    values = hnp.arrays(
-        np.float32,
-        st.tuples(st.integers(1, max_rows), st.just(cols)),
-        elements=st.floats(-4.0, 4.0, width=32, allow_nan=False, allow_infinity=False),
-    )
-    exponents = st.lists(st.integers(-40, 40), min_size=max_rows, max_size=max_rows)
-    return st.builds(
-        lambda a, e: torch.from_numpy(a) * torch.exp2(torch.tensor(e[: a.shape[0]]).float())[:, None], values, exponents
-    )
 
 
 def _adversarial() -> dict[str, torch.Tensor]:
@@ -77,7 +63,7 @@ def _exact(actual: torch.Tensor, expected: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("spec", MINMAX_SPECS.values(), ids=MINMAX_SPECS.keys())
 @PROPERTY
-@given(x=_matrices())
+@given(x=matrices())
 def test_minmax_is_fake_quantize(spec, x):
     _exact(FakeQuant(spec)(x), fake_quantize(x, spec))
 
@@ -101,7 +87,7 @@ _LEARNED = {"int4 g32": INT4_G32, "int8 row": INT8_ROW, "int8 tensor": INT8_TENS
 
 @pytest.mark.parametrize("spec", _LEARNED.values(), ids=_LEARNED.keys())
 @PROPERTY
-@given(x=_matrices(), data=st.data())
+@given(x=matrices(), data=st.data())
 def test_lsq_is_fake_quantize_with_its_learned_scales(spec, x, data):
     fq = FakeQuant(spec, "lsq", shape=tuple(x.shape), learn_zero_point=get_spec(spec).asymmetric)
     n = fq.scale.numel()
