@@ -10,7 +10,8 @@ sources (``mode``):
           torchao's ``FakeQuantizer``; any spec, FP4 (NVFP4, MXFP4) included.
   lsq     learned step sizes (Esser et al. 2020, "Learned Step Size Quantization"): the scales are
           ``nn.Parameter``s, and optionally the zero points (LSQ+, Bhalgat et al. 2020); initialized
-          from the data at the first forward; integer formats with FP32 scales.
+          from the data at the first training forward (before it, an evaluation rounds with min/max
+          scales and keeps nothing); integer formats with FP32 scales.
   static  fixed scales: calibrated as the running absmax over the first ``calibration_steps``
           forwards (static per-tensor activations), or set by post-training quantization (MSE
           ranges, AdaRound), then frozen.
@@ -249,6 +250,8 @@ class FakeQuant(nn.Module):
             return _StraightThrough.apply(x, self.spec)
         if self.mode == "static" and self.training and int(self.observed) < self.calibration_steps:
             self._calibrate(x)
+        elif not bool(self.initialized) and not self.training:  # evaluated before its first training batch (the
+            return _StraightThrough.apply(x, self.spec)  # sanity check): min/max scales, and no validation data kept
         elif not bool(self.initialized) and x.detach().any():  # an all-zero tensor (a zero-initialised weight:
             self.init_from(x)  # adaLN-Zero, a zero head) rounds to itself on any scale: init from the first nonzero one
         zero_point = getattr(self, "zero_point", None) if self.spec.asymmetric else None

@@ -151,9 +151,10 @@ def test_static_calibrates_a_running_absmax_then_freezes():
     assert float(fq.amax) == 3.0 and int(fq.observed) == 2
     _exact(fq.current_scale().detach(), quantize(torch.tensor([3.0]), INT8_TENSOR).scales.reshape(1))
     _exact(fq(torch.tensor([[10.0, -0.5]])), fake_quantize(torch.tensor([[10.0, -0.5]]), INT8_TENSOR, amax=3.0))
-    frozen = FakeQuant(INT8_TENSOR, "static", calibration_steps=2).eval()
-    frozen(torch.tensor([[5.0]]))  # evaluation does not calibrate: it initializes once from the data
-    assert int(frozen.observed) == 0 and float(frozen.amax) == 5.0
+    fresh = FakeQuant(INT8_TENSOR, "static", calibration_steps=2).eval()
+    x = torch.tensor([[5.0, -0.3]])
+    _exact(fresh(x), fake_quantize(x, INT8_TENSOR))  # evaluated before training (the sanity check): min/max
+    assert int(fresh.observed) == 0 and float(fresh.amax) == 0.0 and not bool(fresh.initialized)  # nothing kept
 
 
 # ---- gradients ---------------------------------------------------------------------------------------
