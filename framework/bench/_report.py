@@ -4,10 +4,12 @@ training a config once."""
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import platform
 import shutil
+import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -15,7 +17,7 @@ from omegaconf import DictConfig
 
 from lowbit.compare import markdown_table
 
-__all__ = ["device_name", "finished_val_loss", "markdown_table", "train_once"]
+__all__ = ["device_name", "finished_val_loss", "markdown_table", "train_once", "write_report"]
 
 
 def device_name() -> str:
@@ -75,3 +77,14 @@ def train_once(overrides: Sequence[str], run_dir: Path, label: str, echo=print) 
     val_loss = train(composed, echo=lambda *_: None).metrics.get("val/loss", float("nan"))
     echo(f"[{label}] val/loss {val_loss:.4f} ({time.perf_counter() - start:.0f} s)")
     return val_loss
+
+
+def write_report(bench: str, argv: Sequence[str] | None, table: str, out: Path, plot: Callable[[Path], None]) -> None:
+    """``<out>/<bench>.md`` (the command, date and machine above ``table``) and ``<out>/<bench>.png`` (``plot``),
+    and both printed: what every ``lowbit bench`` writes."""
+    command = f"lowbit bench {bench} " + " ".join(argv if argv is not None else sys.argv[3:])
+    text = f"`{command.strip()}` — {dt.date.today()}, {device_name()}\n\n{table}\n"
+    (out / f"{bench}.md").write_text(text)
+    plot(out / f"{bench}.png")
+    print(text)
+    print(f"table: {out / f'{bench}.md'} | plot: {out / f'{bench}.png'}")

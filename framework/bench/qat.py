@@ -26,7 +26,6 @@ its folder there, and a finished one is read back when the bench runs again.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import io
 import json
 import shutil
@@ -39,7 +38,7 @@ from typing import Any
 
 import torch
 
-from lowbit.bench._report import device_name, markdown_table, train_once
+from lowbit.bench._report import markdown_table, train_once, write_report
 from lowbit.errors import LowbitError
 
 __all__ = ["ROWS", "Row", "main"]
@@ -437,10 +436,5 @@ def main(argv: list[str] | None = None) -> int:
         start = time.perf_counter()
         outcomes.append(bench.run_row(ROWS[name], echo))
         echo(f"[{name}] val/loss {outcomes[-1].metrics['val/loss']:.4f} ({time.perf_counter() - start:.0f} s)")
-    command = "lowbit bench qat " + " ".join(argv if argv is not None else sys.argv[3:])
-    text = f"`{command.strip()}` — {dt.date.today()}, {device_name()}\n\n{table(outcomes)}\n"
-    (out / "qat.md").write_text(text)
-    plot(outcomes, out / "qat.png")
-    print(text)
-    print(f"table: {out / 'qat.md'} | plot: {out / 'qat.png'}")
+    write_report("qat", argv, table(outcomes), out, lambda path: plot(outcomes, path))
     return 0

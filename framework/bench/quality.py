@@ -17,7 +17,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lowbit.bench._report import device_name, train_once
+from lowbit.bench._report import train_once, write_report
 from lowbit.compare import format_gap, markdown_table, plot_curves
 from lowbit.experiment import load_run
 
@@ -163,10 +163,5 @@ def main(argv: list[str] | None = None) -> int:
         [f"recipe={args.recipe}", *args.overrides],
         echo=lambda m: print(m, file=sys.stderr),
     )
-    command = "lowbit bench quality " + " ".join(argv if argv is not None else sys.argv[3:])
-    text = f"`{command.strip()}` — {dt.date.today()}, {device_name()}\n\n{table(outcomes)}\n"
-    (out / "quality.md").write_text(text)
-    plot(outcomes, out / "quality.png")
-    print(text)
-    print(f"table: {out / 'quality.md'} | plot: {out / 'quality.png'}")
+    write_report("quality", argv, table(outcomes), out, lambda path: plot(outcomes, path))
     return 0
