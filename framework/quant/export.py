@@ -7,8 +7,10 @@ zero points), and stored as:
 
   int8, int5-int7        codes int8 (out, in)
   int2-int4, FP4 (E2M1)  codes packed two per byte, element 2i in the low nibble: uint8 (out, in/2)
-  integer scales         FP32 decode scales, ``block_layout``'s scale shape: (out, 1) per channel,
-                         (out, in/g) groups of g, (1, 1) per tensor; zero points int8, same shape
+  integer scales         decode scales, ``block_layout``'s scale shape: (out, 1) per channel,
+                         (out, in/g) groups of g, (1, 1) per tensor; FP16 where every one of a
+                         layer's is an FP16 value (learned with ``scale_dtype=fp16``), else FP32;
+                         zero points int8, same shape
   FP4 scales             the scale format's codes, uint8 (E4M3 for NVFP4, E8M0 for MXFP4), and
                          NVFP4's FP32 tensor scale
 
@@ -23,9 +25,10 @@ it; a tensor tied to another (an LM's embedding and head) once, the alias in the
 loads those tensors and puts a ``PackedLinear`` where each quantized layer was. Symmetric integer
 weights (per channel, group or tensor) with symmetric int8 inputs per token or tensor run integer
 GEMMs: ``torch._int_mm`` (int8 x int8 -> int32, exact) per weight group, each scaled by its group's
-weight scales and summed, then by the token scales, y = sx * sum_g (xq_g wq_gᵀ) * sw_g + b; every
-other layer (weight-only, FP4, asymmetric, RHT) dequantizes its weight with ``dequantize`` and runs
-an FP32 GEMM on the inputs fake-quantized as in training. The inputs are quantized by the same
+weight scales and summed, then by the token scales, y = sx * sum_g (xq_g wq_gᵀ) * sw_g + b (by default
+only for one scale per row or tensor: per group, unpacking is faster on CPU); every other layer
+(grouped, weight-only, FP4, asymmetric, RHT) dequantizes its weight with ``dequantize`` and runs an
+FP32 GEMM on the inputs fake-quantized as in training. The inputs are quantized by the same
 numerics call with the same scales as the QAT model's input quantizer, so the exported model's
 evaluation equals the fake-quantized model's evaluated in FP32 (``precision.mode=fp32``) to float
 rounding (validation loss to 1e-4 relative): the integer GEMMs sum exactly where FP32 rounds.
@@ -227,8 +230,10 @@ class PackedLinear(nn.Module):
             q = quantize(weight, wq.spec, scales=scales, zero_points=zero_points)
         codes = pack_fp4(q.codes) if packed.packed else q.codes
         packed.weight_codes = codes.contiguous()
-        if packed.weight_scales is not None:
-            packed.weight_scales = q.scales.float().contiguous()
+        if packed.weight_scales is not None:  # FP16 where every scale is one (learned with scale_dtype=fp16)
+            scales = q.scales.float().contiguous()
+            half = scales.to(torch.float16)
+            packed.weight_scales = half if torch.equal(half.float(), scales) else scales
         else:
             packed.weight_scale_codes = q.scale_codes.contiguous()
         if packed.weight_global_scale is not None:
@@ -525,6 +530,7 @@ def load_exported(path: str | Path) -> nn.Module:
     from lowbit.run import build_task
 
     task = build_task(manifest["config"])  # no precision conversion: the layers as the BF16 model has them
+    tensors = load_file(str(model_file))
     for name, entry in manifest["layers"].items():
         parent_name, _, attr = name.rpartition(".")
         try:
@@ -551,7 +557,9 @@ def load_exported(path: str | Path) -> nn.Module:
                 activation_mode="minmax" if activation is None else activation["mode"],
             ),
         )
-    tensors = load_file(str(model_file))
+        scales = tensors.get(f"{name}.weight_scales")
+        if scales is not None and scales.dtype == torch.float16:  # kept in FP16 in memory too
+            getattr(parent, attr).weight_scales = torch.ones_like(scales)
     tensors.update({alias: tensors[stored] for alias, stored in manifest.get("tied", {}).items()})
     try:
         task.load_state_dict(tensors, strict=True)

@@ -53,9 +53,10 @@ from lowbit.errors import LowbitError
 from lowbit.numerics import FLT_MAX, QuantSpec, block_layout, fake_quantize, get_format, get_spec, quantize
 from lowbit.quant.convert import DEFAULT_KEEP, ConversionReport, replace_linears
 
-__all__ = ["QUANTIZER_MODES", "FakeQuant", "QATLinear", "QATPrecision", "qat_layers"]
+__all__ = ["QUANTIZER_MODES", "SCALE_DTYPES", "FakeQuant", "QATLinear", "QATPrecision", "qat_layers"]
 
 QUANTIZER_MODES = ("minmax", "lsq", "static", "fixed")
+SCALE_DTYPES = ("fp32", "fp16")
 
 
 def _check_learnable(spec: QuantSpec, mode: str) -> None:
@@ -137,6 +138,8 @@ class FakeQuant(nn.Module):
         learn_zero_point: LSQ+: learn the zero points too (an asymmetric spec).
         calibration_steps: ``static`` without given scales: forwards whose absmax calibrates the scale.
         per_sample: the scales' gradient counts elements per sample (activations), not per scale.
+        scale_dtype: ``lsq``: ``fp16`` keeps the learned scales on FP16's grid (rounded to nearest in
+            the forward, the rounding straight-through), so an export stores them in 2 bytes exactly.
     """
 
     def __init__(
@@ -148,11 +151,17 @@ class FakeQuant(nn.Module):
         learn_zero_point: bool = False,
         calibration_steps: int = 0,
         per_sample: bool = False,
+        scale_dtype: str = "fp32",
     ) -> None:
         super().__init__()
         self.spec = get_spec(spec)
         if mode not in QUANTIZER_MODES:
             raise LowbitError(f"unknown quantizer mode '{mode}'; valid: {', '.join(QUANTIZER_MODES)}")
+        if scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+        if scale_dtype != "fp32" and mode != "lsq":
+            raise LowbitError(f"scale_dtype '{scale_dtype}' applies to learned scales (mode lsq), not mode '{mode}'")
+        self.scale_dtype = scale_dtype
         self.mode, self.per_sample, self.calibration_steps = mode, per_sample, int(calibration_steps)
         if learn_zero_point and (mode != "lsq" or not self.spec.asymmetric):
             raise LowbitError("learn_zero_point (LSQ+) needs mode lsq and an asymmetric integer spec")
@@ -203,6 +212,10 @@ class FakeQuant(nn.Module):
         if self.mode == "fixed":
             f = self.frac_bits
             return torch.exp2(-(f + (torch.round(f) - f).detach())).reshape(1)
+        if self.scale_dtype == "fp16":  # FP16's positive normal range, then its grid (straight-through)
+            fp16 = torch.finfo(torch.float16)
+            s = self.scale.abs().clamp(fp16.tiny, fp16.max)
+            return s + (s.to(torch.float16).float() - s).detach()
         return self.scale.abs().clamp_min(torch.finfo(torch.float32).tiny)
 
     @torch.no_grad()
@@ -343,6 +356,7 @@ class QATPrecision(AutocastPrecision):
         activation: the inputs' QuantSpec or None (weight-only), and ``activation_mode``.
         learn_zero_point: LSQ+ zero points for asymmetric specs in mode lsq.
         calibration_steps: static activation scales calibrate over this many training forwards.
+        scale_dtype: learned (lsq) weight scales in ``fp32`` or on FP16's grid (``fp16``: exported in 2 bytes).
         keep, keep_last_blocks: as the training precisions (``DEFAULT_KEEP``: the output layer stays).
         device_type, mode: the autocast of ``AutocastPrecision``.
     """
@@ -358,12 +372,16 @@ class QATPrecision(AutocastPrecision):
         activation_mode: str = "minmax",
         learn_zero_point: bool = False,
         calibration_steps: int = 0,
+        scale_dtype: str = "fp32",
         keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
         device_type: str | None = None,
         mode: str = "auto",
     ) -> None:
         super().__init__(device_type=device_type, mode=mode)
+        if scale_dtype not in SCALE_DTYPES:
+            raise LowbitError(f"precision.scale_dtype must be one of {', '.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+        self.scale_dtype = scale_dtype
         self.weight_spec = get_spec(weight)
         self.activation_spec = None if activation is None else get_spec(activation)
         self.weight_mode, self.activation_mode = weight_mode, activation_mode
@@ -379,7 +397,8 @@ class QATPrecision(AutocastPrecision):
 
     def _weight_quant(self, shape: tuple[int, int]) -> FakeQuant:
         zp = self.learn_zero_point and self.weight_spec.asymmetric and self.weight_mode == "lsq"
-        return FakeQuant(self.weight_spec, self.weight_mode, shape=shape, learn_zero_point=zp)
+        dtype = self.scale_dtype if self.weight_mode == "lsq" else "fp32"  # measured or stored scales stay FP32
+        return FakeQuant(self.weight_spec, self.weight_mode, shape=shape, learn_zero_point=zp, scale_dtype=dtype)
 
     def _input_quant(self) -> FakeQuant:
         spec = self.activation_spec

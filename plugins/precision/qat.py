@@ -69,7 +69,8 @@ class QATInt8Precision(_StrictQAT):
     """W8A8: INT8 per-channel weights; INT8 inputs per token (``dynamic``), per tensor (``static``,
     calibrated over ``calibration_steps`` forwards, or learned with ``lsq``), or ``none``.
     ``weight_mode`` overrides where the weight scales come from (``static``: stored, as
-    ``lowbit quantize`` writes them; default: ``lsq`` if lsq else ``minmax``)."""
+    ``lowbit quantize`` writes them; default: ``lsq`` if lsq else ``minmax``); ``scale_dtype=fp16`` keeps
+    learned scales on FP16's grid."""
 
     lowbit_plugin_api = 1
     name = "qat_int8"
@@ -80,6 +81,7 @@ class QATInt8Precision(_StrictQAT):
         activations: str = "dynamic",
         lsq: bool = False,
         weight_mode: str | None = None,
+        scale_dtype: str = "fp32",
         calibration_steps: int = 32,
         keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
@@ -96,6 +98,7 @@ class QATInt8Precision(_StrictQAT):
             activation=activation_spec,
             activation_mode=activation_mode,
             calibration_steps=calibration_steps,
+            scale_dtype=scale_dtype,
             keep=keep,
             keep_last_blocks=keep_last_blocks,
             device_type=device_type,
@@ -106,7 +109,9 @@ class QATInt8Precision(_StrictQAT):
 class QATInt4Precision(_StrictQAT):
     """W4A8 (torchao's 8da4w): ``bits``-bit weights in groups of ``group_size`` along the input dim,
     learned step sizes (``lsq``) and optionally zero points (``zero_point``, LSQ+); INT8 dynamic
-    per-token inputs, or ``activations=none`` for weight-only. ``weight_mode`` as qat_int8's."""
+    per-token inputs, or ``activations=none`` for weight-only. ``weight_mode`` as qat_int8's.
+    ``scale_dtype``: the learned scales on FP16's grid (default; an export stores 4.5 bits per weight
+    at groups of 32, 0.28x BF16) or ``fp32`` (5 bits per weight)."""
 
     lowbit_plugin_api = 1
     name = "qat_int4"
@@ -120,6 +125,7 @@ class QATInt4Precision(_StrictQAT):
         lsq: bool = True,
         zero_point: bool = False,
         weight_mode: str | None = None,
+        scale_dtype: str = "fp16",
         keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
         device_type: str | None = None,
@@ -135,6 +141,7 @@ class QATInt4Precision(_StrictQAT):
             weight_mode=weight_mode or ("lsq" if lsq else "minmax"),
             activation=_INT8_TOKEN if activations == "dynamic" else None,
             learn_zero_point=zero_point and lsq,
+            scale_dtype=scale_dtype,
             keep=keep,
             keep_last_blocks=keep_last_blocks,
             device_type=device_type,

@@ -33,7 +33,7 @@ def test_bench_runs_every_kind_of_row_and_reports_what_it_measured(tmp_path, cap
     bf16_bytes = manifest["bytes"]["model_bf16"]
     size = (out / "qat_int4" / "export" / "model.safetensors").stat().st_size
     assert f"({size / bf16_bytes:.2f}x; layers {manifest['bytes']['ratio']:.3f}x)" in _cells(printed, "qat_int4")[5]
-    assert manifest["bytes"]["ratio"] == pytest.approx((0.5 + 4 / 32) / 2)  # INT4 codes + FP32 scale per 32
+    assert manifest["bytes"]["ratio"] == pytest.approx((0.5 + 2 / 32) / 2)  # INT4 codes + an FP16 scale per 32
     for row in ("bf16", "ptq_int8", "qat_int8", "qat_int4", "torchao_int4"):
         ms, ratio = _cells(printed, row)[6].split()
         assert float(ms) > 0 and float(ratio.strip("(x)")) > 0

@@ -179,6 +179,27 @@ def test_lsq_gradients_are_the_papers_formula_by_hand():
     assert fq.scale.grad.item() == pytest.approx(ds, rel=1e-6)
 
 
+def test_fp16_learned_scales_round_to_fp16_and_pass_the_gradient_straight_through():
+    w = torch.randn(4, 64, generator=torch.Generator().manual_seed(3)) * 0.02
+    fq = FakeQuant(INT4_G32, "lsq", shape=(4, 64), scale_dtype="fp16")
+    fq.set_scales(torch.tensor([[0.1234567, 3e-9], [1e6, 0.002], [0.5, 0.75], [1e-3, 1e-4]]))
+    scale = fq.current_scale()
+    fp16 = torch.finfo(torch.float16)
+    want = fq.scale.detach().abs().clamp(fp16.tiny, fp16.max).half().float()  # FP16's normal range, then its grid
+    _exact(scale.detach(), want)
+    _exact(fq(w).detach(), fake_quantize(w, INT4_G32, scales=want))  # the forward rounds on those scales
+    twin = FakeQuant(INT4_G32, "lsq", shape=(4, 64))  # FP32 scales equal to the FP16 ones: the same gradient
+    twin.set_scales(want)
+    fq(w).square().sum().backward()
+    twin(w).square().sum().backward()
+    inside = (fq.scale.detach().abs() > fp16.tiny) & (fq.scale.detach().abs() < fp16.max)
+    _exact(fq.scale.grad[inside], twin.scale.grad[inside])
+    with pytest.raises(LowbitError, match="scale_dtype must be one of fp32, fp16, got 'bf16'"):
+        FakeQuant(INT4_G32, "lsq", shape=(4, 64), scale_dtype="bf16")
+    with pytest.raises(LowbitError, match="scale_dtype 'fp16' applies to learned scales"):
+        FakeQuant(INT4_G32, "minmax", scale_dtype="fp16")
+
+
 def test_lsq_plus_gradients_with_a_zero_point_by_hand():
     spec = {**INT4_TENSOR, "asymmetric": True}
     fq = FakeQuant(spec, "lsq", shape=(1, 4), learn_zero_point=True)
