@@ -167,3 +167,29 @@ def test_nan_and_inf_in_fp8_tensor_scaling():
     y = fake_quantize(x, "fp8_e4m3_tensor")
     assert y[0, 0].item() == 1.0 and math.isnan(y[0, 1].item()) and y[0, 2].item() == -2.0
     assert y[0, 3].item() == 448.0  # non-finite amax -> scale 1; Inf saturates
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=matrices(cols=64, max_rows=4))
+def test_given_scales_reproduce_the_measured_quantization_and_fake_quantize(x):
+    for spec in ({"element": "int4", "block": (1, 32)}, {"element": "int8", "block": "row"}, "int8_channel"):
+        measured = quantize(x, spec)
+        given = quantize(x, spec, scales=measured.scales)  # the measured scales, given back: the same codes
+        assert torch.equal(given.codes, measured.codes) and torch.equal(given.scales, measured.scales)
+        assert torch.equal(dequantize(given), fake_quantize(x, spec, scales=measured.scales))
+        halved = quantize(x, spec, scales=measured.scales / 2)  # other scales: codes of x / s, clamped
+        assert torch.equal(dequantize(halved), fake_quantize(x, spec, scales=measured.scales / 2))
+    asym = {"element": "int4", "block": (1, 32), "asymmetric": True}
+    measured = quantize(x, asym)
+    given = quantize(x, asym, scales=measured.scales, zero_points=measured.zero_points)
+    assert torch.equal(given.codes, measured.codes) and torch.equal(given.zero_points, measured.zero_points)
+
+
+def test_given_scales_must_fit_the_layout_and_the_spec():
+    x = torch.randn(4, 64)
+    with pytest.raises(LowbitError, match=r"scales= has 4 values; block \(1, 32\) over shape \(4, 64\) needs shape"):
+        quantize(x, {"element": "int4", "block": (1, 32)}, scales=torch.ones(4))
+    with pytest.raises(LowbitError, match="given scales= are FP32 decode scales"):
+        quantize(x, "nvfp4", scales=torch.ones(4, 4))
+    with pytest.raises(LowbitError, match="zero_points= need an asymmetric spec"):
+        quantize(x, {"element": "int4", "block": (1, 32)}, scales=torch.ones(4, 2), zero_points=torch.zeros(4, 2))
