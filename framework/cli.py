@@ -164,8 +164,10 @@ def _check_run_dirs(args, composed: list) -> None:
     """Before Hydra writes ``.hydra/`` anywhere: no run into a directory that holds another run."""
     from pathlib import Path
 
-    from lowbit.rundir import RUN_FILES, check_run_dir
+    from lowbit.rundir import RUN_FILES, check_run_dir, launched_worker
 
+    if launched_worker():  # a DDP worker: rank 0 checked the directory it joins
+        return
     if args.multirun:
         sweep = Path(str(composed[0].hydra.sweep.dir)) if composed and composed[0].hydra is not None else None
         if (

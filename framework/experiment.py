@@ -370,6 +370,19 @@ def _started(run_dir: Path) -> float:
     return (marker or run_dir).stat().st_mtime
 
 
+def _is_bf16_run_of(other: Any, wanted: str) -> bool:
+    """Whether a config read from disk is a BF16 run of the experiment ``wanted``; a foreign
+    ``config.yaml`` (another tool's, or one whose sections are not mappings) never is."""
+    if not isinstance(other, dict) or not isinstance(other.get("precision"), dict):
+        return False
+    if other["precision"].get("name") != "bf16":
+        return False
+    try:
+        return fingerprint(other) == wanted
+    except (LowbitError, AttributeError, KeyError, TypeError, ValueError):
+        return False
+
+
 def find_baseline(cfg: dict[str, Any], roots: Sequence[Path], exclude: Path | None = None) -> Path | None:
     """The run directory of a finished BF16 run of the same experiment (same ``fingerprint``)
     under ``roots``, searched recursively: the one with the same seed if any, else the newest;
@@ -384,7 +397,7 @@ def find_baseline(cfg: dict[str, Any], roots: Sequence[Path], exclude: Path | No
             other = read_config(run_dir)
         except (LowbitError, OSError, yaml.YAMLError, ValueError):
             continue  # half-written or foreign; not a baseline
-        if (other.get("precision") or {}).get("name") != "bf16" or fingerprint(other) != wanted:
+        if not _is_bf16_run_of(other, wanted):
             continue
         try:
             run = load_run(run_dir)

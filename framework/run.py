@@ -6,6 +6,7 @@ The resolved config is saved as ``<run_dir>/config.yaml`` and logged to every lo
 
 from __future__ import annotations
 
+import contextlib
 import math
 import sys
 from collections.abc import Mapping
@@ -19,7 +20,7 @@ from lowbit.config import Composed, one_line, plain, to_yaml
 from lowbit.errors import LowbitError
 from lowbit.models.base import count_parameters
 from lowbit.registry import call_with_options, registry
-from lowbit.rundir import RunLock, check_run_dir, resume_command, run_dir_of
+from lowbit.rundir import RunLock, check_run_dir, launched_worker, resume_command, run_dir_of
 
 __all__ = ["RunResult", "build", "build_task", "init_weights", "load_weights", "resolve_checkpoint", "train"]
 
@@ -66,7 +67,8 @@ def _run_dir(composed: Composed) -> Path:
             "this config has no run directory; compose it with lowbit.config.compose or run it with train"
         )
     path = composed.run_dir
-    check_run_dir(path, composed.cfg.resume)
+    if not launched_worker():  # a DDP worker joins the directory rank 0 checked and made
+        check_run_dir(path, composed.cfg.resume)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -307,6 +309,9 @@ def train(composed: Composed, echo=print) -> RunResult:
     from lowbit.logging import build_loggers, tags, wandb_run_id
 
     cfg = composed.cfg
+    worker = launched_worker()
+    if worker:  # rank 0 says it all
+        echo = lambda *_: None  # noqa: E731
     _seed(int(cfg.seed))
     built = build(cfg)
     resume = resolve_checkpoint(cfg.resume, built.task.state_dict(), notice=echo) if cfg.resume else None
@@ -326,24 +331,25 @@ def train(composed: Composed, echo=print) -> RunResult:
     against = BaselineLoss(config, baseline_roots(run_dir), run_dir)
     trainer = _trainer(built, loggers, [*_callbacks(cfg, ckpt_dir, echo), against], run_dir)
 
-    # the run is valid: from here on it writes into its directory, which it holds alone
-    with RunLock(run_dir, notice=echo):
-        return _fit(composed, built, trainer, loggers, against, run_dir, resume, echo)
+    # the run is valid: from here on it writes into its directory, which it (rank 0 and its workers) holds alone
+    with contextlib.nullcontext() if worker else RunLock(run_dir, notice=echo):
+        return _fit(composed, built, trainer, loggers, against, run_dir, resume, echo, worker)
 
 
-def _fit(composed, built, trainer, loggers, against, run_dir, resume, echo) -> RunResult:
+def _fit(composed, built, trainer, loggers, against, run_dir, resume, echo, worker=False) -> RunResult:
     import torch
 
     from lowbit.errors import Preempted
     from lowbit.logging import describe, finish, trim_csv
 
     cfg, config, ckpt_dir = composed.cfg, plain(composed.cfg), run_dir / "checkpoints"
-    if resume:  # continuing in place: the rows after the checkpoint's step are logged again
+    if resume and not worker:  # continuing in place: the rows after the checkpoint's step are logged again
         step = int(torch.load(resume, map_location="cpu", mmap=True, weights_only=False)["global_step"])
         for log in (run_dir / "csv" / "metrics.csv", run_dir / "health.csv"):
             trim_csv(log, step)
-    _write_hydra_files(composed, run_dir)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    if not worker:
+        _write_hydra_files(composed, run_dir)
+        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     ckpt_dir.mkdir(exist_ok=True)
     for lg in loggers:
         lg.log_hyperparams({**config, "recipe": composed.recipe, "choices": composed.choices})

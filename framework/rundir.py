@@ -17,7 +17,16 @@ from pathlib import Path
 
 from lowbit.errors import LowbitError
 
-__all__ = ["RUN_FILES", "RunLock", "check_run_dir", "checkpoint_and_run", "pid_alive", "resume_command", "run_dir_of"]
+__all__ = [
+    "RUN_FILES",
+    "RunLock",
+    "check_run_dir",
+    "checkpoint_and_run",
+    "launched_worker",
+    "pid_alive",
+    "resume_command",
+    "run_dir_of",
+]
 
 RUN_FILES = ("config.yaml", "checkpoints", "csv")
 """What makes a directory hold a run (Hydra's own ``.hydra/`` and ``train.log`` do not)."""
@@ -32,6 +41,14 @@ def run_dir_of(resume: str) -> Path | None:
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
         return path.parent.parent
     return None
+
+
+def launched_worker() -> bool:
+    """Whether a distributed launcher started this process beside rank 0 (Lightning's DDP subprocesses set
+    ``LOCAL_RANK``; torchrun ``RANK``; multi-node ``NODE_RANK``; ``srun`` ``SLURM_PROCID``): it trains in rank
+    0's run directory, which rank 0 checks, locks and writes."""
+    names = ("RANK", "LOCAL_RANK", "NODE_RANK", "SLURM_PROCID")
+    return any(int(os.environ.get(name, "0") or 0) > 0 for name in names)
 
 
 def checkpoint_and_run(source: str | Path, why: str) -> tuple[Path, Path]:

@@ -199,6 +199,13 @@ def test_find_baseline_matches_the_experiment_not_the_group(tmp_path):
     assert find_baseline(_with(seed=7), [runs]) == newer  # no same seed: the newest
     assert find_baseline(_with(**bf16), [runs], exclude=older) == newer  # never the run itself
     assert find_baseline(quant, [tmp_path / "elsewhere"]) is None
+    # another tool's config.yaml (sections that are strings, or a list) is skipped, not an error
+    for i, foreign in enumerate(
+        ({"precision": "bf16", "model": "gpt"}, ["a", "b"], {"precision": {"name": "bf16"}, "model": 3})
+    ):
+        (runs / "foreign" / str(i)).mkdir(parents=True)
+        (runs / "foreign" / str(i) / "config.yaml").write_text(yaml.safe_dump(foreign))
+    assert find_baseline(quant, [runs]) == older
 
 
 def test_baseline_roots_are_the_runs_folder_beside_the_run(tmp_path, monkeypatch):

@@ -173,3 +173,20 @@ def test_init_from_a_missing_or_mismatched_checkpoint_is_one_line_naming_path_an
         build(compose([*SMOKE, f"init_from={tmp_path / 'junk.ckpt'}"]).cfg)
     with pytest.raises(LowbitError, match="init_from and resume are both set"):
         build(compose([*SMOKE, f"init_from={missing}", f"resume={missing}"]).cfg)
+
+
+@pytest.mark.parametrize("variable", ["LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID"])
+def test_a_launched_worker_joins_rank_zeros_run_directory(tmp_path, monkeypatch, variable):
+    from lowbit.run import _run_dir
+    from lowbit.rundir import launched_worker
+
+    composed = compose([*SMOKE, f"hydra.run.dir={tmp_path}"])
+    (tmp_path / "config.yaml").write_text("rank 0 wrote this\n")  # rank 0 has made the run directory
+    for name in ("LOCAL_RANK", "RANK", "NODE_RANK", "SLURM_PROCID"):
+        monkeypatch.delenv(name, raising=False)
+    assert not launched_worker()
+    with pytest.raises(LowbitError, match="already holds a run"):  # rank 0 (or a lone run) checks
+        _run_dir(composed)
+    monkeypatch.setenv(variable, "1")  # a DDP subprocess (Lightning), a torchrun rank, a second node, srun
+    assert launched_worker() and _run_dir(composed) == tmp_path  # it joins, and writes nothing of its own
+    assert (tmp_path / "config.yaml").read_text() == "rank 0 wrote this\n"
