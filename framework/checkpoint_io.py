@@ -29,10 +29,20 @@ from lowbit.rundir import pid_alive
 __all__ = [
     "CheckpointUnreadable",
     "DurableCheckpointIO",
+    "checkpoint_step",
     "choose_checkpoint",
+    "is_sharded",
+    "load_checkpoint",
     "previous_path",
+    "read_sharded",
     "verify_checkpoint",
+    "write_sharded",
+    "write_unsharded",
 ]
+
+SHARDED_META = "meta.pt"
+"""The file beside the shards of a ``ModelParallelStrategy`` (FSDP2) checkpoint folder holding
+everything but the model and optimizer state: step, loops, callbacks, schedulers, precision state."""
 
 _STEP_FILE = re.compile(r"step-(\d+)\.ckpt")
 _TEMP_FILE = re.compile(r"\.(?P<name>.+)\.(?:tmp|prev-tmp)-(?P<pid>\d+)")
@@ -92,6 +102,8 @@ class DurableCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
             if self.keep_previous and path.is_file():
                 _keep_previous(path)
+            elif is_sharded(path):  # an FSDP2 run's folder, continued by fewer processes: kept as .prev
+                _set_aside(path)
             os.replace(temp, path)  # the step that makes the new checkpoint the checkpoint
         except BaseException as err:
             with contextlib.suppress(OSError):
@@ -130,6 +142,16 @@ def _keep_previous(path: Path) -> None:
                 temp.unlink()
             raise
     os.replace(temp, previous)
+
+
+def _set_aside(path: Path) -> None:
+    """A sharded checkpoint folder at ``path`` renamed to ``<stem>.prev.ckpt`` (what was there removed)."""
+    previous = previous_path(path)
+    if previous.is_dir():
+        shutil.rmtree(previous)
+    elif previous.exists():
+        previous.unlink()
+    os.replace(path, previous)
 
 
 def _remove_stale_temps(path: Path) -> None:
@@ -205,8 +227,97 @@ def verify_checkpoint(path: str | Path, expected_state: Mapping[str, torch.Tenso
     return _verify(Path(path), expected_state, label=str(path))
 
 
+def is_sharded(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint: a folder ``torch.distributed.checkpoint`` wrote
+    (FSDP2 under ``trainer.strategy=fsdp``; one shard file per process, ``.metadata`` and ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def read_sharded(path: str | Path) -> dict[str, Any]:
+    """A sharded checkpoint as the one-file Lightning checkpoint of the same state, on CPU: the
+    shards gathered into full tensors (``state_dict``), each optimizer's state re-keyed from
+    parameter names to the indices ``torch.optim`` uses (``optimizer_states``), ``meta.pt``'s
+    step, loops, callbacks and precision state as they are. Resumes and ``lowbit export`` read
+    it in one process whatever the number of processes that wrote it."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    path = Path(path)
+    if not (path / SHARDED_META).is_file():
+        raise CheckpointUnreadable(path, f"a sharded checkpoint without its {SHARDED_META} (a save cut short)")
+    meta = _load(path / SHARDED_META)
+    with tempfile.TemporaryDirectory(prefix="lowbit-unshard-") as tmp:
+        try:
+            dcp_to_torch_save(path, Path(tmp) / "full.pt")
+        except Exception as err:
+            raise CheckpointUnreadable(path, f"its shards do not read ({type(err).__name__})") from err
+        shards = _load(Path(tmp) / "full.pt")
+    optimizers = sorted((k for k in shards if k.startswith("optimizer_")), key=lambda k: int(k.split("_")[1]))
+    return {
+        **meta,
+        "state_dict": shards["state_dict"],
+        "optimizer_states": [_indexed_optimizer_state(shards[k]) for k in optimizers],
+    }
+
+
+def _indexed_optimizer_state(state: Mapping[str, Any]) -> dict[str, Any]:
+    """An optimizer state keyed by parameter names (``get_optimizer_state_dict``) as ``torch.optim``'s
+    ``state_dict()``: parameters numbered 0, 1, ... in the order of the param groups' lists."""
+    index: dict[str, int] = {}
+    groups = []
+    for group in state["param_groups"]:
+        params = [index.setdefault(name, len(index)) for name in group["params"]]
+        groups.append({**group, "params": params})
+    return {"state": {index[name]: value for name, value in state["state"].items()}, "param_groups": groups}
+
+
+def write_unsharded(path: str | Path, out: str | Path) -> Path:
+    """``read_sharded(path)`` saved as one checkpoint file ``out`` (what a one-process or DDP run resumes)."""
+    torch.save(read_sharded(path), out)
+    return Path(out)
+
+
+def write_sharded(path: str | Path, task: Any, out: str | Path) -> Path:
+    """A one-file checkpoint as the sharded folder an FSDP2 run loads (``out``), written by this one
+    process: the full tensors, each resharded on load to the run's world size; the optimizer state
+    re-keyed from indices to parameter names through an optimizer ``task`` configures (the same
+    parameter order the saving run had); the rest as ``meta.pt``."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    checkpoint = dict(_load(Path(path)))
+    converted: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
+    for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+        configured = task.configure_optimizers()
+        optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+        optimizer.load_state_dict(state)
+        options = StateDictOptions(full_state_dict=True)
+        converted[f"optimizer_{i}"] = get_optimizer_state_dict(task, optimizer, options=options)
+    out = Path(out)
+    dcp.save(converted, checkpoint_id=out, no_dist=True)
+    torch.save(checkpoint, out / SHARDED_META)
+    return out
+
+
+def checkpoint_step(path: str | Path) -> int:
+    """The ``global_step`` a checkpoint (one file or sharded) was saved at, without reading its tensors."""
+    path = Path(path)
+    meta = _load(path / SHARDED_META) if is_sharded(path) else _load(path)
+    return int(meta["global_step"])
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Any checkpoint ``train`` writes, one file or sharded, as one dict (CPU, memory-mapped files)."""
+    path = Path(path)
+    if is_sharded(path):
+        return read_sharded(path)
+    return torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+
+
 def _verify(path: Path, expected_state: Mapping[str, torch.Tensor] | None, label: str) -> dict[str, Any]:
-    checkpoint = _load(path)
+    checkpoint = read_sharded(path) if is_sharded(path) else _load(path)
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "global_step" not in checkpoint:
         keys = (
             ", ".join(sorted(map(str, checkpoint))[:6]) if isinstance(checkpoint, dict) else type(checkpoint).__name__

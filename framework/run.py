@@ -89,12 +89,12 @@ def _write_hydra_files(composed: Composed, run_dir: Path) -> None:
 def resolve_checkpoint(resume: str, expected_state=None, notice=print) -> str:
     """A checkpoint file, or a run directory whose ``checkpoints/last.ckpt`` to use; it is verified
     (readable, the same model), and an unreadable one falls back to the previous good one."""
-    from lowbit.checkpoint_io import choose_checkpoint, previous_path
+    from lowbit.checkpoint_io import choose_checkpoint, is_sharded, previous_path
 
     path = Path(resume).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file() and not previous_path(path).is_file():
+    if not path.is_file() and not previous_path(path).is_file() and not is_sharded(path):
         raise LowbitError(
             f"resume={resume}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt"
         )
@@ -150,7 +150,8 @@ def build(cfg: DictConfig) -> Built:
     precision = registry.build("precision", plain(cfg.precision), device_type=device_type)
     data = registry.build("data", plain(cfg.data), seed=int(cfg.seed))
     task = build_task(plain(cfg))
-    _check_strategy(precision, trainer_cfg)
+    _check_devices(trainer_cfg)
+    trainer_cfg["strategy"] = _strategy(precision, task, trainer_cfg, device_type)
     precision.convert_module(task)  # now, so a bad layer shape is reported before training; Lightning's call is a no-op
     if cfg.get("init_from"):
         if cfg.get("resume"):
@@ -173,15 +174,17 @@ def init_weights(task: Any, source: str) -> None:
     Optimizer, step and scheduler start fresh."""
     import torch
 
+    from lowbit.checkpoint_io import is_sharded, load_checkpoint
+
     path = Path(source).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not is_sharded(path):
         path = path / "checkpoints" / "last.ckpt"
-    if not path.is_file():
+    if not path.is_file() and not is_sharded(path):
         raise LowbitError(
             f"init_from={source}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt"
         )
     try:
-        ckpt = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+        ckpt = load_checkpoint(path)
     except Exception as err:
         raise LowbitError(f"init_from={source}: cannot read {path} as a checkpoint: {one_line(err)}") from err
     state = ckpt.get("state_dict", ckpt) if isinstance(ckpt, dict) else None
@@ -212,16 +215,80 @@ def load_weights(task: Any, state: dict[str, Any], what: str, quantizers: bool =
     task.load_state_dict({k: v for k, v in weights.items() if k in own}, strict=False)
 
 
-_QUANT_STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device")
+FSDP_NAMES = ("fsdp", "fsdp2", "model_parallel")
+"""``trainer.strategy`` names that mean FSDP2: Lightning's ``ModelParallelStrategy`` (data parallel over
+every process, no tensor parallelism), each block sharded by the task's ``configure_model``."""
+
+_REFUSED = {
+    "deepspeed": "DeepSpeed wraps the model's layers and brings its own mixed precision, bypassing lowbit's "
+    "quantized layers and precision plugins",
+    "fsdp_cpu_offload": "Lightning's fsdp_cpu_offload is FSDP1, which flattens parameters and bypasses the "
+    "quantized layers; use trainer.strategy=fsdp (FSDP2)",
+    "xla": "lowbit's precision plugins and kernels run on CPU and CUDA, not XLA",
+}
 
 
-def _check_strategy(precision: Any, trainer_cfg: dict[str, Any]) -> None:
-    """Quantized precision plugins convert modules before sharding; strategies that wrap the model's
-    layers themselves (DeepSpeed, FSDP1) would bypass QuantLinear."""
-    strategy = str(trainer_cfg.get("strategy", "auto"))
-    if getattr(precision, "recipe", None) is not None and strategy not in _QUANT_STRATEGIES:
+def _check_devices(trainer_cfg: dict[str, Any]) -> None:
+    devices, nodes = trainer_cfg.get("devices", "auto"), trainer_cfg.get("num_nodes", 1)
+    ok = devices in ("auto", -1, "-1") or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list)
+    if isinstance(devices, str) and devices.isdigit():
+        ok = int(devices) >= 1
+    if not ok:
         raise LowbitError(
-            f"precision '{precision.name}' does not work with trainer.strategy={strategy}; use one of {', '.join(_QUANT_STRATEGIES)}"
+            f"trainer.devices must be a number of processes of at least 1 (or auto, or a list of device ids), got {devices!r}"
+        )
+    if not (isinstance(nodes, int) and nodes >= 1):
+        raise LowbitError(f"trainer.num_nodes must be an integer of at least 1, got {nodes!r}")
+
+
+def _world_size(trainer_cfg: dict[str, Any], device_type: str) -> int:
+    """Processes the run will start: devices per node times nodes (``auto``: the GPUs visible, one CPU process)."""
+    import torch
+
+    devices = trainer_cfg.get("devices", "auto")
+    if isinstance(devices, list):
+        per_node = len(devices)
+    elif devices in ("auto", -1, "-1"):
+        per_node = torch.cuda.device_count() if device_type == "cuda" else 1
+    else:
+        per_node = int(devices)
+    return per_node * int(trainer_cfg.get("num_nodes", 1))
+
+
+def _strategy(precision: Any, task: Any, trainer_cfg: dict[str, Any], device_type: str) -> Any:
+    """``trainer.strategy`` as the Trainer takes it: a Lightning name, or for ``fsdp`` a
+    ``ModelParallelStrategy`` (FSDP2); a name Lightning lacks, or a strategy that would bypass the
+    quantized layers, is one line naming why."""
+    from lightning.pytorch.strategies import StrategyRegistry
+
+    strategy = trainer_cfg.get("strategy", "auto")
+    if not isinstance(strategy, str):
+        return strategy  # an object built from a _target_: the user's choice, as Lightning takes it
+    name = strategy.lower()
+    if name in FSDP_NAMES:
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        world = _world_size(trainer_cfg, device_type)
+        _check_shardable(task, world)
+        return ModelParallelStrategy(data_parallel_size=world, tensor_parallel_size=1)
+    known = ("auto", *StrategyRegistry.available_strategies())
+    if name not in known:
+        names = ", ".join(["auto", "ddp", "ddp_spawn", "fsdp", "single_device"])
+        raise LowbitError(f"trainer.strategy={strategy} is not a strategy; use one of {names} (Lightning's others by name)")
+    refused = next((why for key, why in _REFUSED.items() if name.startswith(key)), None)
+    if refused is not None and getattr(precision, "recipe", None) is not None:
+        raise LowbitError(f"precision '{precision.name}' cannot run with trainer.strategy={strategy}: {refused}")
+    return strategy
+
+
+def _check_shardable(task: Any, world: int) -> None:
+    """FSDP2 shards every parameter along dim 0 (padding the last shards): a model none of whose
+    parameters has a row for every process would leave ranks holding nothing at all."""
+    rows = max((p.shape[0] if p.dim() else 1 for p in task.parameters()), default=0)
+    if rows < world:
+        raise LowbitError(
+            f"trainer.strategy=fsdp over {world} processes: the model's largest parameter has {rows} row(s), fewer "
+            f"than the {world} shards; use fewer devices, a wider model, or trainer.strategy=ddp"
         )
 
 
@@ -294,6 +361,8 @@ def _trainer(built: Built, loggers: list, callbacks: list, run_dir: Path):
             callbacks=callbacks,
             default_root_dir=str(run_dir),
             check_val_every_n_epoch=None,  # validation by steps: the training stream is endless
+            # lowbit's data modules give each rank its slice of the global batch; others get Lightning's sampler
+            use_distributed_sampler=not getattr(built.data, "shards_by_rank", False),
             max_epochs=-1,
         )
     except (TypeError, ValueError, MisconfigurationException) as err:
@@ -316,8 +385,43 @@ def train(composed: Composed, echo=print) -> RunResult:
     built = build(cfg)
     resume = resolve_checkpoint(cfg.resume, built.task.state_dict(), notice=echo) if cfg.resume else None
     run_dir = _run_dir(composed)
+    with contextlib.ExitStack() as stack:
+        if resume:
+            resume = _resume_layout(resume, built, stack, echo)
+        return _train(composed, built, resume, run_dir, worker, echo)
+
+
+def _resume_layout(resume: str, built: Built, stack: contextlib.ExitStack, echo) -> str:
+    """``resume`` in the layout this run's strategy loads: a sharded (FSDP2) checkpoint gathered into
+    one temporary file for one process or DDP, a one-file checkpoint written as a temporary sharded
+    folder for FSDP2 (which reshards it to its world size); removed when the run ends."""
+    import tempfile
+
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lowbit.checkpoint_io import is_sharded, write_sharded, write_unsharded
+
+    fsdp = isinstance(built.trainer_kwargs.get("strategy"), ModelParallelStrategy)
+    if is_sharded(resume) == fsdp:
+        return resume
+    # beside the checkpoint, not in /tmp: FSDP2 loads rank 0's copy on every node
+    parent = Path(resume).parent
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=".lowbit-resume-", dir=parent)))
+    if fsdp:
+        echo(f"resume: writing {resume} as a sharded checkpoint for trainer.strategy=fsdp")
+        return str(write_sharded(resume, built.task, folder / Path(resume).name))
+    echo(f"resume: gathering the shards of {resume} into one checkpoint for this run's strategy")
+    return str(write_unsharded(resume, folder / Path(resume).name))
+
+
+def _train(composed: Composed, built: Built, resume: str | None, run_dir: Path, worker: bool, echo) -> RunResult:
+    from lowbit.callbacks.baseline import BaselineLoss
+    from lowbit.experiment import baseline_roots, experiment_name
+    from lowbit.logging import build_loggers, tags, wandb_run_id
+
+    cfg = composed.cfg
     config = plain(cfg)
-    source = run_dir_of(resume) if resume else None
+    source = run_dir_of(str(cfg.resume)) if resume else None  # resume itself may be a gathered temporary file
     run_id = wandb_run_id(source) if source else None
     loggers = build_loggers(
         config["logger"],
@@ -339,12 +443,13 @@ def train(composed: Composed, echo=print) -> RunResult:
 def _fit(composed, built, trainer, loggers, against, run_dir, resume, echo, worker=False) -> RunResult:
     import torch
 
+    from lowbit.checkpoint_io import checkpoint_step
     from lowbit.errors import Preempted
     from lowbit.logging import describe, finish, trim_csv
 
     cfg, config, ckpt_dir = composed.cfg, plain(composed.cfg), run_dir / "checkpoints"
     if resume and not worker:  # continuing in place: the rows after the checkpoint's step are logged again
-        step = int(torch.load(resume, map_location="cpu", mmap=True, weights_only=False)["global_step"])
+        step = checkpoint_step(resume)
         for log in (run_dir / "csv" / "metrics.csv", run_dir / "health.csv"):
             trim_csv(log, step)
     if not worker:

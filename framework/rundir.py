@@ -36,7 +36,7 @@ def run_dir_of(resume: str) -> Path | None:
     """The run directory a ``resume=`` target belongs to: the directory itself, or the run whose
     ``checkpoints/`` holds the file; None for a checkpoint file kept anywhere else."""
     path = Path(resume).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not (path / ".metadata").is_file():  # not an FSDP2 checkpoint folder
         return path
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
         return path.parent.parent
@@ -55,8 +55,9 @@ def checkpoint_and_run(source: str | Path, why: str) -> tuple[Path, Path]:
     """(checkpoint file, run directory) of a checkpoint in a run's ``checkpoints/`` or of a run directory
     (its ``checkpoints/last.ckpt``), or one LowbitError; ``why`` says what the run's config.yaml is for."""
     path = Path(source).expanduser()
-    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() else path
-    if not ckpt.is_file():
+    sharded = lambda p: p.is_dir() and (p / ".metadata").is_file()  # noqa: E731 (an FSDP2 checkpoint folder)
+    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() and not sharded(path) else path
+    if not ckpt.is_file() and not sharded(ckpt):
         raise LowbitError(
             f"no checkpoint at {ckpt}; give a .ckpt file in a run's checkpoints/ or a run directory with checkpoints/last.ckpt"
         )

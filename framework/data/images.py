@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from lowbit.data.text import _CountFrom, check_sizes, check_workers
+from lowbit.data.sampling import GlobalBatchStream, rank_and_world, samples_consumed, val_indices
+from lowbit.data.text import check_sizes, check_workers
 from lowbit.errors import LowbitError
 
 __all__ = ["Digits", "ImageFolderData", "SeededImageStream", "augmentation", "load_digits_tensors", "stratified_split"]
@@ -139,6 +140,8 @@ class _ImageFiles(Dataset):
 class _ImageData(L.LightningDataModule):
     """Shared machinery: the resumable seeded training stream and the fixed validation split."""
 
+    shards_by_rank = True  # each rank reads its slice itself (lowbit.data.sampling): no DistributedSampler
+
     def __init__(
         self,
         *,
@@ -183,22 +186,17 @@ class _ImageData(L.LightningDataModule):
             self._splits = self._build_splits()
         return self._splits
 
-    def _samples_consumed(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches * self.batch_size
-
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = _CountFrom(self._samples_consumed(), rank, world)
+        rank, world = rank_and_world(trainer)
+        sampler = GlobalBatchStream(samples_consumed(trainer, self.batch_size), self.batch_size, rank, world)
         return DataLoader(
             self._stream(self.train_set), batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers
         )
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+        sampler = val_indices(len(self.val_set), *rank_and_world(getattr(self, "trainer", None)))
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.num_workers)
 
 
 class Digits(_ImageData):

@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import abc
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
+from lowbit.data.sampling import GlobalBatchStream, rank_and_world, samples_consumed, val_indices
 from lowbit.data.corpus import (
     Corpus,
     check_cache_dir,
@@ -80,23 +80,11 @@ class ByteWindows(Dataset):
         return chunk[:-1], chunk[1:]
 
 
-class _CountFrom(Sampler[int]):
-    """Endless sample indices ``start·world + rank, (start+1)·world + rank, ...``."""
-
-    def __init__(self, start: int, rank: int = 0, world: int = 1) -> None:
-        self.start, self.rank, self.world = start, rank, world
-
-    def __iter__(self) -> Iterator[int]:
-        i = self.start
-        while True:
-            yield i * self.world + self.rank
-            i += 1
-
-
 class _ByteLM(L.LightningDataModule):
     """Shared machinery: corpus loading, resumable training stream, validation windows."""
 
     vocab_size = 256
+    shards_by_rank = True  # each rank reads its slice itself (lowbit.data.sampling): no DistributedSampler
 
     def __init__(
         self,
@@ -158,22 +146,17 @@ class _ByteLM(L.LightningDataModule):
         """The unigram baseline every model must beat: val cross-entropy under train byte frequencies."""
         return unigram_bits_per_byte(self.corpus.train, self.corpus.val)
 
-    def _samples_consumed(self) -> int:
-        trainer = getattr(self, "trainer", None)
-        if trainer is None:
-            return 0
-        return trainer.global_step * trainer.accumulate_grad_batches * self.batch_size
-
     def train_dataloader(self) -> DataLoader:
         trainer = getattr(self, "trainer", None)
-        rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
-        sampler = _CountFrom(self._samples_consumed(), rank, world)
+        rank, world = rank_and_world(trainer)
+        sampler = GlobalBatchStream(samples_consumed(trainer, self.batch_size), self.batch_size, rank, world)
         dataset = RandomWindows(self.corpus.train, self.seq_len, self.seed)
         return DataLoader(dataset, batch_size=self.batch_size, sampler=sampler, num_workers=self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         dataset = ByteWindows(self.corpus.val, self.seq_len, self.val_windows)
-        return DataLoader(dataset, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers)
+        sampler = val_indices(len(dataset), *rank_and_world(getattr(self, "trainer", None)))
+        return DataLoader(dataset, batch_size=self.val_batch_size, sampler=sampler, num_workers=self.num_workers)
 
 
 class StdlibText(_ByteLM):

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 
 from lowbit.errors import LowbitError
-from lowbit.numerics import QuantSpec, fake_quantize, fake_quantize_columns, tensor_amax, tiled_contiguous
+from lowbit.numerics import QuantSpec, fake_quantize, fake_quantize_columns, tiled_contiguous
 from lowbit.quant.recipe import GEMMS, OPERANDS, GemmRecipe
 
 if TYPE_CHECKING:
@@ -67,8 +67,9 @@ class EmulateBackend:
         if spec is None:
             return t.to(dtype)
         generator = layer.sr_generator
+        amax = layer.global_amax(operand, t, spec)  # None: the operand's own (rank-local) amax
         transposed = t.dim() == 2 and not t.is_contiguous() and t.t().is_contiguous()  # wgrad's dyᵀ, xᵀ
-        if transposed and not layer.record_health and not layer._delayed(spec):
+        if transposed and not layer.record_health and not layer._delayed(spec) and amax is None:
             # Q(tᵀ) quantized down t's columns, same bits as from a copy; the GEMM takes the (C, N) view
             return fake_quantize_columns(
                 t.t(), spec, generator=generator, compile=self.compile, rotated=True, dtype=dtype
@@ -79,10 +80,10 @@ class EmulateBackend:
             # FP8 delayed scaling: this step uses the scale from earlier steps' amaxes, then records its own
             state = layer.delayed_state(operand, t.device)
             out = fake_quantize(t, spec, generator=generator, scale=state.scale, compile=self.compile, rotated=True)
-            state.observe(tensor_amax(t.detach()))
+            state.observe(layer.history_amax(operand, t))
             state.update()
             return out.to(dtype)
-        return fake_quantize(t, spec, generator=generator, compile=self.compile, rotated=True).to(dtype)
+        return fake_quantize(t, spec, generator=generator, amax=amax, compile=self.compile, rotated=True).to(dtype)
 
     def matmul(self, qa: torch.Tensor, qb: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         return qa @ qb.t()
@@ -165,11 +166,16 @@ class TritonBackend:
         """One operand as a ``KernelQTensor``; health and FP8 delayed scaling as ``emulate`` does."""
         spec = layer.recipe.spec_of(operand)
         layer._record_health(operand, t, spec)
+        if layer.global_amax(operand, t, spec) is not None:
+            raise LowbitError(
+                f"{operand}: the Triton kernels take no given amax, so amax_reduction=global cannot run on "
+                "backend triton; use precision.amax_reduction=local (Transformer Engine's choice) or backend emulate"
+            )
         seed = self.ops.draw_seed(layer.sr_generator, t.device) if spec.rounding == "sr" else None
         if layer._delayed(spec):
             state = layer.delayed_state(operand, t.device)
             q = self.ops.quantize(t, spec, seed=seed, scale=state.scale)
-            state.observe(tensor_amax(t.detach()))
+            state.observe(layer.history_amax(operand, t))
             state.update()
             return q
         return self.ops.quantize(t, spec, seed=seed)
@@ -181,7 +187,9 @@ class TritonBackend:
         """dy for dgrad and dyᵀ for wgrad from one read of dy, when both GEMMs run here and the two
         specs fit one kernel call (``dispatch.pairable``); else (None, None)."""
         specs = [layer.recipe.spec_of(op) for op in ("dgrad.dy", "dgrad.w", "wgrad.dy", "wgrad.x")]
-        if layer.delayed_scaling is not None or not all(self.supports(s) for s in specs):
+        if layer.delayed_scaling is not None or layer.amax_reduction == "global":
+            return None, None
+        if not all(self.supports(s) for s in specs):
             return None, None
         if not self.ops.pairable(specs[0], specs[2]):
             return None, None

@@ -346,8 +346,10 @@ class PackedLinear(nn.Module):
 
 # ---- reading a run's checkpoint ---------------------------------------------------------------------
 def _read_state_dict(ckpt: Path) -> tuple[dict[str, torch.Tensor], int | None]:
+    from lowbit.checkpoint_io import load_checkpoint
+
     try:
-        payload = torch.load(ckpt, map_location="cpu", mmap=True, weights_only=False)
+        payload = load_checkpoint(ckpt)  # one file, or the shards of an FSDP2 run
     except Exception as err:
         first = (str(err).strip().splitlines() or ["(no message)"])[0]
         raise LowbitError(f"cannot read {ckpt} as a checkpoint: {type(err).__name__}: {first}") from err

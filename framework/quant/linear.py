@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.distributed import all_reduce_max, world
 from lowbit.errors import LowbitError
 from lowbit.numerics import (
     DelayedScaling,
@@ -40,6 +41,8 @@ from lowbit.numerics import (
     get_format,
     quant_error,
     quantize,
+    rht,
+    tensor_amax,
     tiled_contiguous,
 )
 from lowbit.quant.backends import CHAINS, Backend, chain
@@ -172,6 +175,7 @@ class QuantLinear(nn.Linear):
         self.health = {}
         self.sr_generator = None
         self.delayed_scaling: dict[str, Any] | None = None  # set by the precision plugin for FP8 delayed scaling
+        self.amax_reduction = "local"  # or "global": activation/gradient tensor scales from every rank's amax
         self.scaling_state: dict[str, DelayedScaling] = {}
 
     def delayed_state(self, operand: str, device: torch.device) -> DelayedScaling:
@@ -180,6 +184,25 @@ class QuantLinear(nn.Linear):
             fmt_max = get_format(self.recipe.spec_of(operand).element).max
             self.scaling_state[operand] = DelayedScaling(fmt_max, device=device, **(self.delayed_scaling or {}))
         return self.scaling_state[operand]
+
+    def global_amax(self, operand: str, t: torch.Tensor, spec: QuantSpec) -> torch.Tensor | None:
+        """The amax of an activation or gradient operand over every rank, as its spec measures it (after
+        the RHT), when ``amax_reduction`` is ``global``, the spec has a tensor-level scale (``block=tensor``
+        current scaling, NVFP4's global scale) and more than one process runs; else None (the operand's
+        own amax: Transformer Engine's choice for current scaling). Weights are one tensor on every rank
+        (DDP replicas, FSDP2 after its all-gather): never reduced."""
+        if self.amax_reduction != "global" or operand.endswith(".w") or self._delayed(spec):
+            return None
+        if not (spec.global_scale or spec.block == "tensor") or world()[1] == 1:
+            return None
+        src = rht(t.detach(), spec.rht_size, spec.rht_seed) if spec.rht_size else t.detach()
+        return all_reduce_max(tensor_amax(src))
+
+    def history_amax(self, operand: str, t: torch.Tensor) -> torch.Tensor:
+        """The amax FP8 delayed scaling records for ``operand``: over every rank for activations and
+        gradients (Transformer Engine reduces its amax history over the group), the weight's own."""
+        amax = tensor_amax(t.detach())
+        return amax if operand.endswith(".w") else all_reduce_max(amax)
 
     def _record_health(self, operand: str, t: torch.Tensor, spec: QuantSpec) -> None:
         if self.record_health:

@@ -20,7 +20,9 @@ from lowbit.errors import LowbitError
 from lowbit.quant.convert import DEFAULT_KEEP, ConversionReport, convert_linears, quant_layers
 from lowbit.quant.recipe import OPERANDS, GemmRecipe
 
-__all__ = ["GemmPrecision", "QuantPrecision"]
+__all__ = ["AMAX_REDUCTIONS", "GemmPrecision", "QuantPrecision"]
+
+AMAX_REDUCTIONS = ("local", "global")
 
 
 class QuantPrecision(AutocastPrecision):
@@ -35,6 +37,11 @@ class QuantPrecision(AutocastPrecision):
             operand's rounding compiled, the same bits), ``emulate`` (the eager reference), ``triton``.
         delayed_scaling: None (current scaling) or ``{history_len, amax_compute, margin}`` for
             operands with one FP32 scale per tensor (FP8 delayed scaling, as Transformer Engine).
+        amax_reduction: in a run of several processes, where the tensor-level scales of activations and
+            gradients (FP8 current scaling, NVFP4's FP32 scale) come from: ``local``, each rank's own
+            slice of the batch (Transformer Engine's choice for current scaling: no collective), or
+            ``global``, the max over every rank (one all-reduce per operand: the numbers of one process
+            with the whole batch). Delayed-scaling amax histories are always reduced over every rank.
         device_type, mode: the autocast of ``AutocastPrecision`` (device_type None: the model's device).
     """
 
@@ -48,10 +55,16 @@ class QuantPrecision(AutocastPrecision):
         keep_last_blocks: int | float = 0,
         backend: str = "auto",
         delayed_scaling: Mapping[str, Any] | None = None,
+        amax_reduction: str = "local",
         device_type: str | None = None,
         mode: str = "auto",
     ) -> None:
         super().__init__(device_type=device_type, mode=mode)
+        if amax_reduction not in AMAX_REDUCTIONS:
+            raise LowbitError(
+                f"precision.amax_reduction must be one of {', '.join(AMAX_REDUCTIONS)}, got {amax_reduction!r}"
+            )
+        self.amax_reduction = amax_reduction
         self.recipe = recipe if isinstance(recipe, GemmRecipe) else GemmRecipe.from_dict(recipe)
         if not self.recipe.quantized:
             raise LowbitError(
@@ -80,6 +93,7 @@ class QuantPrecision(AutocastPrecision):
         self._layers = quant_layers(module)
         for layer in self._layers.values():
             layer.delayed_scaling = self.delayed_scaling
+            layer.amax_reduction = self.amax_reduction
         if self._pending_state is not None:
             self._apply_state(self._pending_state)
             self._pending_state = None
@@ -137,6 +151,7 @@ class GemmPrecision(QuantPrecision):
         keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
         backend: str = "auto",
+        amax_reduction: str = "local",
         device_type: str | None = None,
         mode: str = "auto",
     ) -> None:
@@ -147,6 +162,7 @@ class GemmPrecision(QuantPrecision):
             keep=keep,
             keep_last_blocks=keep_last_blocks,
             backend=backend,
+            amax_reduction=amax_reduction,
             device_type=device_type,
             mode=mode,
         )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -13,13 +12,14 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from lowbit.errors import LowbitError
+from lowbit.tasks.base import Task
 from lowbit.tasks.optim import configure
 from lowbit.tasks.schedule import step_scheduler
 
 __all__ = ["ImageClassifier"]
 
 
-class ImageClassifier(L.LightningModule):
+class ImageClassifier(Task):
     """Train any ``(B, C, H, W) → (B, num_classes)`` model on labelled images.
 
     Logged: ``train/loss``, ``train/acc`` (this batch), ``lr``; ``val/loss`` and ``val/acc`` over the
@@ -65,7 +65,7 @@ class ImageClassifier(L.LightningModule):
         images, labels = batch  # (B, C, H, W), (B,)
         logits = self._logits(images)
         loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean
         self.log("train/acc", self.train_acc(logits, labels))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
@@ -77,7 +77,9 @@ class ImageClassifier(L.LightningModule):
         self.val_acc.update(logits, labels)
 
     def on_validation_epoch_end(self) -> None:
-        self.log_dict({"val/loss": self.val_loss.compute(), "val/acc": self.val_acc.compute()}, prog_bar=True)
+        self.log_dict(  # torchmetrics' values are already global: the same on every rank
+            {"val/loss": self.val_loss.compute(), "val/acc": self.val_acc.compute()}, prog_bar=True, sync_dist=True
+        )
         self.val_loss.reset()
         self.val_acc.reset()
 

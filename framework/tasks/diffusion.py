@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -36,6 +35,7 @@ from lowbit.errors import LowbitError
 from lowbit.tasks.ddpm import BUDGET_SCHEDULES, ddim_sample, ddim_timesteps, iteration_budget, noise_schedule, q_sample
 from lowbit.tasks.ema import EMA
 from lowbit.tasks.equilibrium import flush_deq_fallbacks, log_val_deq_stats, note_deq_fallbacks, with_deq_terms
+from lowbit.tasks.base import Task
 from lowbit.tasks.optim import configure
 from lowbit.tasks.schedule import step_scheduler
 
@@ -53,7 +53,7 @@ class SamplingStats:
     fallbacks: int = 0
 
 
-class Diffusion(L.LightningModule):
+class Diffusion(Task):
     """Train an ε-prediction model ``model(x_t, t, y) → ε̂`` (``dit``, ``fpdm``) on labelled images.
 
     Args:
@@ -135,6 +135,7 @@ class Diffusion(L.LightningModule):
         self.val_loss = MeanMetric()
         self._ema_step = -1
         self._grid_evals: float | None = None  # block evaluations of the last grid's sampling
+        self._grid_path: Path | None = None  # where that grid went
         self.last_sampling: SamplingStats | None = None  # what the latest call of ``sample`` cost
         self._data: Any = None  # the data module fid(datamodule=...) was given (the bench); else the trainer's
         self._fid_cache: dict[str, Any] = {}  # the feature network lives outside the module tree: never quantized
@@ -149,11 +150,21 @@ class Diffusion(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x0, y = batch  # (B, C, H, W), (B,)
-        t = torch.randint(0, self.timesteps, (x0.shape[0],), device=x0.device)
-        loss = self._noise_loss(x0, y, t, torch.randn_like(x0))
-        self.log("train/loss", loss, prog_bar=True)
+        t, noise = self._draws(x0)
+        loss = self._noise_loss(x0, y, t, noise)
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return with_deq_terms(self, self.model, loss)
+
+    def _draws(self, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Timesteps and noise for this rank's slice of the global batch: drawn for all ``world`` slices
+        from the (same on every rank) generator, this rank's kept, so ranks draw distinct noise and a
+        run on W processes draws what one process with the whole batch draws."""
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self._trainer is not None else (0, 1)
+        b = x0.shape[0]
+        t = torch.randint(0, self.timesteps, (world * b,), device=x0.device)[rank * b : (rank + 1) * b]
+        noise = torch.randn((world * b, *x0.shape[1:]), dtype=x0.dtype, device=x0.device)[rank * b : (rank + 1) * b]
+        return t, noise
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         note_deq_fallbacks(self, self.model)  # a fixed-point model's solver breakdowns, noticed every 50 steps
@@ -176,17 +187,19 @@ class Diffusion(L.LightningModule):
         log_val_deq_stats(self, self.model)
 
     def on_validation_epoch_end(self) -> None:
-        self.log("val/loss", self.val_loss.compute(), prog_bar=True)
+        self.log("val/loss", self.val_loss.compute(), prog_bar=True, sync_dist=True)  # torchmetrics' global mean
         self.val_loss.reset()
         if self.trainer.sanity_checking:
             return
         path = Path(self.trainer.default_root_dir) / "samples" / f"step-{self.global_step:06d}.png"
-        if self.samples_per_class > 0 and (self._grid_evals is None or not path.exists()):
-            # the same EMA weights at the same step give the same grid: the closing validation reuses it
+        if self.samples_per_class > 0 and (self._grid_evals is None or self._grid_path != path):
+            # the same EMA weights at the same step give the same grid: the closing validation reuses it.
+            # Every rank samples (FSDP's forward is collective), rank 0 writes.
             labels = torch.arange(self.num_classes, device=self.device).repeat_interleave(self.samples_per_class)
             images, stats = self.sample(labels)
-            self._grid_evals = float(stats.block_evals)
-            self._save_grid(images, path)
+            self._grid_evals, self._grid_path = float(stats.block_evals), path
+            if self.trainer.is_global_zero:
+                self._save_grid(images, path)
         if self._grid_evals is not None:
             self.log("val/sample_block_evals", self._grid_evals)
         final = self.trainer.state.fn == "validate"  # run.train's closing trainer.validate, not a validation during fit

@@ -6,20 +6,20 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
 from torchmetrics.text import Perplexity
 
+from lowbit.tasks.base import Task
 from lowbit.tasks.optim import configure
 from lowbit.tasks.schedule import step_scheduler
 
 __all__ = ["CausalLM"]
 
 
-class CausalLM(L.LightningModule):
+class CausalLM(Task):
     """Train any ``(B, T) → (B, T, V)`` model on next-token prediction.
 
     Logged: ``train/loss``, ``train/bpb``, ``lr``; ``val/loss``, ``val/bpb`` (loss / ln 2: tokens are
@@ -48,8 +48,8 @@ class CausalLM(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         x, y = batch  # (B, T) each
         loss = self._loss(self(x), y)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/bpb", loss / math.log(2))
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean
+        self.log("train/bpb", loss / math.log(2), sync_dist=True)
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return loss
 
@@ -62,7 +62,9 @@ class CausalLM(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()
         self.log_dict(
-            {"val/loss": loss, "val/bpb": loss / math.log(2), "val/ppl": self.val_ppl.compute()}, prog_bar=True
+            {"val/loss": loss, "val/bpb": loss / math.log(2), "val/ppl": self.val_ppl.compute()},
+            prog_bar=True,
+            sync_dist=True,  # torchmetrics' values are already global: the same on every rank
         )
         self.val_loss.reset()
         self.val_ppl.reset()

@@ -45,6 +45,7 @@ class FP8Precision(QuantPrecision):
         keep: Sequence[str] = DEFAULT_KEEP,
         keep_last_blocks: int | float = 0,
         backend: str = "auto",
+        amax_reduction: str = "local",
         device_type: str | None = None,
         mode: str = "auto",
     ) -> None:
@@ -63,6 +64,7 @@ class FP8Precision(QuantPrecision):
             keep_last_blocks=keep_last_blocks,
             backend=backend,
             delayed_scaling=delayed,
+            amax_reduction=amax_reduction,
             device_type=device_type,
             mode=mode,
         )

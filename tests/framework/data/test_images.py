@@ -101,9 +101,9 @@ def test_loader_resumes_after_the_samples_the_trainer_consumed():
     data.trainer = SimpleNamespace(global_step=5, accumulate_grad_batches=2, global_rank=1, world_size=2)
     x, _ = next(iter(data.train_dataloader()))
     stream = SeededImageStream(data.train_set, seed=3)
-    start = 5 * 2 * 4  # steps · accumulation · batch: sample indices 40, 41, ... of this rank
-    for row, i in enumerate(range(start, start + 4)):
-        assert torch.equal(x[row], stream[i * 2 + 1][0])  # rank 1 of 2 takes every second sample
+    # 10 batches (steps · accumulation) of 2 ranks · 4 samples consumed: global sample 80; rank 1 takes 84..87
+    for row, i in enumerate(range(84, 88)):
+        assert torch.equal(x[row], stream[i][0])
 
 
 def test_augmentation_shifts_by_at_most_max_shift_and_fills_the_border():

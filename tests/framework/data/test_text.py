@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowbit.data.text import ByteWindows, RandomWindows, TextFiles, _CountFrom
+from lowbit.data.text import ByteWindows, RandomWindows, TextFiles
 from lowbit.errors import LowbitError
 
 
@@ -29,11 +29,6 @@ def test_windows_are_shifted_by_one_and_seeded(data):
     assert torch.equal(x[1:], y[:-1])
     assert torch.equal(ds[7][0], RandomWindows(data.corpus.train, 16, seed=3)[7][0])
     assert not all(torch.equal(ds[i][0], ds[i + 1][0]) for i in range(5))
-
-
-def test_stream_starts_after_consumed_samples():
-    it = iter(_CountFrom(start=12, rank=1, world=2))
-    assert [next(it) for _ in range(3)] == [25, 27, 29]
 
 
 def test_validation_windows_are_fixed_and_span_the_split(data):

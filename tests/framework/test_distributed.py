@@ -1,0 +1,117 @@
+"""Two gloo processes on CPU: DDP and FSDP2 take the steps one process takes with the whole batch,
+sharded checkpoints resume on 2 processes and on 1, and every rank holds the same tensor scales.
+
+Each run is the ``train`` command in a subprocess (Lightning launches the second process by
+re-running it); a tiny GPT, 5 steps, losses read from the run's CSV. Runs are cached per module.
+"""
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lowbit.distributed import all_reduce_max, all_reduce_mean, world
+
+pytestmark = pytest.mark.timeout(600)
+
+STEPS = 5
+COMMON = [
+    "debug=smoke",
+    "trainer.accelerator=cpu",
+    f"trainer.max_steps={STEPS}",
+    f"trainer.val_check_interval={STEPS}",
+    "+checkpoint.keep_all=true",
+    "precision.mode=fp32",
+    "logger.wandb=false",
+]
+NVFP4 = [
+    "recipe=nvfp4_llm",
+    "precision.backend=emulate",
+    "precision.dgrad.dy.rounding=rne",  # SR draws differ per rank by design: off for an exact comparison
+    "precision.wgrad.dy.rounding=rne",
+    "precision.amax_reduction=global",
+]
+RECIPES = {"bf16": ["recipe=bf16_llm"], "nvfp4": NVFP4}
+LAYOUTS = {  # one global batch of 4 sequences
+    "one": ["trainer.devices=1", "data.batch_size=4"],
+    "ddp": ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2"],
+    "fsdp": ["trainer.devices=2", "trainer.strategy=fsdp", "data.batch_size=2"],
+}
+
+
+def _train(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONWARNINGS": "ignore"}
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "NODE_RANK", "MASTER_PORT"):
+        env.pop(name, None)
+    train = Path(sys.executable).with_name("train")
+    cmd = [str(train), *args, f"hydra.run.dir={run_dir}"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=run_dir.parent)
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """``runs(recipe, layout, *extra)`` -> the run directory of a finished run, each run once per module."""
+    root, done = tmp_path_factory.mktemp("dist"), {}
+
+    def run(recipe: str, layout: str, *extra: str) -> Path:
+        key = (recipe, layout, *extra)
+        if key not in done:
+            run_dir = root / f"{recipe}-{layout}-{len(done)}"
+            result = _train(run_dir, [*RECIPES[recipe], *COMMON, *LAYOUTS[layout], *extra])
+            assert result.returncode == 0, result.stderr[-3000:]
+            done[key] = run_dir
+        return done[key]
+
+    return run
+
+
+def _close(a: dict[int, float], b: dict[int, float], rel: float) -> None:
+    assert sorted(a) == sorted(b)
+    assert max(abs(a[k] - b[k]) / abs(b[k]) for k in a) <= rel, (a, b)
+
+
+def test_one_process_has_no_world_and_reductions_are_identities():
+    assert world() == (0, 1)
+    t = torch.tensor([1.5, -2.0])
+    assert torch.equal(all_reduce_max(t), t) and torch.equal(all_reduce_mean(t), t)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "nvfp4"])
+def test_ddp_two_halves_take_the_steps_of_one_process_with_the_whole_batch(runs, recipe):
+    one, ddp = _losses(runs(recipe, "one")), _losses(runs(recipe, "ddp"))
+    assert len(one) == STEPS and one[STEPS - 1] < one[0]
+    # FP32 compute; the two gradient halves are summed by an all-reduce: another summation order only
+    _close(ddp, one, 1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["bf16", "nvfp4"])
+def test_fsdp2_takes_the_steps_ddp_takes(runs, recipe):
+    _close(_losses(runs(recipe, "fsdp")), _losses(runs(recipe, "ddp")), 1e-5)
+    assert (runs(recipe, "fsdp") / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded (DCP)
+
+
+def test_a_sharded_checkpoint_resumes_on_two_processes_and_on_one(runs):
+    full = _losses(runs("bf16", "fsdp"))
+    step3 = runs("bf16", "fsdp") / "checkpoints" / "step-3.ckpt"
+    assert (step3 / ".metadata").is_file()
+    on_two = _losses(runs("bf16", "fsdp", f"resume={step3}"))
+    on_one = _losses(runs("bf16", "one", f"resume={step3}"))
+    assert sorted(on_two) == sorted(on_one) == [3, 4]
+    _close(on_two, {k: full[k] for k in on_two}, 1e-6)
+    _close(on_one, {k: full[k] for k in on_one}, 1e-5)
+
+
+def test_a_one_file_checkpoint_resumes_under_fsdp2(runs):
+    full = _losses(runs("bf16", "one"))
+    step3 = runs("bf16", "one") / "checkpoints" / "step-3.ckpt"
+    on_two = _losses(runs("bf16", "fsdp", f"resume={step3}"))
+    _close(on_two, {k: full[k] for k in on_two}, 1e-5)
