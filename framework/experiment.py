@@ -94,6 +94,31 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def _processes(trainer: dict[str, Any]) -> int | None:
+    """How many processes share each step (devices per node times nodes); None where the config
+    alone cannot say (``devices: auto`` counts the GPUs of the machine that runs it)."""
+    devices, nodes = trainer.get("devices", 1), trainer.get("num_nodes", 1)
+    per_node = len(devices) if isinstance(devices, (list, tuple)) else devices
+    if not (isinstance(per_node, int) and isinstance(nodes, int)):
+        return None
+    return per_node * nodes
+
+
+def _global_batch(out: dict[str, Any]) -> None:
+    """``data.batch_size`` is per process: 2 processes of 2 take the steps 1 process of 4 takes, so
+    both are written as one process of the global batch (and a lone run's keys stay as they were)."""
+    trainer, data = out.get("trainer"), out.get("data")
+    if not isinstance(trainer, dict):
+        return
+    world = _processes(trainer)
+    if world is None:
+        return
+    trainer.pop("num_nodes", None)
+    if world != 1 and isinstance(data, dict) and isinstance(data.get("batch_size"), int):
+        out["data"] = {**data, "batch_size": data["batch_size"] * world}
+        trainer["devices"] = 1
+
+
 def _experiment(cfg: dict[str, Any]) -> dict[str, Any]:
     """The part of ``cfg`` that defines the experiment (see ``EXPERIMENT_KEYS``)."""
     out = {}
@@ -102,6 +127,7 @@ def _experiment(cfg: dict[str, Any]) -> dict[str, Any]:
         if isinstance(node, dict):
             node = {k: v for k, v in node.items() if k not in _HOW_NOT_WHAT.get(key, ())}
         out[key] = node
+    _global_batch(out)
     return _canonical(out)
 
 

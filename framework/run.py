@@ -150,7 +150,6 @@ def build(cfg: DictConfig) -> Built:
     precision = registry.build("precision", plain(cfg.precision), device_type=device_type)
     data = registry.build("data", plain(cfg.data), seed=int(cfg.seed))
     task = build_task(plain(cfg))
-    _check_devices(trainer_cfg)
     trainer_cfg["strategy"] = _strategy(precision, task, trainer_cfg, device_type)
     precision.convert_module(task)  # now, so a bad layer shape is reported before training; Lightning's call is a no-op
     if cfg.get("init_from"):
@@ -228,19 +227,6 @@ _REFUSED = {
 }
 
 
-def _check_devices(trainer_cfg: dict[str, Any]) -> None:
-    devices, nodes = trainer_cfg.get("devices", "auto"), trainer_cfg.get("num_nodes", 1)
-    ok = devices in ("auto", -1, "-1") or (isinstance(devices, int) and devices >= 1) or isinstance(devices, list)
-    if isinstance(devices, str) and devices.isdigit():
-        ok = int(devices) >= 1
-    if not ok:
-        raise LowbitError(
-            f"trainer.devices must be a number of processes of at least 1 (or auto, or a list of device ids), got {devices!r}"
-        )
-    if not (isinstance(nodes, int) and nodes >= 1):
-        raise LowbitError(f"trainer.num_nodes must be an integer of at least 1, got {nodes!r}")
-
-
 def _world_size(trainer_cfg: dict[str, Any], device_type: str) -> int:
     """Processes the run will start: devices per node times nodes (``auto``: the GPUs visible, one CPU process)."""
     import torch
@@ -248,7 +234,7 @@ def _world_size(trainer_cfg: dict[str, Any], device_type: str) -> int:
     devices = trainer_cfg.get("devices", "auto")
     if isinstance(devices, list):
         per_node = len(devices)
-    elif devices in ("auto", -1, "-1"):
+    elif devices == "auto":
         per_node = torch.cuda.device_count() if device_type == "cuda" else 1
     else:
         per_node = int(devices)
@@ -274,7 +260,9 @@ def _strategy(precision: Any, task: Any, trainer_cfg: dict[str, Any], device_typ
     known = ("auto", *StrategyRegistry.available_strategies())
     if name not in known:
         names = ", ".join(["auto", "ddp", "ddp_spawn", "fsdp", "single_device"])
-        raise LowbitError(f"trainer.strategy={strategy} is not a strategy; use one of {names} (Lightning's others by name)")
+        raise LowbitError(
+            f"trainer.strategy={strategy} is not a strategy; use one of {names} (Lightning's others by name)"
+        )
     refused = next((why for key, why in _REFUSED.items() if name.startswith(key)), None)
     if refused is not None and getattr(precision, "recipe", None) is not None:
         raise LowbitError(f"precision '{precision.name}' cannot run with trainer.strategy={strategy}: {refused}")

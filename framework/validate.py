@@ -51,6 +51,7 @@ RULES: dict[str, tuple[str, Callable[[Any], bool]]] = {
         lambda v: v is None or (_is_int(v) and v >= 1) or (isinstance(v, float) and 0 < v <= 1),
     ),
     "trainer.devices": ("an integer >= 1, a list of device ids or 'auto'", lambda v: _devices(v)),
+    "trainer.num_nodes": _at_least(1),
     "optimizer.lr": _POSITIVE,
     "optimizer.weight_decay": _NON_NEGATIVE,
     "optimizer.eps": _POSITIVE,

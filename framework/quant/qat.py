@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.autocast import AutocastPrecision
+from lowbit.distributed import all_reduce_max, world
 from lowbit.errors import LowbitError
 from lowbit.numerics import FLT_MAX, QuantSpec, block_layout, fake_quantize, get_format, get_spec, quantize
 from lowbit.quant.convert import DEFAULT_KEEP, ConversionReport, replace_linears
@@ -163,6 +164,7 @@ class FakeQuant(nn.Module):
             raise LowbitError(f"scale_dtype '{scale_dtype}' applies to learned scales (mode lsq), not mode '{mode}'")
         self.scale_dtype = scale_dtype
         self.mode, self.per_sample, self.calibration_steps = mode, per_sample, int(calibration_steps)
+        self.of_activation = shape is None  # a weight is one tensor on every rank; an activation is not
         if learn_zero_point and (mode != "lsq" or not self.spec.asymmetric):
             raise LowbitError("learn_zero_point (LSQ+) needs mode lsq and an asymmetric integer spec")
         if mode == "minmax":
@@ -223,9 +225,10 @@ class FakeQuant(nn.Module):
         """Set the scales (zero points, binary point) from data: the min/max quantization's scales, so
         training starts where round-to-nearest PTQ is; ``fixed``: the smallest F whose range covers
         the tensor's absmax (F = floor(log2(Qmax / absmax)))."""
-        q = quantize(x.detach().float(), self.spec)
+        x = self._over_ranks(x.detach().float())
+        q = quantize(x, self.spec)
         if self.mode == "fixed":
-            amax = float(x.detach().abs().max())
+            amax = float(x.abs().max())
             fbits = math.floor(math.log2(self.element.qmax / amax)) if amax > 0 and math.isfinite(amax) else 0
             self.frac_bits.fill_(float(fbits))
         else:
@@ -233,8 +236,25 @@ class FakeQuant(nn.Module):
             if self.spec.asymmetric:
                 self.zero_point.copy_(q.zero_points.reshape(self.zero_point.shape).float())
             if self.mode == "static":
-                self.amax.copy_(x.detach().abs().max().float())
+                self.amax.copy_(x.abs().max())
         self.initialized.fill_(True)
+
+    def _over_ranks(self, x: torch.Tensor) -> torch.Tensor:
+        """What a data-driven per-tensor scale sees of ``x`` in a run of several processes: its min and
+        max over every rank's part of the global batch (the tensor-level scale depends on nothing
+        else), so every rank starts from the same scale, the one a single process would measure on
+        the whole batch; ``x`` itself in one process, and for weights (one tensor on every rank)."""
+        if not self._reduced():
+            return x
+        return all_reduce_max(torch.stack([-x.amin(), x.amax()])) * x.new_tensor([-1.0, 1.0])
+
+    def _reduced(self) -> bool:
+        return self.of_activation and world()[1] > 1
+
+    def _nonzero(self, x: torch.Tensor) -> bool:
+        """Whether ``x`` holds a nonzero (on any rank, for an activation: every rank decides alike)."""
+        nonzero = x.detach().ne(0).any().float()
+        return bool(all_reduce_max(nonzero) if self._reduced() else nonzero)
 
     @torch.no_grad()
     def set_scales(self, scales: torch.Tensor, zero_points: torch.Tensor | None = None) -> None:
@@ -251,7 +271,8 @@ class FakeQuant(nn.Module):
     @torch.no_grad()
     def _calibrate(self, x: torch.Tensor) -> None:
         """Static scales: running absmax over the first ``calibration_steps`` training forwards."""
-        amax = torch.maximum(self.amax, x.detach().abs().amax().float())
+        amax = x.detach().abs().amax().float()
+        amax = torch.maximum(self.amax, all_reduce_max(amax) if self._reduced() else amax)
         self.amax.copy_(amax)
         self.scale.copy_(quantize(amax.reshape(1), self.spec.replace(block="tensor")).scales.reshape(self.scale.shape))
         self.observed += 1
@@ -265,7 +286,7 @@ class FakeQuant(nn.Module):
             self._calibrate(x)
         elif not bool(self.initialized) and not self.training:  # evaluated before its first training batch (the
             return _StraightThrough.apply(x, self.spec)  # sanity check): min/max scales, and no validation data kept
-        elif not bool(self.initialized) and x.detach().any():  # an all-zero tensor (a zero-initialised weight:
+        elif not bool(self.initialized) and self._nonzero(x):  # an all-zero tensor (a zero-initialised weight:
             self.init_from(x)  # adaLN-Zero, a zero head) rounds to itself on any scale: init from the first nonzero one
         zero_point = getattr(self, "zero_point", None) if self.spec.asymmetric else None
         return _LearnedFakeQuant.apply(x, self.current_scale(), zero_point, self)

@@ -38,8 +38,8 @@ def _run(fn, argv, capsys):
             "error: trainer: Trainer.__init__() got an unexpected keyword argument 'flux'",
         ),
         (
-            ["precision=nvfp4", "+trainer.strategy=fsdp", "debug=smoke"],
-            "error: precision 'nvfp4' does not work with trainer.strategy=fsdp",
+            ["precision=nvfp4", "trainer.strategy=deepspeed", "debug=smoke"],
+            "error: precision 'nvfp4' cannot run with trainer.strategy=deepspeed: DeepSpeed wraps the model's layers",
         ),
     ],
 )

@@ -144,6 +144,22 @@ def test_what_is_computed_changes_the_fingerprint(change):
     assert fingerprint(_with(**change)) != fingerprint(CFG)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"trainer.devices": 2, "data.batch_size": 2},
+        {"trainer.devices": [0, 1], "data.batch_size": 2},
+        {"trainer.num_nodes": 2, "trainer.devices": 2, "data.batch_size": 1},
+        {"trainer.devices": 4, "data.batch_size": 1, "trainer.strategy": "fsdp"},
+    ],
+)
+def test_processes_sharing_the_global_batch_are_the_experiment_of_one_process(change):
+    four = fingerprint(_with(**{"data.batch_size": 4}))
+    assert fingerprint(_with(**change)) == four
+    assert fingerprint(_with(**{"trainer.num_nodes": 1})) == fingerprint(CFG)  # a lone run's key as before
+    assert fingerprint(_with(**{"trainer.devices": "auto"})) != four  # the machine decides: not the same
+
+
 def test_load_run_reads_loss_throughput_and_worst_health(tmp_path):
     health = [
         (0, "blocks.0.qkv", "fprop.x", 0.25, 0.01, 21.5),

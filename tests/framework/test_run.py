@@ -190,3 +190,41 @@ def test_a_launched_worker_joins_rank_zeros_run_directory(tmp_path, monkeypatch,
     monkeypatch.setenv(variable, "1")  # a DDP subprocess (Lightning), a torchrun rank, a second node, srun
     assert launched_worker() and _run_dir(composed) == tmp_path  # it joins, and writes nothing of its own
     assert (tmp_path / "config.yaml").read_text() == "rank 0 wrote this\n"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["trainer.devices=0"], r"trainer\.devices must be an integer >= 1, a list of device ids or 'auto', got 0"),
+        (["trainer.num_nodes=0"], r"trainer\.num_nodes must be an integer of at least 1, got 0"),
+        (["trainer.strategy=horovod"], r"trainer\.strategy=horovod is not a strategy; use one of auto, ddp, "),
+        (["trainer.strategy=deepspeed"], r"precision 'nvfp4' cannot run with trainer\.strategy=deepspeed: DeepSpeed"),
+        (["trainer.strategy=fsdp_cpu_offload"], r"fsdp_cpu_offload is FSDP1.*use trainer\.strategy=fsdp"),
+        (["trainer.strategy=fsdp", "trainer.devices=4096"], r"over 4096 processes: the model's largest parameter"),
+        (["precision.amax_reduction=all"], r"precision\.amax_reduction must be one of local, global, got 'all'"),
+    ],
+)
+def test_a_launch_that_cannot_work_is_one_line_before_anything_starts(tmp_path, overrides, message):
+    with pytest.raises(LowbitError, match=message):
+        build(compose([*SMOKE, "recipe=nvfp4_llm", "trainer.accelerator=cpu", *overrides]).cfg)
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "fsdp2", "model_parallel"])
+def test_fsdp_names_build_fsdp2_over_every_process(strategy):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    built = build(
+        compose(
+            [
+                *SMOKE,
+                "trainer.accelerator=cpu",
+                "trainer.devices=2",
+                "trainer.num_nodes=2",
+                f"trainer.strategy={strategy}",
+            ]
+        ).cfg
+    )
+    chosen = built.trainer_kwargs["strategy"]
+    assert isinstance(chosen, ModelParallelStrategy)
+    assert (chosen._data_parallel_size, chosen._tensor_parallel_size) == (4, 1)

@@ -80,8 +80,8 @@ def test_misconfigurations_are_clear_errors():
         _precision("custom")
     with pytest.raises(LowbitError, match="fp8 scaling must be current or delayed, got 'late'"):
         _precision("fp8", "precision.scaling=late")
-    with pytest.raises(LowbitError, match="does not work with trainer.strategy=deepspeed"):
-        _precision("nvfp4", "+trainer.strategy=deepspeed")
+    with pytest.raises(LowbitError, match="cannot run with trainer.strategy=deepspeed: DeepSpeed wraps"):
+        _precision("nvfp4", "trainer.strategy=deepspeed")
 
 
 def test_forward_context_restores_autocast_even_on_error():
