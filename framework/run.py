@@ -171,7 +171,6 @@ def init_weights(task: Any, source: str) -> None:
     optional either way (a BF16 checkpoint into a QAT model: the scales initialize from the data;
     a QAT checkpoint into any model: its learned scales come along where the layers have them).
     Optimizer, step and scheduler start fresh."""
-    import torch
 
     from lowbit.checkpoint_io import is_sharded, load_checkpoint
 
@@ -361,9 +360,6 @@ def train(composed: Composed, echo=print) -> RunResult:
     """Train one composed config to the end (or Ctrl-C) in its run directory; print and return the
     final metrics. Its W&B run is named ``cfg.name``, grouped by experiment (model, data, budget:
     see ``lowbit.experiment``), tagged by the choices, and finished before this returns."""
-    from lowbit.callbacks.baseline import BaselineLoss
-    from lowbit.experiment import baseline_roots, experiment_name
-    from lowbit.logging import build_loggers, tags, wandb_run_id
 
     cfg = composed.cfg
     worker = launched_worker()

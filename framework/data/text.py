@@ -17,7 +17,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from lowbit.data.sampling import GlobalBatchStream, rank_and_world, samples_consumed, val_indices
 from lowbit.data.corpus import (
     Corpus,
     check_cache_dir,
@@ -29,6 +28,7 @@ from lowbit.data.corpus import (
     text_files,
     unigram_bits_per_byte,
 )
+from lowbit.data.sampling import GlobalBatchStream, rank_and_world, samples_consumed, val_indices
 from lowbit.errors import LowbitError
 
 __all__ = ["ByteWindows", "RandomWindows", "StdlibText", "TextFiles", "check_sizes", "check_workers"]

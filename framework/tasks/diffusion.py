@@ -32,10 +32,10 @@ from torch import nn
 from torchmetrics import MeanMetric
 
 from lowbit.errors import LowbitError
+from lowbit.tasks.base import Task
 from lowbit.tasks.ddpm import BUDGET_SCHEDULES, ddim_sample, ddim_timesteps, iteration_budget, noise_schedule, q_sample
 from lowbit.tasks.ema import EMA
 from lowbit.tasks.equilibrium import flush_deq_fallbacks, log_val_deq_stats, note_deq_fallbacks, with_deq_terms
-from lowbit.tasks.base import Task
 from lowbit.tasks.optim import configure
 from lowbit.tasks.schedule import step_scheduler
 
