@@ -11,7 +11,9 @@ module holds the few pieces those strategies leave to the model:
 - ``shard_model``: FSDP2's ``fully_shard`` on every transformer block, then on the model (the
   root), called from a task's ``configure_model`` after the precision plugin converted the layers.
   Weights are quantized inside each block's forward, after FSDP2's all-gather: one global tensor,
-  the same scales on every rank.
+  the same scales on every rank;
+- ``set_parameter``: a parameter set inside a forward (a QAT quantizer's scales, initialised from the
+  first batch) kept under FSDP2, whose forward sees an all-gathered copy that is freed afterwards.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["BLOCK_LISTS", "all_reduce_max", "all_reduce_mean", "shard_model", "world"]
+__all__ = ["BLOCK_LISTS", "all_reduce_max", "all_reduce_mean", "set_parameter", "shard_model", "world"]
 
 BLOCK_LISTS = ("blocks", "pre_blocks", "post_blocks", "layers", "h")
 """Names of the module lists whose items FSDP2 shards one by one (lowbit's trunks, timm's ``blocks``,
@@ -81,4 +83,26 @@ def shard_model(model: nn.Module, mesh: Any) -> int:
     for block in blocks:
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    for module in model.modules():
+        if getattr(module, "sets_parameters_in_forward", False):
+            module._sharded_parameters = dict(module.named_parameters(recurse=False))  # the DTensors FSDP2 keeps
     return len(blocks)
+
+
+@torch.no_grad()
+def set_parameter(module: nn.Module, name: str, value: torch.Tensor) -> None:
+    """``module.<name>.copy_(value)``, also inside an FSDP2 forward: there the attribute is the
+    all-gathered copy, freed after the forward, so this rank's shard of ``value`` is written into the
+    sharded parameter as well (``value`` is the same on every rank). A module that calls this in its
+    forward sets ``sets_parameters_in_forward = True`` so that ``shard_model`` keeps its shards' handles."""
+    param = getattr(module, name)
+    sharded = getattr(module, "_sharded_parameters", {}).get(name)
+    if sharded is None or sharded is param:  # no FSDP2, or outside a forward: the parameter itself
+        param.copy_(value.reshape(param.shape))
+        return
+    from torch.distributed.tensor import distribute_tensor
+
+    param.copy_(value.reshape(param.shape))
+    full = value.reshape(sharded.shape).to(device=sharded.to_local().device, dtype=sharded.dtype)
+    local = distribute_tensor(full, sharded.device_mesh, sharded.placements, src_data_rank=None).to_local()
+    sharded.to_local().copy_(local)

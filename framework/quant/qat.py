@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.autocast import AutocastPrecision
-from lowbit.distributed import all_reduce_max, world
+from lowbit.distributed import all_reduce_max, set_parameter, world
 from lowbit.errors import LowbitError
 from lowbit.numerics import FLT_MAX, QuantSpec, block_layout, fake_quantize, get_format, get_spec, quantize
 from lowbit.quant.convert import DEFAULT_KEEP, ConversionReport, replace_linears
@@ -155,6 +155,7 @@ class FakeQuant(nn.Module):
         scale_dtype: str = "fp32",
     ) -> None:
         super().__init__()
+        self.sets_parameters_in_forward = True  # its first training forward initialises them (FSDP2: see set_parameter)
         self.spec = get_spec(spec)
         if mode not in QUANTIZER_MODES:
             raise LowbitError(f"unknown quantizer mode '{mode}'; valid: {', '.join(QUANTIZER_MODES)}")
@@ -230,11 +231,11 @@ class FakeQuant(nn.Module):
         if self.mode == "fixed":
             amax = float(x.abs().max())
             fbits = math.floor(math.log2(self.element.qmax / amax)) if amax > 0 and math.isfinite(amax) else 0
-            self.frac_bits.fill_(float(fbits))
+            set_parameter(self, "frac_bits", torch.tensor(float(fbits)))
         else:
-            self.scale.copy_(q.scales.reshape(self.scale.shape))
+            set_parameter(self, "scale", q.scales)
             if self.spec.asymmetric:
-                self.zero_point.copy_(q.zero_points.reshape(self.zero_point.shape).float())
+                set_parameter(self, "zero_point", q.zero_points.float())
             if self.mode == "static":
                 self.amax.copy_(x.abs().max())
         self.initialized.fill_(True)

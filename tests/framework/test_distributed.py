@@ -35,7 +35,8 @@ NVFP4 = [
     "precision.wgrad.dy.rounding=rne",
     "precision.amax_reduction=global",
 ]
-RECIPES = {"bf16": ["recipe=bf16_llm"], "nvfp4": NVFP4}
+QAT_LSQ = ["recipe=qat_int8_llm", "precision.activations=static", "precision.lsq=true"]  # learned scales
+RECIPES = {"bf16": ["recipe=bf16_llm"], "nvfp4": NVFP4, "qat": QAT_LSQ}
 LAYOUTS = {  # one global batch of 4 sequences
     "one": ["trainer.devices=1", "data.batch_size=4"],
     "ddp": ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2"],
@@ -97,6 +98,15 @@ def test_ddp_two_halves_take_the_steps_of_one_process_with_the_whole_batch(runs,
 def test_fsdp2_takes_the_steps_ddp_takes(runs, recipe):
     _close(_losses(runs(recipe, "fsdp")), _losses(runs(recipe, "ddp")), 1e-5)
     assert (runs(recipe, "fsdp") / "checkpoints" / "last.ckpt" / ".metadata").is_file()  # sharded (DCP)
+
+
+def test_qat_scales_initialised_in_the_first_forward_survive_fsdp2_and_agree_across_ranks(runs):
+    # LSQ weight and activation scales are set from the first batch inside the forward: under FSDP2 that
+    # forward holds an all-gathered copy (lowbit.distributed.set_parameter writes the shards too), and
+    # the activation scale comes from both ranks' halves (the min/max the whole batch has)
+    one = _losses(runs("qat", "one"))
+    _close(_losses(runs("qat", "ddp")), one, 2e-5)  # INT8 rounding turns summation-order noise into ~1e-5
+    _close(_losses(runs("qat", "fsdp")), one, 2e-5)
 
 
 def test_a_sharded_checkpoint_resumes_on_two_processes_and_on_one(runs):
