@@ -24,7 +24,7 @@ import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from lowbit.errors import LowbitError
-from lowbit.rundir import pid_alive
+from lowbit.rundir import is_sharded, pid_alive
 
 __all__ = [
     "CheckpointUnreadable",
@@ -227,13 +227,6 @@ def verify_checkpoint(path: str | Path, expected_state: Mapping[str, torch.Tenso
     return _verify(Path(path), expected_state, label=str(path))
 
 
-def is_sharded(path: str | Path) -> bool:
-    """Whether ``path`` is a sharded checkpoint: a folder ``torch.distributed.checkpoint`` wrote
-    (FSDP2 under ``trainer.strategy=fsdp``; one shard file per process, ``.metadata`` and ``meta.pt``)."""
-    path = Path(path)
-    return path.is_dir() and (path / ".metadata").is_file()
-
-
 def read_sharded(path: str | Path) -> dict[str, Any]:
     """A sharded checkpoint as the one-file Lightning checkpoint of the same state, on CPU: the
     shards gathered into full tensors (``state_dict``), each optimizer's state re-keyed from
@@ -289,9 +282,11 @@ def write_sharded(path: str | Path, task: Any, out: str | Path) -> Path:
 
     checkpoint = dict(_load(Path(path)))
     converted: dict[str, Any] = {"state_dict": checkpoint.pop("state_dict")}
-    for i, state in enumerate(checkpoint.pop("optimizer_states", [])):
+    states = checkpoint.pop("optimizer_states", [])
+    if states:  # one optimizer to carry each state's indices to names (load_state_dict replaces it whole)
         configured = task.configure_optimizers()
         optimizer = configured["optimizer"] if isinstance(configured, dict) else configured
+    for i, state in enumerate(states):
         optimizer.load_state_dict(state)
         options = StateDictOptions(full_state_dict=True)
         converted[f"optimizer_{i}"] = get_optimizer_state_dict(task, optimizer, options=options)

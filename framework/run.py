@@ -20,7 +20,7 @@ from lowbit.config import Composed, one_line, plain, to_yaml
 from lowbit.errors import LowbitError
 from lowbit.models.base import count_parameters
 from lowbit.registry import call_with_options, registry
-from lowbit.rundir import RunLock, check_run_dir, launched_worker, resume_command, run_dir_of
+from lowbit.rundir import RunLock, check_run_dir, checkpoint_target, launched_worker, resume_command, run_dir_of
 
 __all__ = ["RunResult", "build", "build_task", "init_weights", "load_weights", "resolve_checkpoint", "train"]
 
@@ -91,9 +91,7 @@ def resolve_checkpoint(resume: str, expected_state=None, notice=print) -> str:
     (readable, the same model), and an unreadable one falls back to the previous good one."""
     from lowbit.checkpoint_io import choose_checkpoint, is_sharded, previous_path
 
-    path = Path(resume).expanduser()
-    if path.is_dir() and not is_sharded(path):
-        path = path / "checkpoints" / "last.ckpt"
+    path = checkpoint_target(resume)
     if not path.is_file() and not previous_path(path).is_file() and not is_sharded(path):
         raise LowbitError(
             f"resume={resume}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt"
@@ -174,9 +172,7 @@ def init_weights(task: Any, source: str) -> None:
 
     from lowbit.checkpoint_io import is_sharded, load_checkpoint
 
-    path = Path(source).expanduser()
-    if path.is_dir() and not is_sharded(path):
-        path = path / "checkpoints" / "last.ckpt"
+    path = checkpoint_target(source)
     if not path.is_file() and not is_sharded(path):
         raise LowbitError(
             f"init_from={source}: no checkpoint at {path}; give a .ckpt file or a run directory with checkpoints/last.ckpt"

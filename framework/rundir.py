@@ -32,11 +32,25 @@ RUN_FILES = ("config.yaml", "checkpoints", "csv")
 """What makes a directory hold a run (Hydra's own ``.hydra/`` and ``train.log`` do not)."""
 
 
+def is_sharded(path: str | Path) -> bool:
+    """Whether ``path`` is a sharded checkpoint: a folder ``torch.distributed.checkpoint`` wrote
+    (FSDP2 under ``trainer.strategy=fsdp``; one shard file per process, ``.metadata`` and ``meta.pt``)."""
+    path = Path(path)
+    return path.is_dir() and (path / ".metadata").is_file()
+
+
+def checkpoint_target(source: str | Path) -> Path:
+    """The checkpoint a ``resume=``/``init_from=`` value names: a run directory's ``checkpoints/last.ckpt``,
+    else the path itself (a checkpoint file, or a sharded checkpoint folder)."""
+    path = Path(source).expanduser()
+    return path / "checkpoints" / "last.ckpt" if path.is_dir() and not is_sharded(path) else path
+
+
 def run_dir_of(resume: str) -> Path | None:
     """The run directory a ``resume=`` target belongs to: the directory itself, or the run whose
     ``checkpoints/`` holds the file; None for a checkpoint file kept anywhere else."""
     path = Path(resume).expanduser()
-    if path.is_dir() and not (path / ".metadata").is_file():  # not an FSDP2 checkpoint folder
+    if path.is_dir() and not is_sharded(path):
         return path
     if path.parent.name == "checkpoints" and (path.parent.parent / "config.yaml").is_file():
         return path.parent.parent
@@ -55,9 +69,8 @@ def checkpoint_and_run(source: str | Path, why: str) -> tuple[Path, Path]:
     """(checkpoint file, run directory) of a checkpoint in a run's ``checkpoints/`` or of a run directory
     (its ``checkpoints/last.ckpt``), or one LowbitError; ``why`` says what the run's config.yaml is for."""
     path = Path(source).expanduser()
-    sharded = lambda p: p.is_dir() and (p / ".metadata").is_file()  # noqa: E731 (an FSDP2 checkpoint folder)
-    ckpt = path / "checkpoints" / "last.ckpt" if path.is_dir() and not sharded(path) else path
-    if not ckpt.is_file() and not sharded(ckpt):
+    ckpt = checkpoint_target(path)
+    if not ckpt.is_file() and not is_sharded(ckpt):
         raise LowbitError(
             f"no checkpoint at {ckpt}; give a .ckpt file in a run's checkpoints/ or a run directory with checkpoints/last.ckpt"
         )
