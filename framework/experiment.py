@@ -162,7 +162,8 @@ def _wandb_log(path: Path) -> Path | None:
 def _wandb_records(log: Path) -> Iterator[Any]:
     """The protobuf records of a W&B transaction log (``run-*.wandb``): LevelDB's log format, a
     7-byte file header (``:W&B``, magic, version), then 32 KiB blocks of records, each a 7-byte
-    header (crc32, length, type: full, first, middle, last) and its bytes."""
+    header (crc32, length, type: full, first, middle, last) and its bytes. A log still being
+    written (a live run; W&B flushes it in 8 KiB pieces) is read up to its last whole record."""
     from wandb.proto import wandb_internal_pb2
 
     data = log.read_bytes()
@@ -175,7 +176,7 @@ def _wandb_records(log: Path) -> Iterator[Any]:
             continue
         _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         pos += 7
-        if kind == 0:  # zero padding at the end of a file still being written
+        if kind == 0 or pos + length > len(data):  # the end of a log still being written
             break
         parts.append(data[pos : pos + length])
         pos += length
@@ -197,13 +198,14 @@ def _wandb_read(path: Path, history: bool) -> tuple[dict[str, Any], dict[str, di
     finished = (path / "files" / "wandb-summary.json").is_file()
     if log is None or (cfg and not history and finished):
         return cfg, curves, finished
+    logged: dict[str, Any] = {}  # the transaction log is the record; files/config.yaml a copy that may lag it
     for record in _wandb_records(log):
         kind = record.WhichOneof("record_type")
-        if kind == "config" and not config_file.is_file():
-            for item in record.config.update:
+        if kind in ("run", "config"):  # the run record carries the config W&B had at init
+            for item in (record.run.config if kind == "run" else record.config).update:
                 key = item.key or "/".join(item.nested_key)
-                if key != "_wandb":
-                    cfg[key] = json.loads(item.value_json)
+                if key.split("/", 1)[0] != "_wandb":
+                    logged[key] = json.loads(item.value_json)
         elif kind == "exit":
             finished = record.exit.exit_code == 0
         elif kind == "history" and history:
@@ -217,7 +219,7 @@ def _wandb_read(path: Path, history: bool) -> tuple[dict[str, Any], dict[str, di
             for key, value in row.items():
                 if not key.startswith("_"):
                     curves.setdefault(key, {})[step] = value
-    return cfg, curves, finished
+    return {**cfg, **logged}, curves, finished
 
 
 def wandb_run_record(path: Path) -> dict[str, Any]:

@@ -216,6 +216,7 @@ def finish(loggers: Sequence[Any], summary: dict[str, Any] | None = None, exit_c
     import yaml
     from lightning.pytorch.loggers import WandbLogger
 
+    finished = False
     for lg in loggers:
         if not isinstance(lg, WandbLogger) or lg._experiment is None:
             continue
@@ -228,3 +229,10 @@ def finish(loggers: Sequence[Any], summary: dict[str, Any] | None = None, exit_c
             (files / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
             (files / "wandb-summary.json").write_text(json.dumps(dict(run.summary), default=str))
         run.finish(exit_code=exit_code)
+        finished = True
+    if finished:
+        # run.finish() returns before W&B's service has written the run's log to disk (seen: 8 KiB of
+        # 10); teardown waits for it, so the run reads back complete the moment train returns
+        import wandb
+
+        wandb.teardown()

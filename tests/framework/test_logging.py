@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 import lowbit.logging as lg
+from lowbit.experiment import _wandb_records
 
 
 def test_wandb_mode_respects_env(monkeypatch):
@@ -44,6 +45,26 @@ def test_offline_wandb_run_is_written_locally(monkeypatch, tmp_path):
     csv.log_metrics({"train/loss": 1.5}, step=0)
     csv.save()
     assert "train/loss" in (tmp_path / "csv" / "metrics.csv").read_text()
+    # finish returns once the run's log is on disk: whole, ending with the exit record
+    (log,) = run.glob("run-*.wandb")
+    kinds = [r.WhichOneof("record_type") for r in _wandb_records(log)]
+    assert kinds[0] == "header" and kinds[-1] == "exit" and "config" in kinds
+
+
+def test_a_log_still_being_written_reads_up_to_its_last_whole_record(monkeypatch, tmp_path):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    loggers = lg.build_loggers({"wandb": True, "project": "lowbit-test"}, tmp_path, "run", "grp", [])
+    for step in range(200):
+        loggers[1].log_metrics({"train/loss": 1.0 / (step + 1)}, step=step)
+    lg.finish(loggers)
+    (log,) = tmp_path.glob("wandb/offline-run-*/run-*.wandb")
+    whole = list(_wandb_records(log))
+    cut = tmp_path / "cut.wandb"
+    for size in (8192, 8192 + 13, len(log.read_bytes()) - 3):  # W&B flushes 8 KiB at a time
+        cut.write_bytes(log.read_bytes()[:size])
+        records = list(_wandb_records(cut))
+        assert 0 < len(records) < len(whole) and records == whole[: len(records)]
 
 
 def test_tags_are_the_choices_then_the_users():

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lowbit.callbacks.baseline import BaselineLoss
 from lowbit.experiment import experiment_name, fingerprint, load_run, read_config
+from lowbit.logging import finish
 
 CFG = {
     "trainer": {"max_steps": 4, "log_every_n_steps": 1},
@@ -133,7 +134,7 @@ def test_wandb_gets_the_chart_and_table_and_the_run_reads_back(runs, tmp_path, m
     wandb_logger = WandbLogger(project="lowbit-test", save_dir=str(run_dir), offline=True)
     wandb_logger.log_hyperparams({**_cfg(), "recipe": "nvfp4_llm", "choices": {"precision": "nvfp4"}})
     rows = _fit(run_dir, BaselineLoss(_cfg(), [tmp_path / "runs"], run_dir), [wandb_logger])
-    wandb_logger.experiment.finish()
+    finish([wandb_logger])  # as train ends a run: the run's files are complete when it returns
 
     (wandb_dir,) = (run_dir / "wandb").glob("offline-run-*")
     assert fingerprint(read_config(wandb_dir)) == fingerprint(_cfg())  # config + recipe + choices
