@@ -11,7 +11,9 @@ module holds the few pieces those strategies leave to the model:
 - ``shard_model``: FSDP2's ``fully_shard`` on every transformer block, then on the model (the
   root), called from a task's ``configure_model`` after the precision plugin converted the layers.
   Weights are quantized inside each block's forward, after FSDP2's all-gather: one global tensor,
-  the same scales on every rank;
+  the same scales on every rank; or, where both GEMMs read the weight quantized one way (FP8 per
+  tensor, NVFP4 16x16), quantized before it, with the global amax, and gathered as codes and scales
+  (``lowbit.quant.gather``: the same numbers, fewer bytes);
 - ``set_parameter``: a parameter set inside a forward (a QAT quantizer's scales, initialised from the
   first batch) kept under FSDP2, whose forward sees an all-gathered copy that is freed afterwards.
 """
@@ -79,6 +81,9 @@ def shard_model(model: nn.Module, mesh: Any) -> int:
 
     if isinstance(model, FSDPModule):
         return 0
+    from lowbit.quant.gather import quantize_all_gathers
+
+    quantize_all_gathers(model, mesh.size())
     blocks = _block_modules(model)
     for block in blocks:
         fully_shard(block, mesh=mesh)

@@ -279,6 +279,7 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path, echo=print) -> list:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from lowbit.callbacks.checkpoint import Preemption
+    from lowbit.callbacks.comm import CommBytes
     from lowbit.callbacks.health import QuantHealth, StopOnNonFinite
     from lowbit.callbacks.rounding import SeedStochasticRounding
     from lowbit.callbacks.throughput import Throughput
@@ -299,6 +300,7 @@ def _callbacks(cfg: DictConfig, ckpt_dir: Path, echo=print) -> list:
         StopOnNonFinite(ckpt_dir / "last.ckpt"),  # a NaN never reaches the weights or a checkpoint
         SeedStochasticRounding(int(cfg.seed)),  # SR noise from (seed, step): resumes are exact
         Throughput(),  # in the task's throughput_unit (tokens, images)
+        CommBytes(),  # under FSDP2: bytes this rank all-gathers and reduce-scatters per step
     ]
     if cfg.trainer.get("enable_progress_bar", True) and not sys.stdout.isatty():
         from lowbit.callbacks.progress import LineProgress

@@ -46,6 +46,7 @@ from lowbit.numerics import (
     tiled_contiguous,
 )
 from lowbit.quant.backends import CHAINS, Backend, chain
+from lowbit.quant.gather import gathered_values
 from lowbit.quant.recipe import OPERANDS, GemmRecipe
 
 __all__ = ["BACKENDS", "QuantLinear", "operand_health"]
@@ -96,20 +97,32 @@ class _QuantLinearFn(torch.autograd.Function):
         tokens = layer.token_multiple
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         n = x2.shape[0]
-        # dgrad's Q(Wᵀ) is Q(W)ᵀ for some specs: quantize W once and keep Q(W) instead of W
-        w_q = layer._emulator.quantize(layer, weight, "fprop.w", dtype) if layer._shares_weight(x) else None
+        # dgrad's Q(Wᵀ) is Q(W)ᵀ for some specs: quantize W once and keep Q(W) instead of W; a weight
+        # from FSDP2's quantized all-gather is Q(W) already (lowbit.quant.gather)
+        gathered = gathered_values(weight)
+        if gathered is not None:
+            w_q = gathered.to(dtype)
+        elif layer._shares_weight(x):
+            w_q = layer._emulator.quantize(layer, weight, "fprop.w", dtype)
+        else:
+            w_q = None
         y = layer._gemm("fprop", _pad_rows(x2, tokens), weight, dtype, qb=w_q)[:n]  # (N', in) x (out, in) -> (N, out)
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
         ctx.weight_shape, ctx.weight_dtype, ctx.shares_weight = weight.shape, weight.dtype, w_q is not None
-        ctx.save_for_backward(x2.to(dtype), weight if w_q is None else w_q)
+        # a gathered weight is saved as the parameter: FSDP2 frees it after the forward and gathers it
+        # again (into the same storage) for the backward
+        ctx.gathered = gathered is not None
+        ctx.save_for_backward(x2.to(dtype), weight if w_q is None or ctx.gathered else w_q)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
         x2, weight = ctx.saved_tensors  # weight: W, or Q(W) in the compute dtype (ctx.shares_weight)
         layer, dtype = ctx.layer, ctx.dtype
+        if ctx.gathered:
+            weight = gathered_values(weight).to(dtype)
         tokens = layer.token_multiple
         out_features, in_features = ctx.weight_shape
         dy2 = dy.reshape(-1, out_features).to(dtype)  # (N, out)
@@ -176,6 +189,7 @@ class QuantLinear(nn.Linear):
         self.sr_generator = None
         self.delayed_scaling: dict[str, Any] | None = None  # set by the precision plugin for FP8 delayed scaling
         self.amax_reduction = "local"  # or "global": activation/gradient tensor scales from every rank's amax
+        self.quantized_all_gather = False  # under FSDP2: gather the weight as codes (lowbit.quant.gather)
         self.scaling_state: dict[str, DelayedScaling] = {}
 
     def delayed_state(self, operand: str, device: torch.device) -> DelayedScaling:

@@ -46,6 +46,7 @@ class FP8Precision(QuantPrecision):
         keep_last_blocks: int | float = 0,
         backend: str = "auto",
         amax_reduction: str = "local",
+        quantized_all_gather: bool = True,
         device_type: str | None = None,
         mode: str = "auto",
     ) -> None:
@@ -65,6 +66,7 @@ class FP8Precision(QuantPrecision):
             backend=backend,
             delayed_scaling=delayed,
             amax_reduction=amax_reduction,
+            quantized_all_gather=quantized_all_gather,
             device_type=device_type,
             mode=mode,
         )

@@ -36,7 +36,8 @@ NVFP4 = [
     "precision.amax_reduction=global",
 ]
 QAT_LSQ = ["recipe=qat_int8_llm", "precision.activations=static", "precision.lsq=true"]  # learned scales
-RECIPES = {"bf16": ["recipe=bf16_llm"], "nvfp4": NVFP4, "qat": QAT_LSQ}
+FP8 = ["recipe=fp8_llm", "precision.backend=emulate", "precision.amax_reduction=global"]
+RECIPES = {"bf16": ["recipe=bf16_llm"], "nvfp4": NVFP4, "fp8": FP8, "qat": QAT_LSQ}
 LAYOUTS = {  # one global batch of 4 sequences
     "one": ["trainer.devices=1", "data.batch_size=4"],
     "ddp": ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2"],
@@ -53,9 +54,13 @@ def _train(run_dir: Path, args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=run_dir.parent)
 
 
-def _losses(run_dir: Path) -> dict[int, float]:
+def _column(run_dir: Path, name: str) -> dict[int, float]:
     with open(run_dir / "csv" / "metrics.csv") as f:
-        return {int(r["step"]): float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")}
+        return {int(r["step"]): float(r[name]) for r in csv.DictReader(f) if r.get(name)}
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    return _column(run_dir, "train/loss")
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +109,9 @@ def test_qat_scales_initialised_in_the_first_forward_survive_fsdp2_and_agree_acr
     # LSQ weight and activation scales are set from the first batch inside the forward: under FSDP2 that
     # forward holds an all-gathered copy (lowbit.distributed.set_parameter writes the shards too), and
     # the activation scale comes from both ranks' halves (the min/max the whole batch has)
+    # (DDP holds whole copies: its forward writes the parameters themselves, as one process does)
     one = _losses(runs("qat", "one"))
-    _close(_losses(runs("qat", "ddp")), one, 2e-5)  # INT8 rounding turns summation-order noise into ~1e-5
-    _close(_losses(runs("qat", "fsdp")), one, 2e-5)
+    _close(_losses(runs("qat", "fsdp")), one, 2e-5)  # INT8 rounding turns summation-order noise into ~1e-5
 
 
 def test_a_sharded_checkpoint_resumes_on_two_processes_and_on_one(runs):
@@ -125,3 +130,17 @@ def test_a_one_file_checkpoint_resumes_under_fsdp2(runs):
     step3 = runs("bf16", "one") / "checkpoints" / "step-3.ckpt"
     on_two = _losses(runs("bf16", "fsdp", f"resume={step3}"))
     _close(on_two, {k: full[k] for k in on_two}, 1e-5)
+
+
+@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+def test_quantized_all_gather_takes_the_same_steps_and_sends_fewer_bytes(runs, recipe):
+    quantized, plain = runs(recipe, "fsdp"), runs(recipe, "fsdp", "precision.quantized_all_gather=false")
+    _close(_losses(quantized), _losses(plain), 1e-6)  # the same quantized weight either way
+    sent, full = _column(quantized, "comm/all_gather_mb"), _column(plain, "comm/all_gather_mb")
+    assert sorted(sent) == sorted(full) == list(range(STEPS))
+    # the gathered linear weights: FP8 1 byte an element, NVFP4 ~0.52, against FP32's 4; embeddings, norms
+    # and the layers kept in high precision are still sent in FP32
+    ratios = [sent[k] / full[k] for k in range(STEPS)]
+    assert max(ratios) < (0.45 if recipe == "fp8" else 0.35), (ratios, sent, full)
+    rs = _column(quantized, "comm/reduce_scatter_mb")
+    assert rs == _column(plain, "comm/reduce_scatter_mb")  # gradients reduce-scatter in FP32 either way

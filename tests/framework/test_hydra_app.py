@@ -79,7 +79,8 @@ def _sweep_jobs(sweep: Path) -> list[Path]:
     return sorted(p for p in sweep.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+# the joblib and submitit launchers and the optuna sweeper: off the default run (-m slow), ~45 s
+@pytest.mark.parametrize("launcher", ["basic", pytest.param("joblib", marks=pytest.mark.slow)])
 def test_multirun_logs_one_wandb_run_per_job(tmp_path, launcher):
     sweep = tmp_path / "sweep"
     extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
@@ -130,6 +131,7 @@ def _compare_the_two_runs(jobs: list[Path], tmp_path: Path) -> None:
     assert (out / "compare.md").read_text().strip().splitlines()[2:] == rows[2:]
 
 
+@pytest.mark.slow
 def test_submitit_local_launcher_runs_each_job(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     sweep = tmp_path / "sweep"
@@ -139,6 +141,7 @@ def test_submitit_local_launcher_runs_each_job(tmp_path):
     assert all((job / "checkpoints" / "last.ckpt").is_file() for job in jobs)
 
 
+@pytest.mark.slow
 def test_optuna_sweeps_the_learning_rate(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
     sweep = tmp_path / "sweep"
