@@ -2,7 +2,8 @@
 
 A third-party task that subclasses ``Task`` runs under ``trainer.strategy=fsdp`` too: the blocks
 of its ``model`` are sharded by ``lowbit.distributed.shard_model`` after the precision plugin
-converted the layers (``build`` converts before the Trainer exists).
+converted the layers (``build`` converts before the Trainer exists). A child module that keeps a
+tensor per parameter (the diffusion task's EMA) defines ``shard_like(model)`` and is sharded the same way.
 """
 
 from __future__ import annotations
@@ -22,3 +23,6 @@ class Task(L.LightningModule):
         if mesh is None:
             return
         shard_model(self.model, mesh["data_parallel"] if "data_parallel" in (mesh.mesh_dim_names or ()) else mesh)
+        for module in self.children():  # state kept per parameter (a DiT's EMA) takes the parameters' shards
+            if module is not self.model and hasattr(module, "shard_like"):
+                module.shard_like(self.model)

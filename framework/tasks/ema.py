@@ -43,6 +43,16 @@ def _trainable(model: nn.Module, names: list[str]) -> nn.Module:
     return holder
 
 
+def _reshard(model: nn.Module) -> None:
+    """Under FSDP2, register the sharded parameters again: after a forward the root module holds its
+    gathered (plain) parameters until the next backward, and the averages swap with the shards."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 class EMA(ModelEmaV3):
     """timm's ``ModelEmaV3`` over ``model``'s trainable parameters (float32 copies in ``self.module``),
     with lowbit's warm-up rule; ``update(model)`` after each optimizer step."""
@@ -81,10 +91,25 @@ class EMA(ModelEmaV3):
         for name in self.names:
             yield params[name], getattr(self.module, _key(name))
 
+    @torch.no_grad()
+    def shard_like(self, model: nn.Module) -> None:
+        """Under FSDP2: each average becomes a DTensor laid out as its (now sharded) parameter, so the
+        update, the swap and the checkpoint work on this rank's shard; a no-op where nothing is sharded."""
+        from torch.distributed.tensor import DTensor, distribute_tensor
+
+        params = dict(model.named_parameters())
+        for name in self.names:
+            p, shadow = params[name], getattr(self.module, _key(name))
+            if isinstance(p, DTensor) and not isinstance(shadow, DTensor):
+                # every rank holds the same full average (a copy of the same initial weights): take its own rows
+                sharded = distribute_tensor(shadow.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                self.module.register_parameter(_key(name), nn.Parameter(sharded, requires_grad=False))
+
     @contextmanager
     def swapped(self, model: nn.Module) -> Iterator[nn.Module]:
         """Inside: ``model`` holds the EMA weights; on exit (exceptions included) its own weights again."""
         saved = []
+        _reshard(model)
         with torch.no_grad():
             for p, shadow in self._pairs(model):
                 saved.append(p.detach().clone())
@@ -92,6 +117,7 @@ class EMA(ModelEmaV3):
         try:
             yield model
         finally:
+            _reshard(model)
             with torch.no_grad():
                 for (p, _), value in zip(self._pairs(model), saved):
                     p.copy_(value)

@@ -37,7 +37,13 @@ NVFP4 = [
 ]
 QAT_LSQ = ["recipe=qat_int8_llm", "precision.activations=static", "precision.lsq=true"]  # learned scales
 FP8 = ["recipe=fp8_llm", "precision.backend=emulate", "precision.amax_reduction=global"]
-RECIPES = {"bf16": ["recipe=bf16_llm"], "nvfp4": NVFP4, "fp8": FP8, "qat": QAT_LSQ}
+RECIPES = {
+    "bf16": ["recipe=bf16_llm"],
+    "nvfp4": NVFP4,
+    "fp8": FP8,
+    "qat": QAT_LSQ,
+    "dit": ["recipe=nvfp4_dit", *NVFP4[1:]],
+}
 LAYOUTS = {  # one global batch of 4 sequences
     "one": ["trainer.devices=1", "data.batch_size=4"],
     "ddp": ["trainer.devices=2", "trainer.strategy=ddp", "data.batch_size=2"],
@@ -144,3 +150,11 @@ def test_quantized_all_gather_takes_the_same_steps_and_sends_fewer_bytes(runs, r
     assert max(ratios) < (0.45 if recipe == "fp8" else 0.35), (ratios, sent, full)
     rs = _column(quantized, "comm/reduce_scatter_mb")
     assert rs == _column(plain, "comm/reduce_scatter_mb")  # gradients reduce-scatter in FP32 either way
+
+
+def test_a_dit_and_its_ema_shard_under_fsdp2(runs):
+    # the EMA keeps one average per parameter: under FSDP2 each rank averages its own shard
+    # (EMA.shard_like); validation swaps the averages in, so val/loss checks them
+    fsdp, ddp = runs("dit", "fsdp"), runs("dit", "ddp")
+    _close(_losses(fsdp), _losses(ddp), 1e-5)
+    _close(_column(fsdp, "val/loss"), _column(ddp, "val/loss"), 1e-5)
