@@ -138,7 +138,8 @@ def test_a_one_file_checkpoint_resumes_under_fsdp2(runs):
     _close(on_two, {k: full[k] for k in on_two}, 1e-5)
 
 
-@pytest.mark.parametrize("recipe", ["fp8", "nvfp4"])
+# fp8 in -m slow (40 s): its per-tensor codes are checked bit for bit in tests/framework/quant/test_gather.py
+@pytest.mark.parametrize("recipe", [pytest.param("fp8", marks=pytest.mark.slow), "nvfp4"])
 def test_quantized_all_gather_takes_the_same_steps_and_sends_fewer_bytes(runs, recipe):
     quantized, plain = runs(recipe, "fsdp"), runs(recipe, "fsdp", "precision.quantized_all_gather=false")
     _close(_losses(quantized), _losses(plain), 1e-6)  # the same quantized weight either way
@@ -158,3 +159,14 @@ def test_a_dit_and_its_ema_shard_under_fsdp2(runs):
     fsdp, ddp = runs("dit", "fsdp"), runs("dit", "ddp")
     _close(_losses(fsdp), _losses(ddp), 1e-5)
     _close(_column(fsdp, "val/loss"), _column(ddp, "val/loss"), 1e-5)
+
+
+def test_a_sharded_checkpoint_of_another_model_is_refused_in_one_line_before_any_step(runs, tmp_path):
+    layout = "fsdp"
+    step3 = runs("bf16", "fsdp") / "checkpoints" / "step-3.ckpt"
+    run_dir = tmp_path / f"wider-{layout}"
+    result = _train(run_dir, [*RECIPES["bf16"], *COMMON, *LAYOUTS[layout], "model.dim=48", f"resume={step3}"])
+    assert result.returncode == 2, result.stderr[-2000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert "the checkpoint's model differs from this run's" in line and "48" in line, line
+    assert not (run_dir / "csv" / "metrics.csv").exists()  # not one step trained
