@@ -8,6 +8,10 @@ step time is the median over steps of forward + backward + optimizer; the whole 
 so a slow spell on a shared machine hits every configuration alike. Memory: the bytes one
 forward saves for backward (counted with ``saved_tensors_hooks``; exact on any device) and, on
 CUDA, the peak allocated memory of a training step.
+
+With ``trainer.devices=N`` (``trainer.strategy=ddp|fsdp``) Lightning starts the other N-1 processes
+by running the same command again; every rank trains every configuration in the same order and
+rank 0 times its steps (which wait for the collectives) and prints the table.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ import lightning as L
 import torch
 
 from lowbit.bench._report import device_name, markdown_table
+from lowbit.distributed import world
 
 __all__ = ["SpeedResult", "StepTimer", "main", "measure"]
 
@@ -98,6 +103,7 @@ def measure(overrides: list[str], steps: int, warmup: int) -> tuple[list[float],
         enable_checkpointing=False,
         limit_val_batches=0,
         max_epochs=-1,
+        use_distributed_sampler=not getattr(built.data, "shards_by_rank", False),  # as train: each rank its slice
     )
     cuda = trainer.strategy.root_device.type == "cuda"
     if cuda:
@@ -120,7 +126,10 @@ def run(
             overrides = [f"recipe={recipe}", f"precision={p}", f"posenc={e}", "logger=csv", *extra]
             times, res.saved_mb, res.peak_mb, res.quantized = measure(overrides, steps, warmup)
             res.step_ms.append(1e3 * statistics.median(times))
-            print(f"round {r + 1}/{rounds} precision={p} posenc={e}: {res.step_ms[-1]:.1f} ms/step", file=sys.stderr)
+            if world()[0] == 0:
+                print(
+                    f"round {r + 1}/{rounds} precision={p} posenc={e}: {res.step_ms[-1]:.1f} ms/step", file=sys.stderr
+                )
     return list(results.values())
 
 
@@ -176,6 +185,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds,
         args.overrides,
     )
+    if world()[0] != 0:  # trainer.devices=N: Lightning ran this command again for each other rank
+        return 0
     command = "lowbit bench speed " + " ".join(argv if argv is not None else sys.argv[3:])
     text = f"`{command.strip()}` — {dt.date.today()}, {device_name()}\n\n{table(results)}\n"
     print(text)

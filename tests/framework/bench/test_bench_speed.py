@@ -35,3 +35,20 @@ def test_step_timer_counts_only_steps_after_warmup():
     assert len(res.step_ms) == 1 and res.step_ms[0] > 0
     times, saved, peak, _ = bench.measure(["recipe=bf16_llm", "debug=smoke", "logger=csv"], steps=3, warmup=2)
     assert len(times) == 3 and saved > 0 and peak is None  # peak memory only on CUDA
+
+
+def test_two_fsdp_processes_train_every_configuration_and_rank_zero_reports(tmp_path):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_PORT")}
+    lowbit = str(Path(sys.executable).with_name("lowbit"))
+    args = ["--precisions", "bf16,nvfp4", "--steps", "2", "--warmup", "1", "--rounds", "1", "--out", "t.md"]
+    cmd = [lowbit, "bench", "speed", *args, "debug=smoke", "trainer.devices=2", "trainer.strategy=fsdp"]
+    result = subprocess.run(cmd, env={**env, "WANDB_MODE": "disabled"}, capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("| precision |") == 1  # one table: rank 0's
+    assert [r[0] for r in _rows((tmp_path / "t.md").read_text())] == ["bf16", "nvfp4"]
+    assert result.stderr.count("round 1/1 precision=nvfp4") == 1
