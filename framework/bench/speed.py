@@ -9,6 +9,10 @@ so a slow spell on a shared machine hits every configuration alike. Memory: the 
 forward saves for backward (counted with ``saved_tensors_hooks``; exact on any device) and, on
 CUDA, the peak allocated memory of a training step.
 
+``--profile DIR``: ``torch.profiler`` over the first round's timed steps of each configuration, a
+Chrome trace per configuration in DIR and the 15 ops with the most self time printed, so where the
+time goes is seen, not guessed.
+
 With ``trainer.devices=N`` (``trainer.strategy=ddp|fsdp``) Lightning starts the other N-1 processes
 by running the same command again; every rank trains every configuration in the same order and
 rank 0 times its steps (which wait for the collectives) and prints the table.
@@ -21,6 +25,7 @@ import datetime as dt
 import statistics
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,19 +91,55 @@ class StepTimer(L.Callback):
             self.times.append(time.perf_counter() - self._start)
 
 
-def measure(overrides: list[str], steps: int, warmup: int) -> tuple[list[float], float, float | None, str]:
-    """Train one configuration ``warmup + steps`` steps: (step seconds, saved MB, peak MB, precision description)."""
+class Profile(L.Callback):
+    """``torch.profiler`` over the ``steps`` timed steps after ``warmup``: a Chrome/TensorBoard trace
+    at ``trace`` and the ops that took the most time themselves (``top``, a table of ``rows`` rows)."""
+
+    def __init__(self, warmup: int, steps: int, trace: Path, rows: int = 15) -> None:
+        from torch.profiler import ProfilerActivity, profile, schedule
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self.trace, self.rows, self.top = trace, rows, ""
+        self.sort = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+        # the last untimed step warms the profiler up (its first recorded step costs more); none without one
+        ramp = min(warmup, 1)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Profiler won't be using warmup")
+            plan = schedule(wait=warmup - ramp, warmup=ramp, active=steps, repeat=1)
+        self.profiler = profile(activities=activities, schedule=plan, on_trace_ready=self._ready)
+
+    def _ready(self, prof) -> None:
+        self.trace.parent.mkdir(parents=True, exist_ok=True)
+        prof.export_chrome_trace(str(self.trace))
+        self.top = prof.key_averages().table(sort_by=self.sort, row_limit=self.rows)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.profiler.start()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.profiler.step()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.profiler.stop()
+
+
+def measure(
+    overrides: list[str], steps: int, warmup: int, profile: Path | None = None
+) -> tuple[list[float], float, float | None, str]:
+    """Train one configuration ``warmup + steps`` steps: (step seconds, saved MB, peak MB, precision description);
+    with ``profile``, also a profiler trace of the timed steps there and their top ops printed."""
     from lowbit.config import compose
     from lowbit.run import build
 
     built = build(compose(overrides).cfg)
     timer = StepTimer(warmup)
+    profiler = Profile(warmup, steps, profile) if profile is not None else None
     kwargs = {k: v for k, v in built.trainer_kwargs.items() if k not in ("val_check_interval", "limit_val_batches")}
     kwargs.update(max_steps=warmup + steps, enable_progress_bar=False, enable_model_summary=False)
     trainer = L.Trainer(
         **kwargs,
         plugins=[built.precision],
-        callbacks=[timer],
+        callbacks=[timer] + ([profiler] if profiler else []),
         logger=False,
         enable_checkpointing=False,
         limit_val_batches=0,
@@ -109,6 +150,8 @@ def measure(overrides: list[str], steps: int, warmup: int) -> tuple[list[float],
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     trainer.fit(built.task, datamodule=built.data)
+    if profiler is not None and world()[0] == 0:
+        print(f"profile of {' '.join(overrides)}: trace {profile}\n{profiler.top}", file=sys.stderr)
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
     batch = next(iter(built.data.train_dataloader()))
     batch = [t.to(built.task.device) for t in batch]
@@ -117,14 +160,23 @@ def measure(overrides: list[str], steps: int, warmup: int) -> tuple[list[float],
 
 
 def run(
-    recipe: str, precisions: list[str], posencs: list[str], steps: int, warmup: int, rounds: int, extra: list[str]
+    recipe: str,
+    precisions: list[str],
+    posencs: list[str],
+    steps: int,
+    warmup: int,
+    rounds: int,
+    extra: list[str],
+    profile: Path | None = None,
 ) -> list[SpeedResult]:
-    """Measure every (precision, posenc) pair ``rounds`` times, in turn."""
+    """Measure every (precision, posenc) pair ``rounds`` times, in turn; with ``profile`` (a folder), the
+    first round's steps are profiled too, one trace per pair (``<precision>-<posenc>.json``)."""
     results = {(p, e): SpeedResult(p, e) for p in precisions for e in posencs}
     for r in range(rounds):
         for (p, e), res in results.items():
             overrides = [f"recipe={recipe}", f"precision={p}", f"posenc={e}", "logger=csv", *extra]
-            times, res.saved_mb, res.peak_mb, res.quantized = measure(overrides, steps, warmup)
+            trace = profile / f"{p}-{e}.json" if profile is not None and r == 0 else None
+            times, res.saved_mb, res.peak_mb, res.quantized = measure(overrides, steps, warmup, trace)
             res.step_ms.append(1e3 * statistics.median(times))
             if world()[0] == 0:
                 print(
@@ -174,6 +226,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=3, help="times the whole sweep repeats")
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="profile the first round's timed steps: a Chrome/TensorBoard trace per configuration in DIR "
+        "(chrome://tracing, perfetto.dev) and its 15 ops with the most self time printed",
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for every configuration (model.dim=256 ...)")
     args = parser.parse_args(argv)
     results = run(
@@ -184,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         args.warmup,
         args.rounds,
         args.overrides,
+        args.profile,
     )
     if world()[0] != 0:  # trainer.devices=N: Lightning ran this command again for each other rank
         return 0

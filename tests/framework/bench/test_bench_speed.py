@@ -52,3 +52,19 @@ def test_two_fsdp_processes_train_every_configuration_and_rank_zero_reports(tmp_
     assert result.stdout.count("| precision |") == 1  # one table: rank 0's
     assert [r[0] for r in _rows((tmp_path / "t.md").read_text())] == ["bf16", "nvfp4"]
     assert result.stderr.count("round 1/1 precision=nvfp4") == 1
+
+
+def test_profile_writes_a_trace_per_configuration_and_prints_the_top_ops(tmp_path, capsys):
+    import json
+
+    argv = ["--precisions", "bf16,nvfp4", "--steps", "2", "--warmup", "1", "--rounds", "2"]
+    assert bench.main([*argv, "--profile", str(tmp_path), "debug=smoke"]) == 0
+    err = capsys.readouterr().err
+    for name in ("bf16-rope", "nvfp4-rope"):  # the first round only: one trace each
+        events = json.loads((tmp_path / f"{name}.json").read_text())["traceEvents"]
+        steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+        assert len(steps) == 2  # the two timed steps, not the warm-up
+    assert err.count("profile of ") == 2 and err.count("Self CPU time total") == 2
+    table = err.split("profile of recipe=bf16_llm precision=nvfp4")[1].split("Self CPU time total")[0]
+    rows = [line for line in table.splitlines()[4:] if line.strip() and not line.startswith("---")]
+    assert len(rows) == 15 and "_QuantLinearFn" in table  # the quantized layers' own time shows
