@@ -20,8 +20,10 @@ whole weight bit for bit (tested). It rides on FSDP2's all-gather extension
 - ``GatheredQuantWeight`` is what the block's forward then sees as ``layer.weight``: Q(W) already,
   which ``QuantLinear`` uses for fprop and dgrad as it is.
 
-The Triton kernels take their weight as kernel operands, not decoded values: on a device where
-they run, weights are gathered in full precision as before (``eligible`` says why not).
+The Triton kernels take their weight as kernel operands, not decoded values: on a machine where
+they run, weights are gathered in full precision as before (``eligible`` says why not). The health
+callback records no weight operand of a layer fed a gathered weight (the master weight is not there
+to measure the quantization error against); activations and gradients are recorded as before.
 """
 
 from __future__ import annotations
@@ -169,8 +171,9 @@ def eligible(layer: nn.Module, shards: int) -> str | None:
     rows = 1 if spec.block == "tensor" else spec.block[0]
     if layer.out_features % (shards * rows):
         return f"{layer.out_features} rows do not split into {shards} shards of whole {rows}-row blocks"
-    if any(b.fused and b.active(layer.weight) for b in layer._backends):
-        return "the Triton kernels take the weight as kernel operands on this device"
+    fused = [b for b in layer._backends if b.fused]  # decided at sharding, maybe before the move to the GPU
+    if fused and (torch.cuda.is_available() or any(b.active(layer.weight) for b in fused)):
+        return "the Triton kernels take the weight as kernel operands (backend auto or triton, CUDA present)"
     return None
 
 
