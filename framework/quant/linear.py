@@ -91,7 +91,7 @@ class _QuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear, grad: bool
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         tokens = layer.token_multiple
@@ -102,6 +102,8 @@ class _QuantLinearFn(torch.autograd.Function):
         gathered = gathered_values(weight)
         if gathered is not None:
             w_q = gathered.to(dtype)
+        elif (cached := layer._eval_weight(weight, dtype, grad)) is not None:
+            w_q = cached  # no gradient: fprop is the only GEMM, its Q(W) the one of the last such forward
         elif layer._shares_weight(x):
             w_q = layer._emulator.quantize(layer, weight, "fprop.w", dtype)
         else:
@@ -140,7 +142,7 @@ class _QuantLinearFn(torch.autograd.Function):
             dw = dw.to(ctx.weight_dtype)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.weight_dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class QuantLinear(nn.Linear):
@@ -190,6 +192,8 @@ class QuantLinear(nn.Linear):
         self.delayed_scaling: dict[str, Any] | None = None  # set by the precision plugin for FP8 delayed scaling
         self.amax_reduction = "local"  # or "global": activation/gradient tensor scales from every rank's amax
         self.quantized_all_gather = False  # under FSDP2: gather the weight as codes (lowbit.quant.gather)
+        self.sharded = False  # FSDP2 manages the weight (set by lowbit.distributed.shard_model)
+        self._weight_cache: tuple[tuple, torch.Tensor] | None = None  # (weight key, fprop's Q(W)), see _eval_weight
         self.scaling_state: dict[str, DelayedScaling] = {}
 
     def delayed_state(self, operand: str, device: torch.device) -> DelayedScaling:
@@ -259,6 +263,27 @@ class QuantLinear(nn.Linear):
             return False
         return spec.block == "tensor" or (not isinstance(spec.block, str) and spec.block[0] == spec.block[1])
 
+    def _eval_weight(self, weight: torch.Tensor, dtype: torch.dtype, grad: bool) -> torch.Tensor | None:
+        """fprop's Q(W) for a forward without gradient (validation, sampling, evaluation), quantized once
+        and reused while the weight is unchanged: the cache is keyed by the weight's storage and version
+        counter, which every in-place write bumps (an optimizer step, ``load_state_dict``, an EMA swap).
+        None (and the cache dropped) in a training forward, where the weight changed since the last
+        step anyway, and where reuse would change a number: stochastic rounding or delayed scaling of
+        the weight, health being recorded, FSDP2 (it re-gathers into the same storage without a version
+        bump), or a fused backend serving the GEMM. The same bits as quantizing again (tested)."""
+        if grad:
+            self._weight_cache = None
+            return None
+        spec = self.recipe.spec_of("fprop.w")
+        if spec is None or spec.rounding == "sr" or self._delayed(spec) or self.record_health or self.sharded:
+            return None
+        if any(b.fused and b.active(weight) for b in self._backends):
+            return None
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, dtype)
+        if self._weight_cache is None or self._weight_cache[0] != key:
+            self._weight_cache = (key, self._emulator.quantize(self, weight, "fprop.w", dtype))
+        return self._weight_cache[1]
+
     def _quantize_dy(self, dy: torch.Tensor) -> tuple[Any, Any]:
         """dy for dgrad and dyᵀ for wgrad from one read of dy, where a fused backend runs on dy's device
         and can (its ``quantize_dy``); else (None, None) and each GEMM quantizes its own."""
@@ -266,7 +291,8 @@ class QuantLinear(nn.Linear):
         return fused.quantize_dy(self, dy) if fused is not None else (None, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantLinearFn.apply(x, self.weight, self.bias, self)
+        # grad mode as the caller has it (a Function's forward always runs without): see _eval_weight
+        return _QuantLinearFn.apply(x, self.weight, self.bias, self, torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         gemms = []

@@ -247,3 +247,79 @@ def test_recording_health_leaves_the_global_generator_alone():
     first = operand_health(t, get_spec("nvfp4").replace(rounding="sr"))
     assert torch.equal(torch.get_rng_state(), before)
     assert operand_health(t, get_spec("nvfp4").replace(rounding="sr")) == first  # and it repeats
+
+
+MXFP4_W = {"fprop": {"x": "mxfp4", "w": "mxfp4"}, "dgrad": {"dy": "mxfp4", "w": "mxfp4"}}
+
+
+def _counting(layer):
+    """Count the layer's weight quantizations (the emulator's ``fprop.w`` calls)."""
+    calls, quantize = [], layer._emulator.quantize
+
+    def counted(lyr, t, operand, dtype):
+        calls.append(operand)
+        return quantize(lyr, t, operand, dtype)
+
+    layer._emulator.quantize = counted
+    return calls
+
+
+@pytest.mark.parametrize("recipe", [NVFP4, MXFP4_W], ids=["nvfp4", "mxfp4"])
+def test_a_forward_without_gradient_quantizes_an_unchanged_weight_once(recipe):
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 96, recipe=GemmRecipe.from_dict(recipe), backend="emulate")
+    x = torch.randn(4, 64)
+    calls = _counting(layer)
+    with torch.no_grad():
+        first = layer(x)
+        again = [layer(torch.randn(4, 64)) for _ in range(3)]
+    assert calls.count("fprop.w") == 1 and len(again) == 3
+    with torch.no_grad():
+        assert torch.equal(layer(x), first)
+    # the same bits as quantizing again: a training forward (no cache) gives the same output
+    assert torch.equal(layer(x).detach(), first) and layer._weight_cache is None  # dropped while training
+    assert calls.count("fprop.w") == 2  # the training forward quantized it again
+
+
+def test_the_cached_weight_follows_an_optimizer_step_and_a_checkpoint_load():
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 96, recipe=GemmRecipe.from_dict(NVFP4), backend="emulate")
+    x = torch.randn(4, 64)
+
+    def fresh():  # no cache: a forward with gradient quantizes the weight as it is now
+        return layer(x).detach()
+
+    with torch.no_grad():
+        before = layer(x)
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    opt = torch.optim.SGD(layer.parameters(), lr=0.5)
+    layer(x).square().sum().backward()
+    opt.step()
+    with torch.no_grad():
+        after_step = layer(x)
+    assert not torch.equal(after_step, before) and torch.equal(after_step, fresh())  # no stale weight
+    with torch.no_grad():
+        layer(x)  # cache filled with the stepped weight
+    layer.load_state_dict(saved)
+    with torch.no_grad():
+        assert torch.equal(layer(x), before)
+    with torch.no_grad():  # an in-place write of any kind (an EMA swap) also bumps the version
+        layer.weight.mul_(2.0)
+        assert torch.equal(layer(x), fresh())
+
+
+def test_no_cache_where_reuse_would_change_a_number():
+    sr = {"fprop": {"x": "nvfp4", "w": {"preset": "nvfp4_2d", "rounding": "sr"}}}
+    layer = QuantLinear(64, 96, recipe=GemmRecipe.from_dict(sr), backend="emulate")
+    with torch.no_grad():
+        layer(torch.randn(4, 64))
+    assert layer._weight_cache is None  # SR weights draw anew every forward
+    layer = QuantLinear(64, 96, recipe=GemmRecipe.from_dict(NVFP4), backend="emulate")
+    layer.record_health, layer.sharded = True, False
+    with torch.no_grad():
+        layer(torch.randn(4, 64))
+    assert layer._weight_cache is None and "fprop.w" in layer.health
+    layer.record_health, layer.sharded = False, True  # FSDP2 re-gathers into the same storage
+    with torch.no_grad():
+        layer(torch.randn(4, 64))
+    assert layer._weight_cache is None
