@@ -279,7 +279,7 @@ class QuantLinear(nn.Linear):
             return None
         if any(b.fused and b.active(weight) for b in self._backends):
             return None
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, dtype)
+        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, dtype, spec)
         if self._weight_cache is None or self._weight_cache[0] != key:
             self._weight_cache = (key, self._emulator.quantize(self, weight, "fprop.w", dtype))
         return self._weight_cache[1]
