@@ -52,8 +52,11 @@ def count_fsdp_bytes(module: torch.nn.Module) -> dict[str, int] | None:
     counter = {"all_gather": 0, "reduce_scatter": 0}
     all_gather, reduce_scatter = _comm_classes()
     for m in sharded:
-        m.set_custom_all_gather(all_gather(counter))
-        m.set_custom_reduce_scatter(reduce_scatter(counter))
+        try:
+            m.set_custom_all_gather(all_gather(counter))
+            m.set_custom_reduce_scatter(reduce_scatter(counter))
+        except ValueError:  # FSDP2 takes no custom collectives for a module of several parameter groups
+            return None  # a count that misses some collectives would mislead: none at all
     return counter
 
 
