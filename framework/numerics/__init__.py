@@ -9,7 +9,7 @@ current and delayed scaling (``scaling``), the random Hadamard transform (``hada
 
 from lowbit.numerics._chunks import contiguous as tiled_contiguous
 from lowbit.numerics.blocks import BlockLayout, block_layout, mx_scale_codes
-from lowbit.numerics.error import QuantError, quant_error
+from lowbit.numerics.error import QuantError, quant_error, quant_error_and_codes
 from lowbit.numerics.formats import (
     E2M1,
     E2M3,
@@ -90,6 +90,7 @@ __all__ = [
     "pack_fp4",
     "preset_names",
     "quant_error",
+    "quant_error_and_codes",
     "quantize",
     "random_hadamard",
     "random_signs",

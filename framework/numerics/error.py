@@ -7,10 +7,11 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.numerics.qtensor import QTensor
 from lowbit.numerics.quantize import SpecLike, _quantize, dequantize
 from lowbit.numerics.spec import get_spec
 
-__all__ = ["QuantError", "quant_error"]
+__all__ = ["QuantError", "quant_error", "quant_error_and_codes"]
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,14 @@ def quant_error(
     x: torch.Tensor, spec: SpecLike, *, generator: torch.Generator | None = None, seed: int | None = None
 ) -> QuantError:
     """Quantize ``x`` with ``spec`` and measure the error of ``dequantize`` against ``x`` (float64 sums)."""
+    return quant_error_and_codes(x, spec, generator=generator, seed=seed)[0]
+
+
+def quant_error_and_codes(
+    x: torch.Tensor, spec: SpecLike, *, generator: torch.Generator | None = None, seed: int | None = None
+) -> tuple[QuantError, QTensor]:
+    """``quant_error`` and the QTensor it measured: one quantization for both (the health callback
+    reports the error and the scales)."""
     stats = {"saturated": torch.zeros((), dtype=torch.int64)}
     q = _quantize(x, get_spec(spec), generator, seed, None, None, stats)
     ref = x.double()
@@ -40,9 +49,10 @@ def quant_error(
     nonzero = ref != 0
     underflow = float((nonzero & (ref + err == 0)).sum()) / max(1, int(nonzero.sum()))
     n = x.numel()
-    return QuantError(
+    error = QuantError(
         snr_db=snr,
         underflow=underflow,
         saturation=float(stats["saturated"]) / n,
         max_abs_error=float(err.abs().max()),
     )
+    return error, q

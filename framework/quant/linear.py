@@ -39,8 +39,7 @@ from lowbit.numerics import (
     DelayedScaling,
     QuantSpec,
     get_format,
-    quant_error,
-    quantize,
+    quant_error_and_codes,
     rht,
     tensor_amax,
     tiled_contiguous,
@@ -72,8 +71,7 @@ def operand_health(t: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
 
     Stochastic rounding here draws from a fixed seed, never torch's global generator: recording
     health must not change what training draws next (a DiT's noise and timesteps did move)."""
-    err = quant_error(t.detach(), spec, seed=0)
-    q = quantize(t.detach(), spec, seed=0)
+    err, q = quant_error_and_codes(t.detach(), spec, seed=0)  # one quantization for the error and the scales
     scales = q.scales if q.global_scale is None else q.scales * q.global_scale
     nonzero = scales[scales > 0]
     return {

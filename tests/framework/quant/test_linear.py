@@ -187,6 +187,44 @@ def test_shapes_that_do_not_fit_the_blocks_are_clear_errors():
         QuantLinear(64, 64, recipe=GemmRecipe.from_dict(NVFP4), backend="cuda")
 
 
+def test_recording_health_costs_one_quantization_per_operand(monkeypatch):
+    # the health callback's cost, structurally: a recording step quantizes each of the six operands
+    # once more to measure it (error and scales from one QTensor), and the weight once more because
+    # dgrad then quantizes Wᵀ itself instead of reusing fprop's Q(W); nothing else
+    import importlib
+
+    error, quantize = (importlib.import_module(f"lowbit.numerics.{m}") for m in ("error", "quantize"))
+    measured, quantize_calls = [], []
+    plain_quantize = error._quantize
+
+    def counted(*args, **kwargs):
+        measured.append(1)
+        return plain_quantize(*args, **kwargs)
+
+    monkeypatch.setattr(error, "_quantize", counted)
+    monkeypatch.setattr(quantize, "_quantize", counted)  # quantize(), were anything to call it too
+    _, layer = _pair(NVFP4)
+    backend_quantize = layer._emulator.quantize
+    layer._emulator.quantize = lambda lyr, t, op, dtype: (
+        quantize_calls.append(op) or backend_quantize(lyr, t, op, dtype)
+    )
+    x = torch.randn(32, 64, requires_grad=True)
+    layer(x).sum().backward()
+    plain = sorted(quantize_calls)
+    quantize_calls.clear()
+    layer.record_health = True
+    layer(x).sum().backward()
+    assert len(measured) == 6 and set(layer.health) == {
+        "fprop.x",
+        "fprop.w",
+        "dgrad.dy",
+        "dgrad.w",
+        "wgrad.dy",
+        "wgrad.x",
+    }
+    assert sorted(quantize_calls) == sorted([*plain, "dgrad.w"])
+
+
 def test_health_records_every_quantized_operand():
     _, layer = _pair(NVFP4)
     layer.record_health = True
