@@ -1,12 +1,13 @@
-"""Bytes each rank sends in FSDP2's collectives, logged per optimizer step (``comm/*``).
+"""Bytes each rank sends in FSDP2's collectives, logged per training step (``comm/*``).
 
 Under ``trainer.strategy=fsdp`` every sharded module all-gathers its parameters before its forward
 (and again before its backward) and reduce-scatters its gradients after. This callback puts a
 counting wrapper around FSDP2's own collectives (``set_custom_all_gather`` /
-``set_custom_reduce_scatter``, delegating to its defaults) and logs, at each optimizer step, the
-bytes this rank put into them during the training step (validation's not counted): ``comm/all_gather_mb`` and ``comm/reduce_scatter_mb``
-(MiB; the inputs' bytes, what goes on the wire from this rank). A quantized all-gather
-(``lowbit.quant.gather``) shows here as fewer all-gather bytes. Without FSDP2 it does nothing.
+``set_custom_reduce_scatter``, delegating to its defaults) and logs, at each training step, the
+bytes this rank put into them during the step (validation's are not counted): ``comm/all_gather_mb``
+and ``comm/reduce_scatter_mb`` (MiB; the inputs' bytes, what goes on the wire from this rank). A
+quantized all-gather (``lowbit.quant.gather``) shows here as fewer all-gather bytes. Without FSDP2
+it does nothing.
 """
 
 from __future__ import annotations
@@ -61,7 +62,7 @@ def count_fsdp_bytes(module: torch.nn.Module) -> dict[str, int] | None:
 
 
 class CommBytes(L.Callback):
-    """Logs ``comm/all_gather_mb`` and ``comm/reduce_scatter_mb`` per optimizer step under FSDP2."""
+    """Logs ``comm/all_gather_mb`` and ``comm/reduce_scatter_mb`` per training step under FSDP2."""
 
     def __init__(self) -> None:
         self.counter: dict[str, int] | None = None
