@@ -9,9 +9,9 @@ so a slow spell on a shared machine hits every configuration alike. Memory: the 
 forward saves for backward (counted with ``saved_tensors_hooks``; exact on any device) and, on
 CUDA, the peak allocated memory of a training step.
 
-``--profile DIR``: ``torch.profiler`` over the first round's timed steps of each configuration, a
-Chrome trace per configuration in DIR and the 15 ops with the most self time printed, so where the
-time goes is seen, not guessed.
+``--profile DIR``: one more round first, under ``torch.profiler`` and not counted in the table: a
+Chrome trace of each configuration's timed steps in DIR and the 15 ops with the most self time
+printed, so where the time goes is seen, not guessed.
 
 With ``trainer.devices=N`` (``trainer.strategy=ddp|fsdp``) Lightning starts the other N-1 processes
 by running the same command again; every rank trains every configuration in the same order and
@@ -169,14 +169,17 @@ def run(
     extra: list[str],
     profile: Path | None = None,
 ) -> list[SpeedResult]:
-    """Measure every (precision, posenc) pair ``rounds`` times, in turn; with ``profile`` (a folder), the
-    first round's steps are profiled too, one trace per pair (``<precision>-<posenc>.json``)."""
+    """Measure every (precision, posenc) pair ``rounds`` times, in turn; with ``profile`` (a folder), one
+    more round first, profiled and not counted, one trace per pair (``<precision>-<posenc>.json``)."""
     results = {(p, e): SpeedResult(p, e) for p in precisions for e in posencs}
-    for r in range(rounds):
+    first = 0 if profile is None else -1  # round -1: profiled, its times (with the profiler's cost) not counted
+    for r in range(first, rounds):
         for (p, e), res in results.items():
             overrides = [f"recipe={recipe}", f"precision={p}", f"posenc={e}", "logger=csv", *extra]
-            trace = profile / f"{p}-{e}.json" if profile is not None and r == 0 else None
+            trace = profile / f"{p}-{e}.json" if r < 0 else None
             times, res.saved_mb, res.peak_mb, res.quantized = measure(overrides, steps, warmup, trace)
+            if r < 0:
+                continue
             res.step_ms.append(1e3 * statistics.median(times))
             if world()[0] == 0:
                 print(
@@ -231,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         default=None,
         metavar="DIR",
-        help="profile the first round's timed steps: a Chrome/TensorBoard trace per configuration in DIR "
+        help="profile the timed steps in one more, uncounted round: a Chrome/TensorBoard trace per configuration in DIR "
         "(chrome://tracing, perfetto.dev) and its 15 ops with the most self time printed",
     )
     parser.add_argument("overrides", nargs="*", help="config overrides for every configuration (model.dim=256 ...)")
