@@ -82,11 +82,7 @@ def shard_model(model: nn.Module, mesh: Any) -> int:
     if isinstance(model, FSDPModule):
         return 0
     from lowbit.quant.gather import quantize_all_gathers
-    from lowbit.quant.linear import QuantLinear
 
-    for module in model.modules():
-        if isinstance(module, QuantLinear):
-            module.sharded = True
     quantize_all_gathers(model, mesh.size())
     blocks = _block_modules(model)
     for block in blocks:

@@ -156,18 +156,12 @@ def gathered_values(weight: torch.Tensor) -> torch.Tensor | None:
 
 def eligible(layer: nn.Module, shards: int) -> str | None:
     """None when ``layer``'s weight can be all-gathered quantized over ``shards`` ranks, else why not."""
-    recipe = layer.recipe
-    spec = recipe.spec_of("fprop.w")
-    if spec is None:
-        return "its weight is not quantized"
-    if spec != recipe.spec_of("dgrad.w"):
-        return "fprop and dgrad quantize its weight differently (blocks along different dims)"
-    if spec.rounding == "sr" or spec.rht_size or spec.asymmetric:
-        return "its weight quantization is stochastic, rotated or asymmetric"
-    if layer._delayed(spec):
-        return "FP8 delayed scaling takes the weight's scale from its history"
-    if not (spec.block == "tensor" or (not isinstance(spec.block, str) and spec.block[0] == spec.block[1])):
-        return f"its weight blocks {spec.block} are not square, so fprop's Q(W) and dgrad's Q(Wᵀ) differ"
+    reason = layer.weight_quantized_once()
+    if reason is not None:
+        return reason
+    spec = layer.recipe.spec_of("fprop.w")
+    if spec.asymmetric:
+        return "its weight quantization is asymmetric (zero points are not gathered)"
     rows = 1 if spec.block == "tensor" else spec.block[0]
     if layer.out_features % (shards * rows):
         return f"{layer.out_features} rows do not split into {shards} shards of whole {rows}-row blocks"
@@ -178,9 +172,10 @@ def eligible(layer: nn.Module, shards: int) -> str | None:
 
 
 def quantize_all_gathers(model: nn.Module, shards: int) -> dict[str, str | None]:
-    """Wrap the weight of every ``QuantLinear`` that asks for it (``quantized_all_gather``) and can
-    (``eligible``) so that FSDP2 all-gathers it quantized; call before ``fully_shard``. Returns each
-    asking layer's name -> None (wrapped) or the reason it is gathered in full precision."""
+    """Mark every ``QuantLinear`` under ``model`` as sharded and wrap the weight of each that asks for it
+    (``quantized_all_gather``) and can (``eligible``) so that FSDP2 all-gathers it quantized; call
+    before ``fully_shard``. Returns each asking layer's name -> None (wrapped) or the reason it is
+    gathered in full precision."""
     from lowbit.quant.linear import QuantLinear
 
     report: dict[str, str | None] = {}
@@ -188,7 +183,10 @@ def quantize_all_gathers(model: nn.Module, shards: int) -> dict[str, str | None]
     for _, param in model.named_parameters(remove_duplicate=False):
         uses[id(param)] = uses.get(id(param), 0) + 1
     for name, layer in model.named_modules():
-        if not (isinstance(layer, QuantLinear) and layer.quantized_all_gather):
+        if not isinstance(layer, QuantLinear):
+            continue
+        layer.sharded = True  # FSDP2 manages its weight from here on
+        if not layer.quantized_all_gather:
             continue
         reason = eligible(layer, shards)
         if reason is None and uses.get(id(layer.weight), 0) > 1:

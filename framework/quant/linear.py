@@ -190,7 +190,7 @@ class QuantLinear(nn.Linear):
         self.delayed_scaling: dict[str, Any] | None = None  # set by the precision plugin for FP8 delayed scaling
         self.amax_reduction = "local"  # or "global": activation/gradient tensor scales from every rank's amax
         self.quantized_all_gather = False  # under FSDP2: gather the weight as codes (lowbit.quant.gather)
-        self.sharded = False  # FSDP2 manages the weight (set by lowbit.distributed.shard_model)
+        self.sharded = False  # FSDP2 manages the weight (set when lowbit.distributed.shard_model shards it)
         self._weight_cache: tuple[tuple, torch.Tensor] | None = None  # (weight key, fprop's Q(W)), see _eval_weight
         self.scaling_state: dict[str, DelayedScaling] = {}
 
@@ -247,19 +247,31 @@ class QuantLinear(nn.Linear):
         """Whether ``spec`` takes its scale from FP8 delayed scaling (amax history) instead of the operand."""
         return self.delayed_scaling is not None and spec.block == "tensor" and spec.scale_format == "fp32"
 
-    def _shares_weight(self, x: torch.Tensor) -> bool:
-        """Whether dgrad takes fprop's quantized weight, transposed, for Q(Wᵀ): both GEMMs emulated,
-        one spec with deterministic rounding and no RHT, blocks that are the whole tensor or square
-        (Wᵀ's blocks are W's blocks transposed: same amax, scales and elements, so the same values),
-        and no per-operand state (FP8 delayed scaling) or health to record."""
+    def weight_quantized_once(self) -> str | None:
+        """None when fprop's Q(W) and dgrad's Q(Wᵀ) are one quantization, transposed: one spec with
+        deterministic rounding, no RHT and no per-operand state (FP8 delayed scaling), blocks that are
+        the whole tensor or square (Wᵀ's blocks are W's blocks transposed: same amax, scales and
+        elements, so the same values); else why not. What ``_shares_weight`` and the quantized
+        all-gather (``lowbit.quant.gather``) rest on."""
         spec = self.recipe.spec_of("fprop.w")
-        if spec is None or spec != self.recipe.spec_of("dgrad.w") or spec.rounding == "sr" or spec.rht_size:
-            return False
+        if spec is None:
+            return "its weight is not quantized"
+        if spec != self.recipe.spec_of("dgrad.w"):
+            return "fprop and dgrad quantize its weight differently (blocks along different dims)"
+        if spec.rounding == "sr" or spec.rht_size:
+            return "its weight quantization is stochastic or rotated"
+        if self._delayed(spec):
+            return "FP8 delayed scaling takes the weight's scale from its history"
+        if not (spec.block == "tensor" or (not isinstance(spec.block, str) and spec.block[0] == spec.block[1])):
+            return f"its weight blocks {spec.block} are not square, so fprop's Q(W) and dgrad's Q(Wᵀ) differ"
+        return None
+
+    def _shares_weight(self, x: torch.Tensor) -> bool:
+        """Whether dgrad takes fprop's quantized weight, transposed, for Q(Wᵀ): the weight is quantized
+        once (``weight_quantized_once``), both GEMMs are emulated and no health is recorded."""
         if self.record_health or any(b.fused and b.active(x) for b in self._backends):
             return False
-        if self._delayed(spec):
-            return False
-        return spec.block == "tensor" or (not isinstance(spec.block, str) and spec.block[0] == spec.block[1])
+        return self.weight_quantized_once() is None
 
     def _eval_weight(self, weight: torch.Tensor, dtype: torch.dtype, grad: bool) -> torch.Tensor | None:
         """fprop's Q(W) for a forward without gradient (validation, sampling, evaluation), quantized once
