@@ -8,6 +8,8 @@ RECIPE ?= nvfp4_llm
 # pip constraints for the install; CI passes .ci/constraints.txt (the versions it tests against)
 CONSTRAINTS ?=
 ARGS ?=
+# test workers (pytest-xdist): one per core, at most 4; TEST_WORKERS=0 runs the tests in this process
+TEST_WORKERS ?= auto
 
 .PHONY: setup train test test-all lint format clean
 
@@ -23,10 +25,10 @@ train: $(STAMP)
 	$(BIN)/train recipe=$(RECIPE) $(ARGS)
 
 test: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/pytest $(ARGS)
+	WANDB_MODE=disabled $(BIN)/pytest -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal $(ARGS)
 
 test-all: $(STAMP)
-	WANDB_MODE=disabled $(BIN)/pytest -m 'not gpu or gpu' $(ARGS)
+	WANDB_MODE=disabled $(BIN)/pytest -n $(TEST_WORKERS) --maxprocesses=4 --dist worksteal -m 'not gpu or gpu' $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -149,7 +149,7 @@ def trim_csv(path: Path, before_step: int) -> None:
         return
     at = rows[0].index("step")
     kept = [rows[0], *(r for r in rows[1:] if r[at] == "" or int(float(r[at])) < before_step)]
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w", newline="") as f:
         csv.writer(f).writerows(kept)
     os.replace(tmp, path)

@@ -198,11 +198,18 @@ def _build(folder: Path, root: Path, files: list[Path], val_fraction: float) -> 
         parts = {"train": [data[:cut]], "val": [data[cut:]]}
     meta = {"root": str(root), "files": len(files)}
     for split, chunks in parts.items():
-        tmp = folder / f"{split}.bin.tmp"
-        tmp.write_bytes(b"".join(chunks))
-        os.replace(tmp, folder / f"{split}.bin")  # atomic: a crash never leaves a half file
+        _write_atomic(folder / f"{split}.bin", b"".join(chunks))
         meta[split] = {"bytes": (folder / f"{split}.bin").stat().st_size, "sha256": _sha256(folder / f"{split}.bin")}
-    (folder / "meta.json").write_text(json.dumps(meta, indent=1))
+    _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    """Write ``path`` through a temporary file of this process, then rename: a crash never leaves a half
+    file, and processes building the same cache at once (parallel runs or test workers) never share a
+    temporary file (each writes the same bytes; the last rename wins)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
 
 
 def load_corpus(

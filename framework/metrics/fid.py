@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import warnings
 from collections.abc import Iterable
 from pathlib import Path
@@ -174,7 +175,7 @@ def feature_net(datamodule: Any, cache_dir: str | Path | None = None, echo=None)
             stacklevel=2,
         )
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")  # one per process: concurrent runs may train it at once
     torch.save(net.state_dict(), tmp)
     tmp.replace(path)  # atomic: a concurrent run never reads half a file
     path.with_suffix(".json").write_text(json.dumps({**key, "val_accuracy": accuracy, "epochs": EPOCHS}, indent=1))

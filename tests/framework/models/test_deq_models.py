@@ -14,7 +14,7 @@ from lowbit.models.deq import DEQGPT, DEQViT
 from lowbit.registry import registry
 from lowbit.tasks.equilibrium import EquilibriumClassifier, EquilibriumLM
 
-VIT = dict(image_size=8, patch_size=4, in_chans=1, num_classes=10, dim=32, n_heads=2)
+VIT = dict(image_size=8, patch_size=4, in_chans=1, num_classes=10, dim=32, n_heads=4)
 GPT = dict(vocab_size=256, dim=32, n_heads=2, max_len=16)
 POSENCS = registry.names("posenc")
 TWO_D = [name for name in POSENCS if 2 in registry.load("posenc", name).pos_dims]

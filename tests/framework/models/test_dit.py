@@ -9,7 +9,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.dit import DiT, LabelEmbedder, timestep_embedding
 from lowbit.registry import registry
 
-SMALL = dict(image_size=8, patch_size=2, in_chans=1, num_classes=10, dim=32, n_layers=2, n_heads=2)
+SMALL = dict(image_size=8, patch_size=2, in_chans=1, num_classes=10, dim=32, n_layers=2, n_heads=4)
 POSENCS = registry.names("posenc")
 TWO_D = [name for name in POSENCS if 2 in registry.load("posenc", name).pos_dims]
 ONE_D_ONLY = [name for name in POSENCS if name not in TWO_D]

@@ -11,7 +11,7 @@ from lowbit.plugins.layers.deq import DEQ
 from lowbit.registry import registry
 from lowbit.tasks.diffusion import Diffusion
 
-SMALL = dict(image_size=8, patch_size=2, in_chans=1, num_classes=10, dim=32, n_heads=2)
+SMALL = dict(image_size=8, patch_size=2, in_chans=1, num_classes=10, dim=32, n_heads=4)
 TWO_D = [name for name in registry.names("posenc") if 2 in registry.load("posenc", name).pos_dims]
 OPTIMIZER = {"name": "adamw", "lr": 1e-3, "weight_decay": 0.0}
 SCHEDULER = {"warmup_steps": 1, "min_lr_ratio": 1.0}

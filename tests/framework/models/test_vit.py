@@ -10,7 +10,7 @@ from lowbit.nn.mlp import swiglu_hidden
 from lowbit.nn.posenc import positions_2d
 from lowbit.registry import registry
 
-SMALL = dict(image_size=16, patch_size=4, in_chans=1, num_classes=10, dim=32, n_layers=2, n_heads=2)
+SMALL = dict(image_size=16, patch_size=4, in_chans=1, num_classes=10, dim=32, n_layers=2, n_heads=4)
 POSENCS = registry.names("posenc")
 TWO_D = [name for name in POSENCS if 2 in registry.load("posenc", name).pos_dims]
 ONE_D_ONLY = [name for name in POSENCS if name not in TWO_D]
