@@ -6,12 +6,15 @@ flat or improving past L, sinusoidal blows up, RoPE degrades and T5's bias degra
 et al. 2022, fig. 1; Chi et al. 2022, table 3); YaRN set for the evaluation length, without
 fine-tuning, recovers much of RoPE's loss (Peng et al. 2023, sec. 3.3, Dynamic YaRN). Learned
 absolute embeddings have no vectors past L: they are linearly interpolated to the evaluation length
-(as timm's ``resample_abs_pos_embed``), which stretches positions rather than extrapolating.
-Small CPU runs are noisy; read orderings, not third decimals.
+(as timm's ``resample_abs_pos_embed``), which stretches positions rather than extrapolating. PaTH's
+logits depend on the tokens between query and key (accumulated Householder products), not on a position
+index, and it extrapolates past L better than RoPE (Yang et al. 2025). Small CPU runs are noisy;
+read orderings, not third decimals.
 
-Cost: the defaults (L = 128, 1000 steps of 16×128 bytes, 9 encodings = 8 trainings, since
-``rope_yarn`` evaluates ``rope``'s model) take about 35-45 min on 2 idle CPU cores (about 0.25 s
-per step, a few seconds per evaluation length); ``--steps`` and ``--encodings`` scale it linearly.
+Cost: the defaults (L = 128, 1000 steps of 16×128 bytes, 10 encodings = 9 trainings, since
+``rope_yarn`` evaluates ``rope``'s model) take about 45-55 min on 2 idle CPU cores (about 0.25 s
+per step, more for PaTH, and a few seconds per evaluation length); ``--steps`` and
+``--encodings`` scale it linearly.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ ENCODINGS = {
         Encoding("kerple", "kerple", "learned log kernel of the distance"),
         Encoding("t5", "t5", "learned bucketed bias; long offsets share the last bucket"),
         Encoding("fourier", "fourier", "MLP of Fourier features of n/L; n/L ≥ 1 never seen"),
+        Encoding("path", "path", "PaTH: Householder products of the tokens between; no position index"),
     )
 }
 

@@ -11,7 +11,8 @@ positions, class token or mean pooling; the class token has no position); ``DEQG
 LM as the GPT (exactly causal with fixed-point iteration; Anderson and Broyden mix each sample's whole
 sequence, so earlier positions feel later ones up to the solver tolerance). The solve is the ``deq`` layer plugin
 (``registry.load("layers", "deq")``); its options pass through ``deq``. Positional biases and masks are
-built once per forward, outside the solve.
+built once per forward, outside the solve (a data-dependent encoding, path, computes its Householder
+products from the cell's input in every evaluation of the cell).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from lowbit.models.base import ModelPlugin, init_gpt2_weights
 from lowbit.models.gpt import CausalLM
 from lowbit.models.vit import PatchClassifier
+from lowbit.nn.attention import attach_posenc
 from lowbit.nn.norm import RMSNorm
 from lowbit.nn.transformer import Block, attention_mask
 from lowbit.registry import registry
@@ -157,6 +159,7 @@ class DEQGPT(_Equilibrium, CausalLM):
         super().__init__()
         self._build_embedding(vocab_size, dim, n_heads, max_len, posenc)
         self._build_equilibrium(dim, n_heads, mlp_ratio, bias, deq)
+        attach_posenc(self.equilibrium, self.posenc)  # a data-dependent encoding's modules in the cell (path)
         self._build_head(vocab_size, dim, tie_weights)
         self._init_weights(init_std)
 

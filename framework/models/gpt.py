@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from lowbit.models.base import ModelPlugin, build_text_posenc, check_heads, check_sizes, init_gpt2_weights
+from lowbit.nn.attention import attach_posenc
 from lowbit.nn.posenc import positions_1d
 from lowbit.nn.transformer import Transformer
 
@@ -22,8 +23,8 @@ __all__ = ["CausalLM", "GPT"]
 class CausalLM(ModelPlugin):
     """The ends every causal LM shares around its trunk: token embedding + 1-D posenc in, ``lm_head`` out.
 
-    A subclass builds ``_build_embedding``, then its trunk, then ``_build_head`` (the order parameters
-    are created in, which fixes the random init).
+    A subclass builds ``_build_embedding``, then its trunk (and ``attach_posenc`` on it), then ``_build_head``
+    (the order parameters are created in, which fixes the random init).
     """
 
     def _build_embedding(
@@ -78,6 +79,7 @@ class GPT(CausalLM):
         check_sizes(n_layers=n_layers)
         self._build_embedding(vocab_size, dim, n_heads, max_len, posenc)
         self.trunk = Transformer(dim, n_layers, n_heads, mlp_ratio, bias)
+        attach_posenc(self.trunk, self.posenc)  # a data-dependent encoding's per-layer modules (path)
         self._build_head(vocab_size, dim, tie_weights)
         init_gpt2_weights(self, init_std, n_layers)
 

@@ -1,4 +1,5 @@
-"""The positional-encoding protocol the trunk calls: three optional contributions.
+"""The positional-encoding protocol the trunk calls: three optional contributions, and two hooks
+for data-dependent encodings.
 
 A positional encoding is an ``nn.Module`` with any of
   ``embed(x, pos)``       absolute: returns x with the encoding added, x (B, T, C);
@@ -7,6 +8,14 @@ A positional encoding is an ``nn.Module`` with any of
 ``pos`` is a LongTensor of shape (T,) for text and (T, 2) of (row, col) for image grids.
 The trunk calls ``bias`` once per forward (outside any fixed-point loop) and ``rotate`` in
 every attention layer; encodings cache their tables per (length, device, dtype).
+
+An encoding computed from the tokens themselves, with parameters per layer (PaTH), also has
+  ``attach(attn)``        called by the model once per attention layer after the trunk is built
+                          (``lowbit.nn.attention.attach_posenc``): adds its modules to that layer,
+                          so they are the block's parameters (sharded, checkpointed, quantized with it);
+  ``attend(attn, q, k, v, x, attn_mask, causal)``  the attention output (B, nh, T, hs) in place of
+                          the layer's SDPA, or None (the default) to let SDPA run; x (B, T, C) is the
+                          layer's input, attn_mask the trunk's folded bias (or None).
 
 Plugins are built by the registry with the context keys their constructor names:
 ``dim`` (model width), ``n_heads``, ``head_dim``, ``max_len`` (training length or number of
@@ -42,6 +51,22 @@ class PositionalEncoding(nn.Module):
         return q, k
 
     def bias(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor | None:
+        return None
+
+    def attach(self, attn: nn.Module) -> None:
+        """Add this encoding's per-layer modules to one attention layer; nothing by default."""
+
+    def attend(
+        self,
+        attn: nn.Module,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None,
+        causal: bool,
+    ) -> torch.Tensor | None:
+        """The attention output (B, nh, T, hs) computed by the encoding, or None: the layer's SDPA runs."""
         return None
 
 
