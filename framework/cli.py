@@ -256,10 +256,12 @@ def _quantize(argv: list[str]) -> int:
 
 
 def _benches() -> dict[str, str]:
+    """Bench name → module: each public module of ``lowbit.bench``, named with hyphens for underscores
+    (``vit_extrapolation`` is ``lowbit bench vit-extrapolation``)."""
     import lowbit.bench
 
     return {
-        m.name: f"lowbit.bench.{m.name}"
+        m.name.replace("_", "-"): f"lowbit.bench.{m.name}"
         for m in pkgutil.iter_modules(lowbit.bench.__path__)
         if not m.name.startswith("_")
     }
@@ -271,12 +273,13 @@ def _bench(argv: list[str]) -> int:
         print("usage: lowbit bench NAME [ARGS] (lowbit bench NAME --help)\n")
         for name, module in sorted(benches.items()):
             doc = (importlib.import_module(module).__doc__ or "").strip().splitlines()
-            print(f"  {name:<14} {doc[0] if doc else ''}")
+            print(f"  {name:<18} {doc[0] if doc else ''}")
         return 0
-    if not argv or argv[0] not in benches:
+    name = argv[0].replace("_", "-") if argv else None  # the module's own name works too
+    if name not in benches:
         got = f" '{argv[0]}'" if argv else ""
         raise LowbitError(f"unknown bench{got}; valid: {', '.join(sorted(benches))} (lowbit bench NAME --help)")
-    return int(importlib.import_module(benches[argv[0]]).main(argv[1:]) or 0)
+    return int(importlib.import_module(benches[name]).main(argv[1:]) or 0)
 
 
 def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:

@@ -59,7 +59,7 @@ def test_a_second_run_into_a_run_directory_is_refused_and_changes_nothing(tmp_pa
 # nvfp4 (32 s) in -m slow: the default run checks its resume exactness in tests/framework/test_run.py
 @pytest.mark.parametrize("precision", ["bf16", pytest.param("nvfp4", marks=pytest.mark.slow)])
 def test_sigterm_at_a_random_step_then_resume_in_place_is_bit_exact(tmp_path, precision):
-    steps, at = 40, random.Random(precision).randrange(3, 36)
+    steps, at = 24, random.Random(precision).randrange(3, 20)
     args = [*TINY, f"precision={precision}", f"trainer.max_steps={steps}", "trainer.enable_progress_bar=true"]
     run_dir = tmp_path / "a run"  # a space: the printed resume command must be quoted
     proc = subprocess.Popen(
@@ -71,7 +71,7 @@ def test_sigterm_at_a_random_step_then_resume_in_place_is_bit_exact(tmp_path, pr
         text=True,
     )
     lines = []
-    for line in proc.stdout:  # LineProgress: "step k/40 ..." after every step, the output being a pipe
+    for line in proc.stdout:  # LineProgress: "step k/24 ..." after every step, the output being a pipe
         lines.append(line)
         if line.startswith("step ") and int(line.split()[1].split("/")[0]) >= at:
             proc.send_signal(signal.SIGTERM)
@@ -89,7 +89,7 @@ def test_sigterm_at_a_random_step_then_resume_in_place_is_bit_exact(tmp_path, pr
     assert _train([*args, f"hydra.run.dir={full_dir}"], tmp_path).returncode == 0
     (train, val), (full_train, full_val) = _curves(run_dir), _curves(full_dir)
     assert sorted(train) == list(range(steps)) and train == full_train
-    assert val == full_val and sorted(val) == [6, 13, 20, 27, 34, 40]  # validation at the same steps, same values
+    assert val == full_val and sorted(val) == [6, 13, 20, 24]  # validation at the same steps, same values
 
 
 def test_ctrl_c_saves_and_exits_130(tmp_path):
