@@ -59,11 +59,12 @@ class Encoding:
 
     name: str
     train: str  # the posenc config the model is trained with (posenc=NAME)
-    description: str  # what the encoding does past the training length
-    yarn: bool = False  # evaluate with YaRN scaling s = eval length / L
+    description: str  # what the encoding does past the training length (or grid)
+    yarn: bool = False  # evaluate with YaRN scaling s = eval length / L (per axis on grids)
+    train_options: tuple[str, ...] = ()  # extra overrides for its training (posenc.KEY=VALUE)
 
     def eval_options(self, train_len: int, eval_len: int) -> dict[str, Any]:
-        """posenc options to set on the trained config for evaluation at ``eval_len``."""
+        """posenc options to set on the trained config for evaluation at ``eval_len`` (a length, or a grid side)."""
         if not self.yarn:
             return {}
         return {"scaling": "yarn", "scale": eval_len / train_len, "original_max_len": train_len}

@@ -35,12 +35,11 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.bench._report import device_name, markdown_table, train_once
-from lowbit.bench.extrapolation import load_task
+from lowbit.bench.extrapolation import Encoding, load_task
 
 __all__ = [
     "BASE",
     "ENCODINGS",
-    "ImageEncoding",
     "eval_sizes",
     "evaluate",
     "main",
@@ -63,37 +62,20 @@ BASE = (
 """Overrides of the base recipe for every training (before the command line's own)."""
 
 
-@dataclass(frozen=True)
-class ImageEncoding:
-    """A row of the table: the posenc trained (with options), and the options it is evaluated with at each grid."""
-
-    name: str
-    train: str  # posenc=NAME
-    description: str  # what the encoding does on a grid larger than the training one
-    train_options: tuple[str, ...] = ()  # extra overrides for its training (posenc.KEY=VALUE)
-    yarn: bool = False  # evaluate with YaRN scaling per axis, s = eval grid side / training grid side
-
-    def eval_options(self, train_side: int, eval_side: int) -> dict[str, Any]:
-        """posenc options to set on the trained config for evaluation on an ``eval_side``² patch grid."""
-        if not self.yarn:
-            return {}
-        return {"scaling": "yarn", "scale": eval_side / train_side, "original_max_len": train_side}
-
-
 ENCODINGS = {
     e.name: e
     for e in (
-        ImageEncoding("none", "none", "NoPE: no positions; a bag of patches at any grid"),
-        ImageEncoding(
+        Encoding("none", "none", "NoPE: no positions; a bag of patches at any grid"),
+        Encoding(
             "learned", "learned", "learned table, bicubic-resampled to the eval grid (timm's resample_abs_pos_embed)"
         ),
-        ImageEncoding("sinusoidal", "sinusoidal", "fixed 2-D sin/cos (MAE); rows and columns past the grid never seen"),
-        ImageEncoding("rope", "rope", "2-D axial RoPE; angles past the training grid never seen"),
-        ImageEncoding(
+        Encoding("sinusoidal", "sinusoidal", "fixed 2-D sin/cos (MAE); rows and columns past the grid never seen"),
+        Encoding("rope", "rope", "2-D axial RoPE; angles past the training grid never seen"),
+        Encoding(
             "rope_yarn", "rope", "the rope model evaluated with YaRN per axis, s = eval grid / training grid", yarn=True
         ),
-        ImageEncoding("fourier", "fourier", "MLP of Fourier features of (row, col) / grid; coordinates ≥ 1 never seen"),
-        ImageEncoding(
+        Encoding("fourier", "fourier", "MLP of Fourier features of (row, col) / grid; coordinates ≥ 1 never seen"),
+        Encoding(
             "lookhere",
             "lookhere",
             "LookHere LH-180: N, S, W, E half-plane heads, distance-penalised; defined on any grid",
@@ -107,7 +89,7 @@ ENCODINGS = {
 class Outcome:
     """One encoding at one seed: accuracy and loss per evaluation side, and its training run."""
 
-    encoding: ImageEncoding
+    encoding: Encoding
     seed: int
     run_dir: Path
     run_val_loss: float  # the run's own final val/loss and val/acc (at its val_image_size)
@@ -164,7 +146,7 @@ def scores(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     }
 
 
-def evaluate(encoding: ImageEncoding, run_dir: Path, sizes: Sequence[int]) -> dict[int, dict[str, float]]:
+def evaluate(encoding: Encoding, run_dir: Path, sizes: Sequence[int]) -> dict[int, dict[str, float]]:
     """``scores`` of the trained model on the validation pictures rendered at every side in ``sizes``."""
     from omegaconf import OmegaConf
 
@@ -184,7 +166,7 @@ def evaluate(encoding: ImageEncoding, run_dir: Path, sizes: Sequence[int]) -> di
 
 
 def run(
-    encodings: Sequence[ImageEncoding],
+    encodings: Sequence[Encoding],
     image_size: int,
     steps: int,
     scales: Sequence[float],
@@ -331,7 +313,7 @@ def yarn_note(run_dir: Path) -> str:
     )
 
 
-def _check_encodings(names: Sequence[str]) -> list[ImageEncoding]:
+def _check_encodings(names: Sequence[str]) -> list[Encoding]:
     from lowbit.errors import LowbitError
     from lowbit.registry import registry
 
