@@ -4,7 +4,11 @@
 trains from scratch. The architecture options left null keep timm's defaults for that model; any
 other ``create_model`` keyword goes in ``kwargs``. Precision plugins convert its ``nn.Linear``
 layers by fully-qualified name like lowbit's own (``net.blocks.3.attn.qkv``, ``net.head``).
-The run's ``posenc`` is not used: a timm model brings its own position embedding.
+The run's ``posenc`` is not used: a timm model brings its own position embedding. ``attn_bias`` adds
+an attention-bias encoding to a timm ViT (``lookhere``, ``alibi``, ``kerple``): built for the
+patch grid of every input, zero to and from the prefix tokens (class, registers), and passed to timm's
+``VisionTransformer.forward(x, attn_mask=...)``; ``kwargs: {pos_embed: none, dynamic_img_size: true}``
+drops timm's absolute table and lets the images grow.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.models.base import ModelPlugin
+from lowbit.models.base import ModelPlugin, build_grid_posenc
+from lowbit.nn.posenc import PositionalEncoding, positions_2d
 
 __all__ = ["TimmModel"]
 
@@ -28,6 +34,8 @@ class TimmModel(ModelPlugin):
         img_size, patch_size, in_chans, num_classes, embed_dim, depth, num_heads, mlp_ratio: passed to
             ``create_model`` when not None (the ViT family's keywords; other families take fewer).
         kwargs: any other ``create_model`` keywords (``{class_token: false, global_pool: avg}``).
+        attn_bias: a positional encoding with an additive attention bias (name or ``{name: ..., **options}``),
+            for a ViT-family model whose ``forward`` takes ``attn_mask``; None: none.
     """
 
     def __init__(
@@ -43,6 +51,7 @@ class TimmModel(ModelPlugin):
         num_heads: int | None = None,
         mlp_ratio: float | None = None,
         kwargs: Mapping[str, Any] | None = None,
+        attn_bias: str | Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         import timm
@@ -73,7 +82,40 @@ class TimmModel(ModelPlugin):
             raise LowbitError(
                 f"timm model '{model_name}' rejected its options {sorted(options)}: {err}; set the ones it does not take to null"
             ) from err
+        self.attn_bias = None if attn_bias is None else self._build_attn_bias(attn_bias)
+
+    def _build_attn_bias(self, attn_bias: str | Mapping[str, Any]) -> PositionalEncoding:
+        net = self.net
+        blocks = getattr(net, "blocks", None)
+        attn = getattr(blocks[0], "attn", None) if blocks else None
+        if getattr(net, "patch_embed", None) is None or getattr(attn, "num_heads", None) is None:
+            raise LowbitError(
+                f"model.attn_bias needs a timm ViT (patch_embed and blocks[i].attn); '{self.model_name}' is not one"
+            )
+        grid = tuple(net.patch_embed.grid_size)
+        heads, dim = attn.num_heads, net.embed_dim
+        enc = build_grid_posenc(attn_bias, dim=dim, n_heads=heads, grid=grid, model=f"timm model '{self.model_name}'")
+        if type(enc).bias is PositionalEncoding.bias:
+            raise LowbitError(
+                f"model.attn_bias {type(enc).__name__} adds no attention bias; use one that does "
+                "(lookhere, alibi, kerple)"
+            )
+        return enc
+
+    def _mask(self, images: torch.Tensor) -> torch.Tensor:
+        """The bias (nh, T, T) for this input's patch grid, zero in the prefix tokens' rows and columns, in
+        the dtype the attention runs in (SDPA takes a float mask of the query's dtype)."""
+        p = self.net.patch_embed.patch_size
+        rows, cols = images.shape[-2] // p[0], images.shape[-1] // p[1]
+        pos = positions_2d(rows, cols, images.device)
+        n = self.net.num_prefix_tokens
+        bias = F.pad(self.attn_bias.bias(pos, pos), (n, 0, n, 0))
+        device = images.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else images.dtype
+        return bias.to(dtype)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, C, H, W) → logits (B, num_classes)."""
-        return self.net(images)
+        if self.attn_bias is None:
+            return self.net(images)
+        return self.net(images, attn_mask=self._mask(images))
