@@ -171,7 +171,10 @@ def hydra_error(err: Exception, overrides: Sequence[str], loader: Any = None) ->
         match = re.search(r"Could not override '([^']+)'", str(err))
         if match and isinstance(err.__cause__, OmegaConfBaseException) and loader is not None:
             groups = set(loader.list_groups(""))
-            return LowbitError(_unknown_key_message(match.group(1), _selections(overrides, groups)))
+            # a dict value merged into a dict names the new key inside it (model.kwargs={a: 1}: model.kwargs.a)
+            full_key = getattr(err.__cause__, "full_key", None) or match.group(1)
+            key = full_key if full_key.startswith(match.group(1)) else match.group(1)
+            return LowbitError(_unknown_key_message(key, _selections(overrides, groups)))
         return LowbitError(one_line(err))
     if isinstance(err, OmegaConfBaseException):
         return LowbitError(one_line(err))
@@ -194,7 +197,7 @@ def _unknown_key_message(key: str, selections: Sequence[str]) -> str:
     parent, _, _ = key.rpartition(".")
     cfg = compose(selections).cfg
     node = OmegaConf.select(cfg, parent) if parent else cfg
-    valid = ", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "none"
+    valid = (", ".join(sorted(node.keys())) if isinstance(node, DictConfig) else "") or "none"
     where = f" under '{parent}'" if parent else ""
     return f"unknown config key '{key}'; valid keys{where}: {valid} (use +{key}=VALUE to add a new key)"
 

@@ -33,6 +33,17 @@ def test_typo_in_key_is_an_error_naming_valid_keys():
     assert "max_steps" in msg and "+trainer.max_stepz=VALUE" in msg
 
 
+def test_a_dict_value_with_a_new_key_names_that_key():
+    """model.kwargs={pos_embed: none} merges into an empty dict: the unknown key is the one inside it."""
+    with pytest.raises(LowbitError) as err:
+        compose(["recipe=timm_nvfp4", "model.kwargs={pos_embed: none}"])
+    assert str(err.value) == (
+        "unknown config key 'model.kwargs.pos_embed'; valid keys under 'model.kwargs': none "
+        "(use +model.kwargs.pos_embed=VALUE to add a new key)"
+    )
+    assert compose(["recipe=timm_nvfp4", "+model.kwargs.pos_embed=none"]).cfg.model.kwargs == {"pos_embed": "none"}
+
+
 @pytest.mark.parametrize(
     ("override", "message"),
     [
