@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 from lowbit.bench._report import device_name, markdown_table, train_once
 from lowbit.bench.extrapolation import Encoding, load_task
+from lowbit.errors import LowbitError
 
 __all__ = [
     "BASE",
@@ -105,8 +106,6 @@ class Outcome:
 
 def eval_sizes(image_size: int, patch_size: int, scales: Sequence[float]) -> list[int]:
     """Evaluation sides in pixels, ``scale · image_size`` each, every one a whole number of patches."""
-    from lowbit.errors import LowbitError
-
     sizes = []
     for scale in scales:
         size = scale * image_size
@@ -314,7 +313,6 @@ def yarn_note(run_dir: Path) -> str:
 
 
 def _check_encodings(names: Sequence[str]) -> list[Encoding]:
-    from lowbit.errors import LowbitError
     from lowbit.registry import registry
 
     unknown = [e for e in names if e not in ENCODINGS]
@@ -348,7 +346,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (model.n_layers=6 ...)")
     args = parser.parse_args(argv)
-    from lowbit.errors import LowbitError
 
     encodings = _check_encodings(args.encodings.split(","))
     try:
@@ -437,7 +434,6 @@ def _checked_patch_size(overrides: Sequence[str]) -> int:
     """The patch size the runs will use (composed from the same overrides, nothing built); the data must be
     the shapes, which render the validation pictures at any side."""
     from lowbit.config import compose
-    from lowbit.errors import LowbitError
     from lowbit.registry import registry
 
     cfg = compose(list(overrides)).cfg

@@ -179,8 +179,8 @@ class LookHere(PositionalEncoding):
             raise LowbitError(f"lookhere global_slope must be a number >= 0 (0: masks only), got {global_slope!r}")
         if not math.isfinite(global_slope):
             raise LowbitError(f"lookhere global_slope must be finite, got {global_slope!r}")
-        self.layout = head_layout(n_heads, fov, directions, unmasked_heads)
         directions, unmasked_heads = auto_layout(n_heads, fov, directions, unmasked_heads)
+        self.layout = head_layout(n_heads, fov, directions, unmasked_heads)
         self.n_heads, self.fov, self.directions = n_heads, fov, directions
         self.unmasked_heads, self.global_slope = unmasked_heads, float(global_slope)
         self._cache = PositionCache()
