@@ -87,6 +87,12 @@ def _formats(spec: QuantSpec) -> tuple[ElementFormat, ElementFormat]:
     return get_format(spec.element), get_format(spec.scale_format)
 
 
+def _encode_factor(decode: torch.Tensor) -> torch.Tensor:
+    """1 / decode scale, clamped to FLT_MAX where a subnormal scale's reciprocal overflows (as
+    current scaling clamps max / amax): measured, given and requantize scales encode alike."""
+    return torch.clamp(torch.reciprocal(decode), max=FLT_MAX)
+
+
 def _scaling_from_amax(
     amax: torch.Tensor,
     spec: QuantSpec,
@@ -126,7 +132,7 @@ def _tensor_scaling(
     if spec.asymmetric:
         lo, hi = torch.aminmax(x)
         decode, zero_point = int_asymmetric_scales(lo.reshape(1, 1), hi.reshape(1, 1), element)
-        return _Scaling(decode, decode.view(torch.int32), torch.reciprocal(decode), zero_point)
+        return _Scaling(decode, decode.view(torch.int32), _encode_factor(decode), zero_point)
     amax = tensor_amax(x) if amax is None else torch.as_tensor(amax, dtype=torch.float32, device=x.device)
     return _scaling_from_amax(amax.reshape(1, 1), spec, element, scale_format, None)
 
@@ -341,7 +347,7 @@ def _plan(
     elif spec.asymmetric:
         block_min, block_max = _block_reduce(rows, layout, torch.amin), _block_reduce(rows, layout, torch.amax)
         decode, zero_point = int_asymmetric_scales(block_min, block_max, element)
-        scaling = _Scaling(decode, decode.view(torch.int32), torch.reciprocal(decode), zero_point)
+        scaling = _Scaling(decode, decode.view(torch.int32), _encode_factor(decode), zero_point)
         if fast:
             finite_rows = _finite_rows(rows.shape[0], block_min, block_max)
     elif compile and fast and amax is None and (scales := _compiled_scales(rows, layout, spec)) is not None:
@@ -396,7 +402,7 @@ def _given_plan(
             f"shape {layout.scale_shape}"
         )
     decode = decode.reshape(n_scale_rows, -1)
-    factor = torch.clamp(torch.reciprocal(decode), max=FLT_MAX)
+    factor = _encode_factor(decode)
     zero_point = None
     if zero_points is not None:
         zero_point = torch.as_tensor(zero_points, device=x.device).to(torch.int32).reshape(decode.shape)
@@ -691,9 +697,9 @@ def _requantize(
     if scale_format.name == "e8m0":
         factor = pow2_from_exponent(127 - codes.to(torch.int32))
     elif like.global_scale is not None:
-        factor = torch.clamp(torch.reciprocal(decode * like.global_scale), max=FLT_MAX)
+        factor = _encode_factor(decode * like.global_scale)
     else:
-        factor = torch.clamp(torch.reciprocal(decode), max=FLT_MAX)
+        factor = _encode_factor(decode)
     scaling = _Scaling(decode, codes, factor, zero_point)
     fast = fast and x.device.type == "cpu" and _fast.supported(element, spec.saturating) and _finite_factors(scaling)
     finite_rows = _finite_rows(rows.shape[0], tensor_amax(src).reshape(1, 1)) if fast else None

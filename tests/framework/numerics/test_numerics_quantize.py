@@ -18,6 +18,8 @@ from lowbit.numerics import (
     quantize,
     requantize,
 )
+from lowbit.numerics.quantize import _quantize
+from lowbit.numerics.spec import get_spec
 
 MX_PRESETS = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4"]
 
@@ -169,20 +171,59 @@ def test_nan_and_inf_in_fp8_tensor_scaling():
     assert y[0, 3].item() == 448.0  # non-finite amax -> scale 1; Inf saturates
 
 
+def _codes_for_given_scales(x, decode, qmin, qmax, zero_points=None):
+    """The definition of given-scale integer codes: round-half-even(x * (1 / scale)) (+ zero point),
+    clamped, the factor clamped to FLT_MAX; block scales repeated over their columns."""
+    per_column = lambda t: t.repeat_interleave(x.shape[1] // t.shape[1], dim=1)  # noqa: E731
+    factor = torch.clamp(torch.reciprocal(per_column(decode)), max=torch.finfo(torch.float32).max)
+    codes = torch.round(x * factor)
+    if zero_points is not None:
+        codes = codes + per_column(zero_points)
+    return torch.clamp(codes, qmin, qmax).to(torch.int8)
+
+
 @settings(max_examples=40, deadline=None)
 @given(x=matrices(cols=64, max_rows=4))
-def test_given_scales_reproduce_the_measured_quantization_and_fake_quantize(x):
+def test_given_scales_quantize_by_their_definition_and_match_the_measured_codes(x):
     for spec in ({"element": "int4", "block": (1, 32)}, {"element": "int8", "block": "row"}, "int8_channel"):
         measured = quantize(x, spec)
-        given = quantize(x, spec, scales=measured.scales)  # the measured scales, given back: the same codes
-        assert torch.equal(given.codes, measured.codes) and torch.equal(given.scales, measured.scales)
-        assert torch.equal(dequantize(given), fake_quantize(x, spec, scales=measured.scales))
-        halved = quantize(x, spec, scales=measured.scales / 2)  # other scales: codes of x / s, clamped
-        assert torch.equal(dequantize(halved), fake_quantize(x, spec, scales=measured.scales / 2))
+        element = get_format(measured.spec.element)
+        for scales in (measured.scales, measured.scales / 2):  # the measured scales given back; others
+            given = quantize(x, spec, scales=scales)
+            assert torch.equal(given.codes, _codes_for_given_scales(x, scales, element.qmin, element.qmax))
+            assert torch.equal(given.scales, scales)
+            assert torch.equal(dequantize(given), fake_quantize(x, spec, scales=scales))
+        # measured codes come from max / amax, given ones from 1 / (amax / max): one ulp apart, so
+        # only a tie (x * factor = k + 1/2 exactly) can round the other way
+        given = quantize(x, spec, scales=measured.scales)
+        assert (given.codes.int() - measured.codes.int()).abs().max() <= 1
     asym = {"element": "int4", "block": (1, 32), "asymmetric": True}
     measured = quantize(x, asym)
     given = quantize(x, asym, scales=measured.scales, zero_points=measured.zero_points)
-    assert torch.equal(given.codes, measured.codes) and torch.equal(given.zero_points, measured.zero_points)
+    assert torch.equal(given.codes, _codes_for_given_scales(x, measured.scales, -8, 7, measured.zero_points))
+    assert torch.equal(given.codes, measured.codes)  # both encode with 1 / scale
+
+
+def test_a_tie_under_the_measured_factor_may_round_the_other_way_under_the_given_scale():
+    """amax 2 in INT4: factor 7 / 2 = 3.5 puts x = 1 on the tie 3.5 (even: 4); the decode scale
+    2 / 7 given back has the float32 reciprocal 3.4999998, so 3. Found by hypothesis."""
+    x = torch.tensor([[1.0] + [2.0] * 31])
+    spec = {"element": "int4", "block": (1, 32)}
+    measured = quantize(x, spec)
+    assert measured.codes[0, 0].item() == 4 and quantize(x, spec, scales=measured.scales).codes[0, 0].item() == 3
+
+
+def test_a_subnormal_asymmetric_scale_encodes_as_its_given_scales_do():
+    """A constant block of 8.4498e-43 (float32 subnormal) has scale 5.6e-44, whose reciprocal
+    overflows: the measured path clamps it to FLT_MAX as the given-scales path does (hypothesis
+    found them giving codes 7 and -8)."""
+    x = torch.full((1, 64), 8.4498e-43)
+    asym = {"element": "int4", "block": (1, 32), "asymmetric": True}
+    measured = quantize(x, asym)
+    given = quantize(x, asym, scales=measured.scales, zero_points=measured.zero_points)
+    assert torch.equal(given.codes, measured.codes) and torch.equal(dequantize(given), dequantize(measured))
+    general = _quantize(x, get_spec(asym), None, None, None, None, fast=False)
+    assert torch.equal(general.codes, measured.codes)
 
 
 def test_given_scales_must_fit_the_layout_and_the_spec():
