@@ -163,7 +163,8 @@ class DEQ(nn.Module):
     after ``max_iter`` evaluations of f, and fall back to damped iteration (``fallback_damping``)
     when they break down. See the module docstring for ``grad`` and the papers.
 
-    ``forward(x, z0=None)`` returns z* itself when no gradient is needed (eval, no_grad), and a
+    ``forward(x, z0=None)`` returns z* itself when no gradient is needed (eval, no_grad; with ``grad="fpdm"``
+    f of it, the last evaluation's output: k evaluations are f^k(z0), as FPDM samples and trains), and a
     tensor carrying the chosen gradient otherwise: f(z*, x) for ``implicit`` (one more step, equal
     to z* up to the residual), the last unrolled step for ``phantom`` and ``fpdm``. Parameters are
     seen through f when f is an ``nn.Module`` (it becomes a submodule).
@@ -275,7 +276,11 @@ class DEQ(nn.Module):
             out, z_last, stats, jac_at = self._forward_fpdm(f_x, z_init, need_jac)
         else:
             res = self._solve(self.solver, f_x, z_init, self.max_iter, self.tol)
-            z_star, z_last = res.z, res.z
+            # FPDM's state after k evaluations is f^k(z_0), as S-JFB trains it (every evaluation counts: a
+            # budget of one moves the state); a DEQ's answer is the lowest-residual iterate, whose residual
+            # the stats report
+            z_star = res.fz if self.grad == "fpdm" else res.z
+            z_last = z_star
             stats = DEQStats(
                 solver=self.solver,
                 grad=self.grad,

@@ -137,6 +137,52 @@ def test_iteration_budget_is_spent_as_reallocated(schedule):
     assert model.fixed_point_layer.max_iter == 50  # the per-call cap is restored
 
 
+def _cell_input(model: FPDM, x, t, y):
+    """(h, the cell's inputs) of one forward: the pre blocks' output and (W_inj h, c, pos, posenc, mask)."""
+    h, c, pos, mask = model.embed(x, t, y)
+    for block in model.pre_blocks:
+        h = block(h, c, pos, model.posenc, mask)
+    return h, (model.inject(h), c, pos, model.posenc, mask)
+
+
+@pytest.mark.parametrize("solver", ["fixed_point", "anderson"])
+def test_k_solver_evaluations_give_f_applied_k_times(solver):
+    """The paper's z_k = f^k(z_0) at inference, as S-JFB trains it: every evaluation counts. The solver's
+    lowest-residual iterate is the input of its last evaluation, so returning it wasted one: a budget of
+    1 returned z_0 itself, and with warm starts every timestep reused the first one's state (the
+    "2× steps" row of bench fpdm, one iteration per step, FID ~600)."""
+    torch.manual_seed(0)
+    model = wake(FPDM(**SMALL, posenc="rope", deq={"solver": solver, "tol": 0.0, "max_iter": 50})).eval()
+    x, t, y = batch()
+    with torch.no_grad():
+        h, inputs = _cell_input(model, x, t, y)
+        cell = model.fixed_point_layer.f
+        z0 = torch.randn(h.shape, generator=torch.Generator().manual_seed(1))
+        _, z1 = model(x, t, y, z0=z0, iters=1, return_z=True)
+        assert model.deq_stats()["deq/iters"] == 1
+        torch.testing.assert_close(z1, cell(z0, inputs), rtol=0, atol=0)
+        _, cold = model(x, t, y, iters=1, return_z=True)  # no z0: the solve starts at h
+        torch.testing.assert_close(cold, cell(h, inputs), rtol=0, atol=0)
+        if solver == "fixed_point":
+            _, z3 = model(x, t, y, z0=z0, iters=3, return_z=True)
+            torch.testing.assert_close(z3, cell(cell(cell(z0, inputs), inputs), inputs), rtol=0, atol=0)
+
+
+def test_one_iteration_per_step_with_warm_starts_moves_the_state_every_step():
+    torch.manual_seed(0)
+    model = wake(FPDM(**SMALL, posenc="rope", deq={"solver": "fixed_point", "tol": 0.0, "max_iter": 50}))
+    task = _task(model, sample_steps=6, guidance_scale=1.0)
+    states = []
+    layer = model.fixed_point_layer
+    handle = layer.register_forward_hook(lambda module, args, out: states.append(out.clone()))
+    try:
+        _, stats = task.sample(torch.arange(2), fp_budget=6, warm_start=True, use_ema=False)
+    finally:
+        handle.remove()
+    assert stats.fp_iters == [1] * 6 and len(states) == 6
+    assert all(not torch.equal(a, b) for a, b in zip(states, states[1:]))
+
+
 class _NaNOnce(nn.Module):
     """Wraps the cell: its ``at``-th call returns NaN (a solver step blowing up)."""
 
