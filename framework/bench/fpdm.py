@@ -11,10 +11,16 @@ its depth L per DDIM step, so a budget B gives it B/L steps. FPDM spends its pre
 fixed-point iterations; it gets the same steps (or twice as many), and the iterations left over are spread
 over the timesteps by ``iteration_budget`` (constant, increasing, decreasing), with the solver's tolerance
 set to 0 so that exactly the budget is spent (the table's evaluation counts are measured, not assumed).
-Training memory: on CPU the bytes autograd saves for backward during one training forward (a
-``saved_tensors_hooks`` count: activations only, not weights, gradients or optimizer state); on CUDA
-``torch.cuda.max_memory_allocated`` over one training step (forward and backward), minus what was
-allocated before it. FPDM is measured at its largest number of gradient steps (the worst case).
+Training memory, as the paper measures it: the peak of one training step (forward and backward) beyond the
+weights, i.e. activations, gradients and temporaries: ``torch.cuda.max_memory_allocated`` on CUDA, and on CPU
+the same peak counted by PyTorch's ``MemTracker`` (a dispatch mode that follows every tensor's storage), beside
+the bytes autograd saves for backward. FPDM runs its no-grad iterations without storing anything, so its
+memory is set by the m gradient iterations of S-JFB: the memory table gives every m, and DiT at the trained
+depth and at deeper trunks up to the paper's 28 blocks (same width; memory needs no training).
+
+With ``--low-precision nvfp4`` (the default) a third model, FPDM under that precision plugin, trains alike and
+samples under it; the convergence table says how its fixed-point solves converge against FPDM's own (solver
+iterations to a relative residual of 1e-2 per DDIM step, warm-started, and the residual reached).
 """
 
 from __future__ import annotations
@@ -23,13 +29,17 @@ import argparse
 import datetime as dt
 import json
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lowbit.bench._report import device_name, markdown_table, train_once
+from lowbit.bench._report import device_name, finished_val_loss, markdown_table, train_once
+from lowbit.config import compose
 from lowbit.models.base import count_parameters
 
 __all__ = ["Variant", "main", "training_memory"]
@@ -53,58 +63,95 @@ VARIANTS = (
     Variant("FPDM, decreasing", "fpdm", schedule="decreasing"),
     Variant("FPDM, constant, no warm start", "fpdm", warm_start=False),
     Variant("FPDM, 2× steps, constant", "fpdm", step_factor=2),
+    Variant("FPDM under low precision, constant", "fpdm_lowp"),
 )
+DEEPER_DIT = (12, 28)  # the memory table's deeper DiT trunks besides the trained one: 28 is DiT-XL, the paper's
+# the convergence table's solves; tol 1e-2: BF16 blocks (on CPUs with fast BF16) floor the relative residual near 2^-8
+CONVERGENCE = {"steps": 10, "tol": 1e-2, "max_iter": 50, "samples": 100}
 
 
 @dataclass
 class Trained:
     """A trained model of the bench: its task, data, precision, and the numbers measured on it."""
 
-    name: str
+    name: str  # dit, fpdm, fpdm_lowp
+    label: str  # as the tables show it: dit, fpdm, fpdm nvfp4
     run_dir: Path
     task: Any
     data: Any
     precision: Any
     params: int = 0
-    memory_bytes: int = 0
+    memory_bytes: int = 0  # peak of a training step beyond the weights (module docstring)
+    saved_bytes: int = 0  # what autograd saves for backward in that step
+    train_seconds: float | None = None  # wall-clock of its training, when this invocation trained it
     val_loss: float = float("nan")
-    fid: dict[int, dict[str, Any]] = field(default_factory=dict)  # budget -> variant -> {fid, steps, evals}
+    fid: dict[int, dict[str, Any]] = field(default_factory=dict)  # budget -> variant -> {fid, steps, evals, iters}
+    convergence: dict[str, float] = field(default_factory=dict)  # the convergence table's row (fixed-point models)
 
 
-def training_memory(task: Any, batch: tuple[torch.Tensor, torch.Tensor]) -> int:
-    """Bytes of one training step as the module docstring says (CPU: saved for backward; CUDA: peak allocated)."""
+@contextmanager
+def _worst_case(model: Any, grad_iters: int | None = None) -> Iterator[None]:
+    """S-JFB of a fixed-point model fixed at the most no-grad iterations it draws and ``grad_iters`` gradient
+    iterations (default: the most it draws): a measurement that does not depend on the draw."""
+    deq = getattr(model, "fixed_point_layer", None)
+    if deq is None:
+        yield
+        return
+    saved = deq.nograd_iters_range, deq.grad_iters_range
+    m = saved[1][1] if grad_iters is None else grad_iters
+    deq.nograd_iters_range, deq.grad_iters_range = (saved[0][1], saved[0][1]), (m, m)
+    try:
+        yield
+    finally:
+        deq.nograd_iters_range, deq.grad_iters_range = saved
+
+
+def training_memory(
+    task: Any, batch: tuple[torch.Tensor, torch.Tensor], grad_iters: int | None = None
+) -> dict[str, int]:
+    """``{"peak": bytes, "saved": bytes}`` of one training step, as the module docstring says; a fixed-point model
+    with ``grad_iters`` gradient iterations (default: the most S-JFB draws, the worst case)."""
     model = task.model.train()
     x0, y = (v.to(task.device) for v in batch)
     gen = torch.Generator().manual_seed(0)
     t = torch.randint(0, task.timesteps, (x0.shape[0],), generator=gen).to(x0.device)
     noise = torch.randn(x0.shape, generator=gen).to(x0.device, x0.dtype)
-    deq = getattr(model, "fixed_point_layer", None)
-    saved_range = deq.grad_iters_range if deq is not None else None
-    if deq is not None:  # the worst case: the most gradient steps S-JFB draws
-        deq.grad_iters_range = (saved_range[1], saved_range[1])
+    saved = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += tensor.numel() * tensor.element_size()
+        return tensor
+
+    def step() -> None:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            loss = task._noise_loss(x0, y, t, noise)
+        loss.backward()
+
     try:
-        if x0.device.type == "cuda":
-            torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            task._noise_loss(x0, y, t, noise).backward()
-            torch.cuda.synchronize()
-            used = torch.cuda.max_memory_allocated() - before
-        else:
-            used = 0
+        with _worst_case(model, grad_iters):
+            if x0.device.type == "cuda":
+                torch.cuda.synchronize()
+                before = torch.cuda.memory_allocated()
+                torch.cuda.reset_peak_memory_stats()
+                step()
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - before
+            else:
+                from torch.distributed._tools.mem_tracker import MemTracker
 
-            def pack(tensor: torch.Tensor) -> torch.Tensor:
-                nonlocal used
-                used += tensor.numel() * tensor.element_size()
-                return tensor
-
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-                task._noise_loss(x0, y, t, noise)
+                tracker = MemTracker()
+                tracker.track_external(model)  # the weights are known, so they are not counted as new memory
+                with tracker:
+                    step()
+                counts = tracker.get_tracker_snapshot("peak")[x0.device]
+                peak = sum(n for kind, n in counts.items() if str(kind) not in _WEIGHTS)
     finally:
-        if deq is not None:
-            deq.grad_iters_range = saved_range
         model.zero_grad(set_to_none=True)
-    return int(used)
+    return {"peak": int(peak), "saved": int(saved)}
+
+
+_WEIGHTS = ("_MemRefType.PARAM", "_MemRefType.BUFFER", "Total")  # MemTracker's categories left out of a step's peak
 
 
 def _load(run_dir: Path) -> tuple[Any, Any, Any]:
@@ -121,9 +168,8 @@ def _load(run_dir: Path) -> tuple[Any, Any, Any]:
 
 
 def train_models(args: argparse.Namespace, out: Path, echo=print) -> dict[str, Trained]:
-    """Train DiT and FPDM of the same width with the same data, steps and seed; runs go to ``out/{dit,fpdm}``.
-
-    A model already trained there with the same config is loaded, not trained again."""
+    """Train DiT, FPDM (and FPDM under ``--low-precision``) of the same width with the same data, steps and seed;
+    runs go to ``out/{dit,fpdm,fpdm_<precision>}``. A model already trained there with the same config is loaded."""
 
     common = [
         f"model.dim={args.dim}",
@@ -136,112 +182,273 @@ def train_models(args: argparse.Namespace, out: Path, echo=print) -> dict[str, T
         "trainer.enable_progress_bar=false",
         *args.overrides,
     ]
-    specs = {
-        "dit": ["recipe=bf16_dit", f"model.n_layers={args.dit_layers}"],
-        "fpdm": ["recipe=fpdm_dit", f"model.n_pre={args.pre}", f"model.n_post={args.post}"],
-    }
+    fpdm = ["recipe=fpdm_dit", f"model.n_pre={args.pre}", f"model.n_post={args.post}"]
+    specs = {"dit": ["recipe=bf16_dit", f"model.n_layers={args.dit_layers}"], "fpdm": fpdm}
+    if args.low_precision != "none":
+        specs["fpdm_lowp"] = [*fpdm, f"precision={args.low_precision}"]
     trained = {}
     for name, spec in specs.items():
-        run_dir = out / name
+        run_dir = out / (f"fpdm_{args.low_precision}" if name == "fpdm_lowp" else name)
         overrides = [*spec, *common, f"hydra.run.dir={run_dir}"]
+        finished = finished_val_loss(run_dir, compose(overrides).cfg) is not None
+        start = time.perf_counter()
         val_loss = train_once(overrides, run_dir, name, echo)
         task, data, precision = _load(run_dir)
-        model = Trained(name, run_dir, task, data, precision, val_loss=val_loss)
+        label = f"fpdm {args.low_precision}" if name == "fpdm_lowp" else name
+        model = Trained(name, label, run_dir, task, data, precision, val_loss=val_loss)
+        model.train_seconds = None if finished else time.perf_counter() - start
         model.params = count_parameters(task.model)
-        batch = next(iter(data.train_dataloader()))
-        model.memory_bytes = training_memory(task, batch)
+        with precision.forward_context():
+            memory = training_memory(task, next(iter(data.train_dataloader())))
+        model.memory_bytes, model.saved_bytes = memory["peak"], memory["saved"]
         echo(
-            f"[{name}] {model.params:,} parameters, val/loss {model.val_loss:.4f}, training memory {model.memory_bytes:,} B"
+            f"[{name}] {model.params:,} parameters, val/loss {model.val_loss:.4f}, "
+            f"training step peak {model.memory_bytes:,} B ({model.saved_bytes:,} B saved for backward)"
         )
         trained[name] = model
     return trained
 
 
+def memory_rows(trained: dict[str, Trained], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Peak training-step memory by shape: DiT at the trained depth and at ``DEEPER_DIT`` (built from the
+    trained DiT's config, same width and batch), and each FPDM at every number of gradient iterations."""
+    from omegaconf import OmegaConf
+
+    from lowbit.run import build_task
+
+    dit = trained["dit"]
+    batch = next(iter(dit.data.train_dataloader()))
+    rows = [{"model": "dit", "shape": f"{args.dit_layers} blocks", "params": dit.params, **_memory(dit)}]
+    config = OmegaConf.to_container(OmegaConf.load(dit.run_dir / "config.yaml"), resolve=True)
+    for depth in sorted(d for d in DEEPER_DIT if d > args.dit_layers):
+        config["model"]["n_layers"] = depth
+        task = build_task(config).to(dit.task.device)
+        dit.precision.convert_module(task)
+        with dit.precision.forward_context():
+            memory = training_memory(task, batch)
+        rows.append({"model": "dit", "shape": f"{depth} blocks", "params": count_parameters(task.model), **memory})
+    for name in ("fpdm", "fpdm_lowp"):
+        if name not in trained:
+            continue
+        model = trained[name]
+        lo, hi = model.task.model.fixed_point_layer.grad_iters_range
+        for m in range(lo, hi + 1):
+            with model.precision.forward_context():
+                memory = training_memory(model.task, batch, grad_iters=m)
+            shape = f"{args.pre} + 1 weight-tied (m = {m} grad iterations) + {args.post}"
+            rows.append({"model": model.label, "shape": shape, "params": model.params, **memory})
+    return rows
+
+
+def _memory(model: Trained) -> dict[str, int]:
+    return {"peak": model.memory_bytes, "saved": model.saved_bytes}
+
+
+def convergence(trained: dict[str, Trained], echo=print) -> None:
+    """Each fixed-point model's solves when sampling ``CONVERGENCE["steps"]`` warm-started DDIM steps with the solver
+    stopping at a relative residual of ``tol`` (or ``max_iter``): iterations per step and the residual reached."""
+    for model in trained.values():
+        deq = getattr(model.task.model, "fixed_point_layer", None)
+        if deq is None:
+            continue
+        saved = deq.tol, deq.max_iter
+        deq.tol, deq.max_iter = CONVERGENCE["tol"], CONVERGENCE["max_iter"]
+        try:
+            labels = torch.arange(CONVERGENCE["samples"]) % model.task.num_classes
+            with model.precision.forward_context():
+                _, stats = model.task.sample(
+                    labels, steps=CONVERGENCE["steps"], warm_start=True, generator=torch.Generator().manual_seed(1234)
+                )
+        finally:
+            deq.tol, deq.max_iter = saved
+        iters, res = stats.fp_iters, stats.fp_rel_res
+        model.convergence = {
+            "iters_mean": sum(iters) / len(iters),
+            "iters_first": iters[0],
+            "iters_max": max(iters),
+            "converged_steps": sum(r <= CONVERGENCE["tol"] for r in res) / len(res),
+            "rel_res_max": max(res),
+        }
+        echo(f"[{model.name}] solves to {CONVERGENCE['tol']:g}: iterations per step {iters}, residuals {res}")
+
+
 def evaluate(trained: dict[str, Trained], budgets: list[int], fid_samples: int, echo=print) -> None:
     """FID of every variant at every budget, all from the same noise (common random numbers)."""
-    dit, fpdm = trained["dit"], trained["fpdm"]
-    depth, explicit = dit.task.model.blocks_per_step, fpdm.task.model.explicit_blocks
-    deq = fpdm.task.model.fixed_point_layer
-    saved_tol, deq.tol = deq.tol, 0.0  # every allowed iteration runs: the budget is spent exactly
-    try:
-        for budget in budgets:
-            for variant in VARIANTS:
-                model = dit if variant.model == "dit" else fpdm
-                steps = variant.step_factor * (budget // depth)
-                options: dict[str, Any] = {"steps": steps}
-                if variant.model == "fpdm":
-                    iters = budget - steps * explicit
-                    if steps < 1 or iters < steps:
-                        echo(
-                            f"[{variant.name} @ {budget}] skipped: {steps} steps leave {iters} iterations (< 1 per step)"
-                        )
-                        continue
-                    options.update(fp_budget=iters, fp_schedule=variant.schedule, warm_start=variant.warm_start)
-                elif steps < 1:
-                    echo(f"[{variant.name} @ {budget}] skipped: the budget is below one step ({depth} blocks)")
+    depth = trained["dit"].task.model.blocks_per_step
+    for budget in budgets:
+        for variant in VARIANTS:
+            model = trained.get(variant.model)
+            if model is None:
+                continue
+            steps = variant.step_factor * (budget // depth)
+            options: dict[str, Any] = {"steps": steps}
+            if variant.model != "dit":
+                iters = budget - steps * model.task.model.explicit_blocks
+                if steps < 1 or iters < steps:
+                    echo(f"[{variant.name} @ {budget}] skipped: {steps} steps leave {iters} iterations (< 1 per step)")
                     continue
+                options.update(fp_budget=iters, fp_schedule=variant.schedule, warm_start=variant.warm_start)
+            elif steps < 1:
+                echo(f"[{variant.name} @ {budget}] skipped: the budget is below one step ({depth} blocks)")
+                continue
+            deq = getattr(model.task.model, "fixed_point_layer", None)
+            saved_tol = None if deq is None else deq.tol
+            if deq is not None:
+                deq.tol = 0.0  # every allowed iteration runs: the budget is spent exactly
+            try:
                 with model.precision.forward_context():
                     score = model.task.fid(
                         fid_samples, datamodule=model.data, generator=torch.Generator().manual_seed(1234), **options
                     )
-                evals = model.task.last_sampling.block_evals  # measured: what the samples really used
-                model.fid.setdefault(budget, {})[variant.name] = {"fid": score, "steps": steps, "evals": evals}
-                echo(f"[{variant.name} @ {budget}] {steps} steps, {evals} block evaluations: FID {score:.4g}")
-    finally:
-        deq.tol = saved_tol
+            finally:
+                if deq is not None:
+                    deq.tol = saved_tol
+            stats = model.task.last_sampling  # measured: what the samples really used
+            result = {"fid": score, "steps": steps, "evals": stats.block_evals, "iters": stats.fp_iters}
+            model.fid.setdefault(budget, {})[variant.name] = result
+            echo(f"[{variant.name} @ {budget}] {steps} steps, {stats.block_evals} block evaluations: FID {score:.4g}")
 
 
-def tables(trained: dict[str, Trained], budgets: list[int], args: argparse.Namespace) -> str:
-    """Markdown: the models (parameters, memory, loss), then FID per variant and budget."""
-    memory_what = "peak allocated, one step" if torch.cuda.is_available() else "saved for backward, one forward"
-    rows = []
-    for m in trained.values():
-        shape = (
-            f"{args.dit_layers} blocks"
-            if m.name == "dit"
-            else f"{args.pre} + 1 weight-tied (×{m.task.model.fixed_point_layer.grad_iters_range[1]} grad steps max) + {args.post}"
+def tables(trained: dict[str, Trained], budgets: list[int], args: argparse.Namespace, memory: list[dict]) -> str:
+    """Markdown: the models, memory by shape, FID per variant and budget, and the fixed-point convergence."""
+    how = "peak allocated" if torch.cuda.is_available() else "peak, MemTracker"
+    models = markdown_table(
+        ["model", "parameters", "val loss", "training wall-clock s"],
+        [
+            [
+                m.label,
+                f"{m.params:,}",
+                f"{m.val_loss:.4f}",
+                "n/a" if m.train_seconds is None else f"{m.train_seconds:.0f}",
+            ]
+            for m in trained.values()
+        ],
+    )
+    deepest = {r["shape"]: r for r in memory if r["model"] == "dit"}
+    dit_shapes = list(deepest)
+    mem_rows = []
+    for r in memory:
+        ratios = [f"{r['peak'] / deepest[shape]['peak']:.2f}×" for shape in dit_shapes]
+        mem_rows.append(
+            [
+                r["model"],
+                r["shape"],
+                f"{r['params']:,}",
+                f"{r['peak'] / 2**20:.2f}",
+                f"{r['saved'] / 2**20:.2f}",
+                *ratios,
+            ]
         )
-        rows.append([m.name, shape, f"{m.params:,}", f"{m.memory_bytes / 2**20:.2f}", f"{m.val_loss:.4f}"])
-    head = markdown_table(["model", "blocks", "parameters", f"training memory MiB ({memory_what})", "val loss"], rows)
-    dit, fpdm = trained["dit"], trained["fpdm"]
-    ratio = f"FPDM/DiT: parameters {fpdm.params / dit.params:.2f}×, training memory {fpdm.memory_bytes / max(dit.memory_bytes, 1):.2f}×."
+    mem = markdown_table(
+        [
+            "model",
+            "shape",
+            "parameters",
+            f"training step MiB ({how})",
+            "saved for backward MiB",
+            *[f"÷ DiT {shape}" for shape in dit_shapes],
+        ],
+        mem_rows,
+    )
     fid_rows = []
     for variant in VARIANTS:
-        model = trained[variant.model]
+        model = trained.get(variant.model)
+        if model is None:
+            continue
+        name = variant.name.replace("low precision", args.low_precision)
         cells = []
         for budget in budgets:
             r = model.fid.get(budget, {}).get(variant.name)
             cells.append("n/a" if r is None else f"{r['fid']:.4g} ({r['steps']} steps)")
-        fid_rows.append([variant.name, *cells])
+        fid_rows.append([name, *cells])
     fid = markdown_table(["sampler", *[f"FID @ {b} blocks" for b in budgets]], fid_rows)
-    return f"{head}\n\n{ratio}\n\n{fid}\n"
+    conv_rows = [
+        [
+            m.label,
+            f"{m.convergence['iters_mean']:.1f}",
+            str(m.convergence["iters_first"]),
+            str(m.convergence["iters_max"]),
+            f"{m.convergence['converged_steps']:.0%}",
+            f"{m.convergence['rel_res_max']:.2g}",
+        ]
+        for m in trained.values()
+        if m.convergence
+    ]
+    conv = markdown_table(
+        [
+            "model",
+            "iterations per step (mean)",
+            "first step",
+            "most",
+            f"steps reaching {CONVERGENCE['tol']:g}",
+            "largest residual",
+        ],
+        conv_rows,
+    )
+    c = CONVERGENCE
+    return (
+        f"{models}\n\n{mem}\n\n{fid}\n\nFixed-point solves, {c['steps']} warm-started DDIM steps of {c['samples']} "
+        f"samples, stopping at relative residual {c['tol']:g} or {c['max_iter']} iterations:\n\n{conv}\n"
+    )
 
 
-def plot(trained: dict[str, Trained], budgets: list[int], path: Path) -> None:
-    """FID against the sampling budget for every sampler, and parameters / training memory side by side."""
+def plot(trained: dict[str, Trained], budgets: list[int], memory: list[dict], path: Path) -> None:
+    """FID against the sampling budget for every sampler, and training-step memory by shape."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax, bars) = plt.subplots(1, 2, figsize=(12, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    fig, (ax, bars) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [3, 2]})
     for variant in VARIANTS:
-        results = trained[variant.model].fid
-        points = [(b, results[b][variant.name]["fid"]) for b in budgets if variant.name in results.get(b, {})]
+        model = trained.get(variant.model)
+        if model is None:
+            continue
+        points = [(b, model.fid[b][variant.name]["fid"]) for b in budgets if variant.name in model.fid.get(b, {})]
         if points:
-            ax.plot(*zip(*points), marker="o", lw=1.2, label=variant.name, ls="-" if variant.model == "fpdm" else "--")
+            ax.plot(*zip(*points), marker="o", lw=1.2, label=variant.name, ls="--" if variant.model == "dit" else "-")
     ax.set(xlabel="block evaluations per sample", ylabel="FID (lower is better)", title="FID at equal sampling compute")
     ax.set_xscale("log")
-    ax.legend(fontsize=8)
-    names = list(trained)
-    params = [trained[n].params / 1e6 for n in names]
-    memory = [trained[n].memory_bytes / 2**20 for n in names]
-    xs = range(len(names))
-    bars.bar([x - 0.2 for x in xs], params, width=0.4, label="parameters (M)")
-    bars.bar([x + 0.2 for x in xs], memory, width=0.4, label="training memory (MiB)")
-    bars.set_xticks(list(xs), names)
-    bars.set_title("size and training memory")
-    bars.legend(fontsize=8)
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    labels = [f"{r['model']}\n{r['shape'].replace(' weight-tied ', chr(10))}" for r in memory]
+    bars.bar(range(len(memory)), [r["peak"] / 2**20 for r in memory])
+    bars.set_xticks(range(len(memory)), labels, fontsize=6)
+    bars.set(ylabel="MiB", title="training-step memory")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def sample_grid(trained: dict[str, Trained], budgets: list[int], path: Path, per_class: int = 2) -> None:
+    """``per_class`` samples of every class from DiT, FPDM (constant schedule) and the low-precision FPDM, at the
+    smallest budget that gives FPDM two steps and at the largest: one row of images per model and budget."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    depth = trained["dit"].task.model.blocks_per_step
+    shown = sorted({next((b for b in budgets if b // depth >= 2), budgets[-1]), budgets[-1]})
+    rows, names = [], []
+    for budget in shown:
+        for model in trained.values():
+            task = model.task
+            steps = budget // depth
+            options: dict[str, Any] = {"steps": steps}
+            if model.name != "dit":
+                options["fp_budget"] = budget - steps * task.model.explicit_blocks
+            labels = torch.arange(task.num_classes).repeat_interleave(per_class)
+            with model.precision.forward_context():
+                images, _ = task.sample(labels, generator=torch.Generator().manual_seed(1234), **options)
+            pixels = task._display(images.float().cpu())  # (N, C, H, W) in [0, 1]
+            rows.append(torch.cat(list(pixels), dim=-1))  # (C, H, N·W)
+            names.append(f"{model.label} @ {budget} blocks ({steps} steps)")
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 0.9 * len(rows) + 0.4), squeeze=False)
+    for ax, row, name in zip(axes[:, 0], rows, names):
+        ax.imshow(row.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        ax.set_title(name, fontsize=8, loc="left")
+        ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -254,8 +461,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dit-layers", type=int, default=6, help="DiT depth")
     parser.add_argument("--pre", type=int, default=1, help="FPDM explicit blocks before the fixed-point layer")
     parser.add_argument("--post", type=int, default=1, help="FPDM explicit blocks after it")
-    parser.add_argument("--budgets", default="60,120,240", help="comma-separated block evaluations per sample")
+    parser.add_argument(
+        "--budgets", default="6,12,18,30,60,120,240", help="comma-separated block evaluations per sample"
+    )
     parser.add_argument("--fid-samples", type=int, default=1000, help="generated images per FID")
+    parser.add_argument(
+        "--low-precision",
+        default="nvfp4",
+        help="precision plugin of the third model, FPDM trained and sampled under it ('none': no third model)",
+    )
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench/fpdm/<time>)")
     parser.add_argument(
@@ -263,7 +477,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     from lowbit.errors import LowbitError
+    from lowbit.registry import registry
 
+    if args.low_precision != "none" and args.low_precision not in registry.names("precision"):
+        raise LowbitError(
+            f"--low-precision {args.low_precision!r} is not a precision plugin; valid: none, "
+            + ", ".join(registry.names("precision"))
+        )
     budgets = sorted(int(b) for b in args.budgets.split(","))
     if budgets[0] < args.dit_layers:
         raise LowbitError(f"--budgets must be at least one DiT step ({args.dit_layers} blocks), got {budgets[0]}")
@@ -271,21 +491,28 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     echo = lambda m: print(m, file=sys.stderr)
     trained = train_models(args, out, echo)
+    memory = memory_rows(trained, args)
     evaluate(trained, budgets, args.fid_samples, echo)
+    convergence(trained, echo)
     command = "lowbit bench fpdm " + " ".join(argv if argv is not None else sys.argv[3:])
-    text = f"`{command.strip()}` — {dt.date.today()}, {device_name()}\n\n{tables(trained, budgets, args)}"
+    text = f"`{command.strip()}` — {dt.date.today()}, {device_name()}\n\n{tables(trained, budgets, args, memory)}"
     (out / "fpdm.md").write_text(text)
-    plot(trained, budgets, out / "fpdm.png")
+    plot(trained, budgets, memory, out / "fpdm.png")
+    sample_grid(trained, budgets, out / "fpdm_samples.png")
     results = {
         name: {
             "params": m.params,
             "memory_bytes": m.memory_bytes,
+            "saved_bytes": m.saved_bytes,
             "val_loss": m.val_loss,
+            "train_seconds": m.train_seconds,
             "fid": {str(b): r for b, r in m.fid.items()},
+            "convergence": m.convergence,
         }
         for name, m in trained.items()
     }
-    (out / "fpdm.json").write_text(json.dumps({"budgets": budgets, "models": results}, indent=1))
+    payload = {"budgets": budgets, "models": results, "memory": memory}
+    (out / "fpdm.json").write_text(json.dumps(payload, indent=1))
     print(text)
-    print(f"table: {out / 'fpdm.md'} | plot: {out / 'fpdm.png'}")
+    print(f"table: {out / 'fpdm.md'} | plots: {out / 'fpdm.png'}, {out / 'fpdm_samples.png'}")
     return 0

@@ -50,6 +50,7 @@ class SamplingStats:
     block_evals: int  # per sample trajectory (guidance doubles the batch, not the depth)
     fp_iters: list[int] = field(default_factory=list)  # fixed-point models: solver evaluations at each step
     fp_caps: list[int | None] = field(default_factory=list)  # the per-step iteration caps of the budget
+    fp_rel_res: list[float] = field(default_factory=list)  # max relative residual of each step's solve
     fallbacks: int = 0
 
 
@@ -249,6 +250,7 @@ class Diffusion(Task):
                 out, state["z"] = self.model(x_in, t_in, y_in, z0=z0, iters=caps[i], return_z=True)
                 deq = self.model.deq_stats()
                 stats.fp_iters.append(int(deq["deq/iters"]))
+                stats.fp_rel_res.append(deq["deq/rel_res_max"])
                 stats.fallbacks += int(deq["deq/fallbacks"])
                 stats.block_evals += self.model.explicit_blocks + stats.fp_iters[-1]
             else:
