@@ -71,6 +71,8 @@ def supports(spec: QuantSpec | None) -> str | None:
         return f"rounding '{spec.rounding}'"
     if spec.asymmetric:
         return "asymmetric scales"
+    if spec.amax_target:
+        return f"amax mapped to {spec.amax_target:g}, not the format's max"
     if spec.rht_size not in _RHT_SIZES:
         return f"a {spec.rht_size}-point Hadamard transform"
     if spec.scale_format == "fp32":

@@ -212,10 +212,13 @@ def lowp_block_scales(
 
 
 # ---- FP32 scales -----------------------------------------------------------------------------
-def fp32_scales(amax: torch.Tensor, element: ElementFormat, pow2: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def fp32_scales(
+    amax: torch.Tensor, element: ElementFormat, pow2: bool, target: float = 0.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(decode scales, encode factors) for FP32 scales: factor = max / amax (TE current scaling;
-    ``qmax`` for integers, so symmetric INT8 uses +-127), decode = 1 / factor."""
-    factor = current_scale(amax, element.max, pow2=pow2)
+    ``qmax`` for integers, so symmetric INT8 uses +-127; ``target`` instead of max when given),
+    decode = 1 / factor."""
+    factor = current_scale(amax, target or element.max, pow2=pow2)
     return torch.reciprocal(factor), factor
 
 

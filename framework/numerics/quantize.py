@@ -110,7 +110,7 @@ def _scaling_from_amax(
         exponent = codes.to(torch.int32) - 127
         return _Scaling(scale_format.decode(codes), codes, pow2_from_exponent(-exponent))
     if scale_format.name == "fp32":
-        decode, factor = fp32_scales(amax, element, spec.pow2_scale)
+        decode, factor = fp32_scales(amax, element, spec.pow2_scale, spec.amax_target)
         return _Scaling(decode, decode.view(torch.int32), factor)
     codes, decode, factor = lowp_block_scales(amax, element, scale_format, global_encode)
     return _Scaling(decode, codes, factor)

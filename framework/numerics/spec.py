@@ -46,6 +46,9 @@ class QuantSpec:
     sr_prescale: multiply elements by this before encoding and divide after decoding; 0.75 is
         Tseng et al.'s 3/4 (arXiv 2502.20586) that keeps MXFP4 stochastic rounding from clipping.
     pow2_scale: round FP32 scales to powers of two (encode scale rounded down, as TE).
+    amax_target: FP32 scales map amax to this value instead of the element format's max (0: the max).
+        For tapered formats, where precision depends on the magnitude: HiFloat8 training maps
+        activations and weights to 15 and gradients to 224, the tops of its 3- and 2-bit mantissa bands.
     asymmetric: integer formats only: min/max scaling with a zero point.
     saturate: clamp overflow to +-max (MX and NVFP4 always saturate).
     """
@@ -60,6 +63,7 @@ class QuantSpec:
     rht_seed: int = 0
     sr_prescale: float = 1.0
     pow2_scale: bool = False
+    amax_target: float = 0.0
     asymmetric: bool = False
     saturate: bool = True
 
@@ -102,6 +106,17 @@ class QuantSpec:
             raise LowbitError(f"sr_prescale must be in (0, 1] (0.75 for Tseng et al.'s 3/4), got {self.sr_prescale}")
         if self.asymmetric and not element.is_integer:
             raise LowbitError(f"asymmetric needs an integer element format (int8, int4), got '{self.element}'")
+        if self.amax_target:
+            if scale.name != "fp32" or self.asymmetric:
+                raise LowbitError(
+                    f"amax_target applies to symmetric FP32 scales; got scale_format '{self.scale_format}'"
+                    + (", asymmetric" if self.asymmetric else "")
+                )
+            if not (isinstance(self.amax_target, (int, float)) and 0 < self.amax_target <= element.max):
+                raise LowbitError(
+                    f"amax_target must be in (0, {element.max:g}] (the '{self.element}' max; 0 means the max), "
+                    f"got {self.amax_target!r}"
+                )
         if self.pow2_scale and scale.name != "fp32":
             raise LowbitError(f"pow2_scale applies to fp32 scales; scale_format '{self.scale_format}' is already fixed")
 

@@ -197,7 +197,8 @@ class QuantLinear(nn.Linear):
     def delayed_state(self, operand: str, device: torch.device) -> DelayedScaling:
         """The delayed-scaling state of one operand (created on first use)."""
         if operand not in self.scaling_state:
-            fmt_max = get_format(self.recipe.spec_of(operand).element).max
+            spec = self.recipe.spec_of(operand)
+            fmt_max = spec.amax_target or get_format(spec.element).max  # the value amax maps to
             self.scaling_state[operand] = DelayedScaling(fmt_max, device=device, **(self.delayed_scaling or {}))
         return self.scaling_state[operand]
 

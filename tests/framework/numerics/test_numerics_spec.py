@@ -3,9 +3,11 @@
 import dataclasses
 
 import pytest
+import torch
 
+import lowbit.registry  # noqa: F401  (plugin formats resolve, and unknown names list them)
 from lowbit.errors import LowbitError
-from lowbit.numerics import PRESETS, QuantSpec, get_spec, preset_names
+from lowbit.numerics import PRESETS, QuantSpec, get_spec, preset_names, quantize
 
 REQUIRED_PRESETS = {
     "mxfp8_e4m3",
@@ -92,3 +94,29 @@ def test_unknown_preset_and_field_and_type():
         get_spec({"blocks": 32})
     with pytest.raises(LowbitError, match="preset name, a mapping or a QuantSpec, got int"):
         get_spec(3)
+
+
+def test_amax_target_maps_amax_to_it_instead_of_the_format_max():
+    x = torch.tensor([[0.5, -3.0, 1.25, 0.0]])
+    q = quantize(x, {"element": "e4m3", "block": "tensor", "amax_target": 12.0})
+    assert q.scales.item() == 3.0 / 12.0  # decode scale amax / target
+    pow2 = quantize(x, {"element": "e4m3", "block": "tensor", "amax_target": 10.0, "pow2_scale": True})
+    assert pow2.scales.item() == 0.5  # encode 2 = largest 2^k <= 10 / 3: amax lands on 6 <= 10
+    rows = quantize(torch.tensor([[1.0, 2.0], [-8.0, 4.0]]), {"element": "e4m3", "block": "row", "amax_target": 4.0})
+    assert rows.scales.flatten().tolist() == [0.5, 2.0]
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"amax_target": 500.0}, r"amax_target must be in \(0, 448\] \(the 'e4m3' max; 0 means the max\), got 500"),
+        ({"amax_target": -1.0}, r"amax_target must be in \(0, 448\]"),
+        (
+            {"block": (1, 32), "scale_format": "e8m0", "amax_target": 4.0},
+            "amax_target applies to symmetric FP32 scales; got scale_format 'e8m0'",
+        ),
+    ],
+)
+def test_amax_target_outside_the_format_or_on_other_scales_is_an_error(options, message):
+    with pytest.raises(LowbitError, match=message):
+        QuantSpec(**{"element": "e4m3", **options})
