@@ -86,3 +86,20 @@ def test_bad_values_are_one_line_errors():
         LowbitError, match=r"amax_target must be in \(0, 32768\] \(the 'hif8' max; 0 means the max\), got 40000"
     ):
         _built("precision.backward_target=40000")
+
+
+def test_delayed_scaling_maps_the_history_amax_to_the_specs_target():
+    from lowbit.quant.precision import QuantPrecision
+
+    spec = {"element": "hif8", "block": "tensor", "rounding": "ta", "amax_target": 15.0}
+    recipe = {"fprop": {"x": spec, "w": spec}, "dgrad": {}, "wgrad": {}}
+    precision = QuantPrecision(recipe=recipe, delayed_scaling={"history_len": 4}, mode="fp32", device_type="cpu")
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.Linear(32, 32))
+    precision.convert_module(model)
+    amaxes = []
+    for scale in (1.0, 6.0, 2.0):
+        x = torch.randn(8, 32) * scale
+        amaxes.append(float(x.abs().max()))
+        model(x).sum().backward()
+    state = model[0].scaling_state["fprop.x"]
+    assert float(state.scale) == pytest.approx(15.0 / max(amaxes))  # not 32768 / amax
