@@ -95,7 +95,7 @@ def test_help_lists_groups_and_plugins_help(capsys):
         train_main(["--help"])
     out = capsys.readouterr().out
     assert exit_info.value.code == 0 and "usage: train [recipe=NAME]" in out
-    assert "precision: bf16, custom, fp8, mxfp4, mxfp4_bwd, mxfp8, nvfp4" in out
+    assert "precision: bf16, custom, fp8, hif8, int4, mxfp4, mxfp4_bwd, mxfp8, nvfp4" in out
     for command in ("plugins", "recipes", "bench"):
         code, out, _ = _run(main, [command, "--help"], capsys)
         assert code == 0 and out.startswith(f"usage: lowbit {command}")

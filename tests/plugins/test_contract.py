@@ -29,6 +29,7 @@ from lowbit.errors import LowbitError
 from lowbit.models.deq import EquilibriumCell
 from lowbit.nn.posenc import PositionalEncoding, positions_1d, positions_2d
 from lowbit.nn.transformer import attention_mask
+from lowbit.plugins.precision.int4 import Int4Precision
 from lowbit.quant.qat import QATPrecision
 from lowbit.registry import CONFIG_GROUPS, registry
 
@@ -138,7 +139,7 @@ def _small_mlp() -> nn.Sequential:
 
 
 def _quantizes_forward(precision: Precision) -> bool:
-    if isinstance(precision, QATPrecision):  # fake-quantized weights (and inputs) in the forward
+    if isinstance(precision, (QATPrecision, Int4Precision)):  # fake-quantized or INT4 operands in the forward
         return True
     recipe = getattr(precision, "recipe", None)
     return recipe is not None and recipe.fprop.quantized

@@ -9,13 +9,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from lowbit.config import compose
+from lowbit.plugins.precision.int4 import int4_layers
 from lowbit.quant.convert import quant_layers
 from lowbit.quant.qat import FakeQuant, qat_layers
 from lowbit.registry import registry
 from lowbit.run import build
 
-# custom quantizes nothing until told what: give it an MXFP8 forward
-EXTRA = {"custom": ["precision.fprop.x={preset: mxfp8_e4m3}", "precision.fprop.w={preset: mxfp8_e4m3}"]}
+# custom quantizes nothing until told what: give it an MXFP8 forward; int4's Hadamard blocks of 32 do not
+# divide the patch embedding's 4 inputs (2×2 patches, 1 channel)
+EXTRA = {
+    "custom": ["precision.fprop.x={preset: mxfp8_e4m3}", "precision.fprop.w={preset: mxfp8_e4m3}"],
+    "int4": ["precision.keep=[head,patch_embed.*]"],
+}
+# the gradient's cosine to BF16's: INT4 with one learned step per tensor perturbs each GEMM more than the
+# FP4 block formats (relative error 0.25 vs mxfp4's 0.18), and leverage score sampling drops half of the
+# weight gradient's rows (unbiased, not exact): 0.87 without sampling, 0.81 with it on this seed
+MIN_COSINE = {"int4": 0.75}
 
 
 def _build(precision: str):
@@ -56,7 +65,8 @@ def _bf16_gradient() -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("precision", registry.names("precision"))
 def test_every_precision_plugin_trains_fpdm(precision):
     built = _build(precision)
-    converted = quant_layers(built.task) | qat_layers(built.task)  # quantized GEMMs, or QAT's fake-quantized ones
+    # quantized GEMMs, QAT's fake-quantized ones, or INT4's own
+    converted = quant_layers(built.task) | qat_layers(built.task) | int4_layers(built.task)
     assert bool(converted) == (precision != "bf16")
     if converted:  # the weight-tied cell is converted once, and every solver iteration goes through it
         assert any(name.startswith("model.fixed_point_layer.f.block.") for name in converted)
@@ -75,4 +85,4 @@ def test_every_precision_plugin_trains_fpdm(precision):
     got = torch.cat(list(grads.values()))
     assert torch.isfinite(got).all() and got.norm() > 0
     shared = torch.cat([grads[name] for name in want])  # the network's own parameters (QAT adds its quantizers')
-    assert F.cosine_similarity(shared, torch.cat(list(want.values())), dim=0) > 0.9
+    assert F.cosine_similarity(shared, torch.cat(list(want.values())), dim=0) > MIN_COSINE.get(precision, 0.9)
