@@ -420,35 +420,35 @@ def plot(trained: dict[str, Trained], budgets: list[int], memory: list[dict], pa
     plt.close(fig)
 
 
-def sample_grid(trained: dict[str, Trained], budgets: list[int], path: Path, per_class: int = 2) -> None:
-    """``per_class`` samples of every class from DiT, FPDM (constant schedule) and the low-precision FPDM, at the
-    smallest budget that gives FPDM two steps and at the largest: one row of images per model and budget."""
+def sample_grid(trained: dict[str, Trained], budgets: list[int], path: Path, per_class: int = 3) -> None:
+    """``per_class`` samples of every class (one class per column) from each model (FPDM: constant schedule), at
+    the smallest budget that gives a DiT two steps and at the largest: one panel per model and budget."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from torchvision.utils import make_grid
 
     depth = trained["dit"].task.model.blocks_per_step
     shown = sorted({next((b for b in budgets if b // depth >= 2), budgets[-1]), budgets[-1]})
-    rows, names = [], []
-    for budget in shown:
-        for model in trained.values():
+    fig, axes = plt.subplots(
+        len(shown), len(trained), figsize=(3.6 * len(trained), 1.4 * per_class * len(shown)), squeeze=False
+    )
+    for row, budget in enumerate(shown):
+        for ax, model in zip(axes[row], trained.values()):
             task = model.task
             steps = budget // depth
             options: dict[str, Any] = {"steps": steps}
             if model.name != "dit":
                 options["fp_budget"] = budget - steps * task.model.explicit_blocks
-            labels = torch.arange(task.num_classes).repeat_interleave(per_class)
+            labels = torch.arange(task.num_classes).repeat(per_class)  # row r, column c: class c
             with model.precision.forward_context():
                 images, _ = task.sample(labels, generator=torch.Generator().manual_seed(1234), **options)
             pixels = task._display(images.float().cpu())  # (N, C, H, W) in [0, 1]
-            rows.append(torch.cat(list(pixels), dim=-1))  # (C, H, N·W)
-            names.append(f"{model.label} @ {budget} blocks ({steps} steps)")
-    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 0.9 * len(rows) + 0.4), squeeze=False)
-    for ax, row, name in zip(axes[:, 0], rows, names):
-        ax.imshow(row.permute(1, 2, 0).squeeze(-1).numpy(), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        ax.set_title(name, fontsize=8, loc="left")
-        ax.axis("off")
+            grid = make_grid(pixels, nrow=task.num_classes, padding=1, pad_value=0.5)  # (3, H', W')
+            ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_title(f"{model.label} @ {budget} blocks ({steps} steps)", fontsize=8)
+            ax.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -70,7 +70,14 @@ ENCODINGS = {
         Encoding(
             "learned", "learned", "learned table, bicubic-resampled to the eval grid (timm's resample_abs_pos_embed)"
         ),
-        Encoding("sinusoidal", "sinusoidal", "fixed 2-D sin/cos (MAE); rows and columns past the grid never seen"),
+        Encoding(
+            "sinusoidal",
+            "sinusoidal",
+            "fixed 2-D sin/cos, MAE's unit table; rows and columns past the grid never seen",
+            # the MAE/DiT table (rms 1/√2), not the plugin's default 0.02 (a GPT token embedding's scale): on these
+            # patch embeddings (rms ~0.1) a 0.02 table left the marker side at chance (0.503) after 3000 steps
+            train_options=("posenc.rms=0.7071",),
+        ),
         Encoding("rope", "rope", "2-D axial RoPE; angles past the training grid never seen"),
         Encoding(
             "rope_yarn", "rope", "the rope model evaluated with YaRN per axis, s = eval grid / training grid", yarn=True

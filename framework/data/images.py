@@ -241,15 +241,30 @@ class Digits(_ImageData):
             num_workers=num_workers,
         )
         self.interpolation = interpolation
-        self.mean, self.std = 0.0, 1.0  # of the training split, set when the splits are built
+        self._stats: tuple[float, float] | None = None  # (mean, std) of the training split, set with the splits
+
+    @property
+    def mean(self) -> float:
+        """The training split's pixel mean (building the splits if they are not yet): what standardises them."""
+        return self._split_stats()[0]
+
+    @property
+    def std(self) -> float:
+        """The training split's pixel standard deviation (see ``mean``)."""
+        return self._split_stats()[1]
+
+    def _split_stats(self) -> tuple[float, float]:
+        self.splits  # noqa: B018  (built once; sets the statistics)
+        return self._stats
 
     def _build_splits(self) -> tuple[TensorDataset, TensorDataset]:
         images, labels = load_digits_tensors(self.image_size, self.interpolation)  # (N, 1, S, S), (N,)
         train_idx, val_idx = (
             torch.from_numpy(i) for i in stratified_split(labels.numpy(), self.val_fraction, self.seed)
         )
-        self.mean, self.std = images[train_idx].mean().item(), images[train_idx].std().item()
-        images = ((images - self.mean) / self.std).expand(-1, self.in_chans, -1, -1).contiguous()  # (N, C, S, S)
+        mean, std = images[train_idx].mean().item(), images[train_idx].std().item()
+        self._stats = (mean, std)
+        images = ((images - mean) / std).expand(-1, self.in_chans, -1, -1).contiguous()  # (N, C, S, S)
         return TensorDataset(images[train_idx], labels[train_idx]), TensorDataset(images[val_idx], labels[val_idx])
 
     def _stream(self, train: Dataset) -> SeededImageStream:

@@ -52,6 +52,18 @@ def test_split_is_a_pure_function_of_the_seed_and_disjoint():
     assert torch.equal(a.val_set.tensors[0], b.val_set.tensors[0])
 
 
+def test_the_standardisation_is_the_training_splits_before_anything_else_is_read():
+    """mean/std read first build the splits: a sampler clamping x̂₀ to the standardised pixel range of a fresh
+    data module got the placeholders 0 and 1 (samples clamped to [0, 1] instead of about [-0.8, 1.9])."""
+    fresh = Digits(seed=0)
+    mean, std = fresh.mean, fresh.std  # before the splits were asked for
+    raw, labels = load_digits_tensors(fresh.image_size, fresh.interpolation)
+    train_idx, _ = stratified_split(labels.numpy(), fresh.val_fraction, 0)
+    train = raw[torch.from_numpy(train_idx)]
+    assert mean == pytest.approx(train.mean().item(), rel=1e-6) and std == pytest.approx(train.std().item(), rel=1e-6)
+    assert 0.1 < mean < 0.5 and 0.2 < std < 0.6  # digits: mostly blank pixels, strokes up to 1
+
+
 def test_values_are_standardised_by_the_training_split():
     data = Digits(image_size=16, seed=0)
     train = data.train_set.tensors[0]
