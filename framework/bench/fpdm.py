@@ -406,14 +406,16 @@ def plot(trained: dict[str, Trained], budgets: list[int], memory: list[dict], pa
             continue
         points = [(b, model.fid[b][variant.name]["fid"]) for b in budgets if variant.name in model.fid.get(b, {})]
         if points:
-            ax.plot(*zip(*points), marker="o", lw=1.2, label=variant.name, ls="--" if variant.model == "dit" else "-")
+            name = variant.name.replace("low precision", model.label.split()[-1])  # "... under nvfp4, ..."
+            ax.plot(*zip(*points), marker="o", lw=1.2, label=name, ls="--" if variant.model == "dit" else "-")
     ax.set(xlabel="block evaluations per sample", ylabel="FID (lower is better)", title="FID at equal sampling compute")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.legend(fontsize=7)
-    labels = [f"{r['model']}\n{r['shape'].replace(' weight-tied ', chr(10))}" for r in memory]
+    short = lambda shape: shape.split("(")[1].split(" grad")[0] if "(" in shape else shape  # noqa: E731  "m = 2"
+    labels = [f"{r['model'].split()[-1]}\n{short(r['shape'])}" for r in memory]  # dit / fpdm / nvfp4
     bars.bar(range(len(memory)), [r["peak"] / 2**20 for r in memory])
-    bars.set_xticks(range(len(memory)), labels, fontsize=6)
+    bars.set_xticks(range(len(memory)), labels, fontsize=7)
     bars.set(ylabel="MiB", title="training-step memory")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
