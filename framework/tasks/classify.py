@@ -61,10 +61,14 @@ class ImageClassifier(Task):
             )
         return logits
 
+    def _loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of logits (B, K) for labels (B,): cross-entropy in float32, label-smoothed."""
+        return F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch  # (B, C, H, W), (B,)
         logits = self._logits(images)
-        loss = F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)
+        loss = self._loss(logits, labels)
         self.log("train/loss", loss, prog_bar=True, sync_dist=True)  # the global batch's mean
         self.log("train/acc", self.train_acc(logits, labels))
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])

@@ -29,6 +29,15 @@ def test_rows_ratios_and_saved_memory(tmp_path, capsys):
     assert float(rows[2][4]) <= base_mb
 
 
+def test_a_vit_recipe_is_measured_too(tmp_path, capsys):
+    """The saved-bytes count calls the task's ``_loss``: an image classifier has one as the LM does (it had none)."""
+    argv = ["--recipe", "bf16_vit", "--precisions", "bf16", "--posencs", "none,lookhere", "--steps", "2"]
+    assert bench.main([*argv, "--warmup", "1", "--rounds", "1", "debug=smoke", "model.n_heads=4"]) == 0
+    rows = _rows(capsys.readouterr().out)
+    assert [r[:2] for r in rows] == [["bf16", "none"], ["bf16", "lookhere"]]
+    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
+
+
 def test_step_timer_counts_only_steps_after_warmup():
     results = bench.run("bf16_llm", ["bf16"], ["rope"], steps=3, warmup=2, rounds=1, extra=["debug=smoke"])
     (res,) = results
