@@ -105,8 +105,13 @@ def integer_gemm(weight: QuantSpec, activation: QuantSpec | None) -> bool:
 
 def _fast_int_input(spec: QuantSpec | None) -> bool:
     """Whether ``_int_codes`` computes this input spec's codes: symmetric integers per token or tensor,
-    FP32 scales, round to nearest even."""
-    return _is_plain_int(spec, ("row", "tensor")) and spec.rounding == "rne" and not spec.pow2_scale
+    FP32 scales mapping amax to qmax, round to nearest even."""
+    return (
+        _is_plain_int(spec, ("row", "tensor"))
+        and spec.rounding == "rne"
+        and not spec.pow2_scale
+        and not spec.amax_target
+    )
 
 
 def _int_codes(x2: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

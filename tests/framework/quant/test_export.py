@@ -20,6 +20,7 @@ from lowbit.errors import LowbitError
 from lowbit.numerics import fake_quantize, get_spec, pack_fp4, quantize, unpack_int4
 from lowbit.quant.export import (
     PackedLinear,
+    _fast_int_input,
     _int_codes,
     _pad_for_int_mm,
     export_checkpoint,
@@ -138,6 +139,13 @@ def _assert_int_codes_are_the_references(x: torch.Tensor) -> None:
             assert torch.equal(codes, q.codes) and torch.equal(scales.reshape(q.scales.shape), q.scales)
             fake = (codes.float() * scales).to(x.dtype)  # the dequantize path's inputs: fake_quantize's values
             assert torch.equal(fake.float().nan_to_num(7.0), fake_quantize(x, spec).float().nan_to_num(7.0))
+
+
+def test_the_fast_input_codes_decline_specs_they_do_not_define():
+    """``_int_codes`` maps amax to qmax with an exact scale: other targets and power-of-two scales take the reference."""
+    assert _fast_int_input(get_spec({"element": "int8", "block": "row"}))
+    assert not _fast_int_input(get_spec({"element": "int8", "block": "row", "amax_target": 100.0}))
+    assert not _fast_int_input(get_spec({"element": "int8", "block": "row", "pow2_scale": True}))
 
 
 def test_fast_input_codes_equal_the_reference_on_adversarial_rows():
