@@ -4,14 +4,18 @@ recipe and the NVFP4 ablations; final validation loss and its gap to BF16, and l
 What the papers report, and so what a run should show: FP8 ≈ BF16 (Micikevicius et al. 2022);
 NVFP4 with 2-D weights, stochastic rounding and the RHT within about 1-2% of BF16, each
 ablation wider (NVIDIA 2025, §4); MXFP4 with SR and RHT close to BF16 and naive MXFP4 (RNE, no
-RHT) worse (Tseng et al. 2025). Small CPU runs are noisy: ``--seeds`` repeats every variant and
-the table gives the spread, so an ordering inside it is not read as a result.
+RHT) worse (Tseng et al. 2025); HiF8 about FP16's loss (Luo et al. 2024); INT4 a few points behind FP16
+on fine-tuning (Xi et al. 2023). Small CPU runs are noisy: ``--seeds`` repeats every variant with the same
+seeds, so a seed fixes the initialisation and the data order for every variant alike, and the gaps are
+paired: each variant's relative gap to the baseline per seed, their mean and its 95% Student-t interval;
+an ordering is resolved when the interval excludes 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -72,6 +76,12 @@ VARIANTS = {
             "NVFP4 in every layer (no BF16 blocks or head)",
             ("precision=nvfp4", "precision.keep=[]", "precision.keep_last_blocks=0.0"),
         ),
+        Variant(
+            "hif8",
+            "HiFloat8 every GEMM input, power-of-two tensor scales (amax → 15, gradients 224)",
+            ("precision=hif8",),
+        ),
+        Variant("int4", "INT4: Hadamard + LSQ forward, bit-split gradients with LSS (Xi et al.)", ("precision=int4",)),
     )
 }
 
@@ -118,16 +128,41 @@ def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], e
     return outcomes
 
 
+def paired_gap(outcome: Outcome, base: Outcome, confidence: float = 0.95) -> tuple[float, float] | None:
+    """(mean, half-width) of the relative gaps (v_s - b_s) / b_s over the seeds both ran, the half-width of a
+    ``confidence`` Student-t interval; None with fewer than two seeds. Same seed, same initialisation and
+    data order: the seed's own luck cancels in each gap, so the interval is narrower than the spreads suggest."""
+    gaps = [(v - b) / b for v, b in zip(outcome.val_loss, base.val_loss)]
+    if len(gaps) < 2:
+        return None
+    from scipy.stats import t
+
+    half = float(t.ppf(0.5 + confidence / 2, len(gaps) - 1)) * statistics.stdev(gaps) / math.sqrt(len(gaps))
+    return statistics.fmean(gaps), half
+
+
 def table(outcomes: list[Outcome]) -> str:
-    """Markdown: mean final val loss (± std over seeds) and the relative gap to the first variant."""
+    """Markdown: mean final val loss (± std over seeds), the relative gap to the first variant, and with several
+    seeds the paired gap's 95% interval and whether it resolves the ordering."""
     base = outcomes[0]
+    paired = len(base.val_loss) > 1
     rows = []
     for o in outcomes:
         spread = f" ± {o.spread:.4f}" if len(o.val_loss) > 1 else ""
-        rows.append(
-            [f"`{o.variant.name}`", o.variant.description, f"{o.mean:.4f}{spread}", format_gap(o.mean, base.mean)]
-        )
-    return markdown_table(["variant", "what", "val loss", f"gap to {base.variant.name}"], rows)
+        row = [f"`{o.variant.name}`", o.variant.description, f"{o.mean:.4f}{spread}", format_gap(o.mean, base.mean)]
+        if paired:
+            gap = paired_gap(o, base) if o is not base else None
+            if gap is None:
+                row += ["–", "baseline" if o is base else "one seed"]
+            else:
+                mean, half = gap
+                verdict = "not resolved" if abs(mean) <= half else ("worse" if mean > 0 else "better")
+                row += [f"{100 * mean:+.2f}% ± {100 * half:.2f}%", verdict]
+        rows.append(row)
+    head = ["variant", "what", "val loss", f"gap to {base.variant.name}"]
+    if paired:
+        head += ["paired gap, 95% CI", "ordering"]
+    return markdown_table(head, rows)
 
 
 def plot(outcomes: list[Outcome], path: Path, smoothing: float = 0.95) -> None:

@@ -79,3 +79,29 @@ def test_an_unfinished_run_is_trained_again(tmp_path, capsys):
 def test_unknown_variant_is_a_clear_error():
     with pytest.raises(LowbitError, match="unknown quality variant 'nvfp5'; valid: bf16, fp8, mxfp4_naive"):
         bench.main(["--variants", "bf16,nvfp5"])
+
+
+def test_paired_gaps_and_their_interval_resolve_an_ordering_the_spreads_do_not():
+    """Seed luck moves both variants alike: the spreads overlap, the paired gaps (+1% every seed) do not."""
+    base = bench.Outcome(bench.VARIANTS["bf16"], val_loss=[1.40, 1.50, 1.60])
+    worse = bench.Outcome(bench.VARIANTS["fp8"], val_loss=[1.414, 1.515, 1.616])
+    noisy = bench.Outcome(bench.VARIANTS["hif8"], val_loss=[1.386, 1.515, 1.600])
+    mean, half = bench.paired_gap(worse, base)
+    assert mean == pytest.approx(0.01) and half == pytest.approx(0.0, abs=1e-12)
+    mean, half = bench.paired_gap(noisy, base)  # gaps -1%, +1%, 0%
+    assert mean == pytest.approx(0.0, abs=1e-12)
+    assert half == pytest.approx(4.302652729911275 * 0.01 / math.sqrt(3))  # t(0.975, 2) · sd / √n
+    rows = _rows(bench.table([base, worse, noisy]))
+    assert rows["bf16"][-2:] == ["–", "baseline"]
+    assert rows["fp8"][-2:] == ["+1.00% ± 0.00%", "worse"]
+    assert rows["hif8"][-1] == "not resolved"
+    assert bench.paired_gap(bench.Outcome(bench.VARIANTS["fp8"], val_loss=[1.4]), base) is None
+
+
+@pytest.mark.parametrize("name", ["hif8", "int4"])
+def test_the_new_precisions_are_variants_that_build(name):
+    from lowbit.config import compose
+    from lowbit.run import build
+
+    built = build(compose(["recipe=bf16_llm", *bench.VARIANTS[name].overrides, "debug=smoke"]).cfg)
+    assert built.precision.name == name
