@@ -198,27 +198,25 @@ def train_models(args: argparse.Namespace, out: Path, echo=print) -> dict[str, T
         model = Trained(name, label, run_dir, task, data, precision, val_loss=val_loss)
         model.train_seconds = None if finished else time.perf_counter() - start
         model.params = count_parameters(task.model)
-        with precision.forward_context():
-            memory = training_memory(task, next(iter(data.train_dataloader())))
-        model.memory_bytes, model.saved_bytes = memory["peak"], memory["saved"]
-        echo(
-            f"[{name}] {model.params:,} parameters, val/loss {model.val_loss:.4f}, "
-            f"training step peak {model.memory_bytes:,} B ({model.saved_bytes:,} B saved for backward)"
-        )
+        echo(f"[{name}] {model.params:,} parameters, val/loss {model.val_loss:.4f}")
         trained[name] = model
     return trained
 
 
-def memory_rows(trained: dict[str, Trained], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Peak training-step memory by shape: DiT at the trained depth and at ``DEEPER_DIT`` (built from the
-    trained DiT's config, same width and batch), and each FPDM at every number of gradient iterations."""
+def memory_rows(trained: dict[str, Trained], args: argparse.Namespace, echo=print) -> list[dict[str, Any]]:
+    """Peak training-step memory by shape, all on one batch: DiT at the trained depth and at ``DEEPER_DIT`` (built
+    from the trained DiT's config, same width), and each FPDM at every number of gradient iterations. Each trained
+    model's ``memory_bytes``/``saved_bytes`` are its worst case among these rows (FPDM: the most gradient iterations)."""
     from omegaconf import OmegaConf
 
     from lowbit.run import build_task
 
     dit = trained["dit"]
     batch = next(iter(dit.data.train_dataloader()))
-    rows = [{"model": "dit", "shape": f"{args.dit_layers} blocks", "params": dit.params, **_memory(dit)}]
+    with dit.precision.forward_context():
+        memory = training_memory(dit.task, batch)
+    dit.memory_bytes, dit.saved_bytes = memory["peak"], memory["saved"]
+    rows = [{"model": "dit", "shape": f"{args.dit_layers} blocks", "params": dit.params, **memory}]
     config = OmegaConf.to_container(OmegaConf.load(dit.run_dir / "config.yaml"), resolve=True)
     for depth in sorted(d for d in DEEPER_DIT if d > args.dit_layers):
         config["model"]["n_layers"] = depth
@@ -237,11 +235,10 @@ def memory_rows(trained: dict[str, Trained], args: argparse.Namespace) -> list[d
                 memory = training_memory(model.task, batch, grad_iters=m)
             shape = f"{args.pre} + 1 weight-tied (m = {m} grad iterations) + {args.post}"
             rows.append({"model": model.label, "shape": shape, "params": model.params, **memory})
+        model.memory_bytes, model.saved_bytes = memory["peak"], memory["saved"]  # m = hi: the worst case
+    for model in trained.values():
+        echo(f"[{model.name}] training step peak {model.memory_bytes:,} B ({model.saved_bytes:,} B saved for backward)")
     return rows
-
-
-def _memory(model: Trained) -> dict[str, int]:
-    return {"peak": model.memory_bytes, "saved": model.saved_bytes}
 
 
 def convergence(trained: dict[str, Trained], echo=print) -> None:
@@ -493,7 +490,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     echo = lambda m: print(m, file=sys.stderr)
     trained = train_models(args, out, echo)
-    memory = memory_rows(trained, args)
+    memory = memory_rows(trained, args, echo)
     evaluate(trained, budgets, args.fid_samples, echo)
     convergence(trained, echo)
     command = "lowbit bench fpdm " + " ".join(argv if argv is not None else sys.argv[3:])

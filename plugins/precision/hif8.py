@@ -21,7 +21,7 @@ from typing import Any
 from lowbit.errors import LowbitError
 from lowbit.quant.precision import GemmPrecision
 
-__all__ = ["HiF8Precision", "hif8_spec"]
+__all__ = ["HiF8Precision", "hif8_gemms", "hif8_spec"]
 
 FORWARD_TARGET = 15.0  # 1.875 * 2^3: the largest HiF8 value with 3 mantissa bits
 BACKWARD_TARGET = 224.0  # 1.75 * 2^7: the largest with 2 mantissa bits
@@ -30,6 +30,22 @@ BACKWARD_TARGET = 224.0  # 1.75 * 2^7: the largest with 2 mantissa bits
 def hif8_spec(target: float, rounding: str = "ta", pow2_scale: bool = True) -> dict[str, Any]:
     """One HiF8 operand: a per-tensor FP32 scale mapping amax to ``target``."""
     return {"element": "hif8", "block": "tensor", "rounding": rounding, "pow2_scale": pow2_scale, "amax_target": target}
+
+
+def hif8_gemms(
+    forward_target: float = FORWARD_TARGET,
+    backward_target: float = BACKWARD_TARGET,
+    rounding: str = "ta",
+    pow2_scale: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The three GEMMs' operand specs: x and w mapped to ``forward_target``, dy to ``backward_target``."""
+    fwd = hif8_spec(forward_target, rounding, pow2_scale)
+    bwd = hif8_spec(backward_target, rounding, pow2_scale)
+    return {
+        "fprop": {"x": fwd, "w": fwd, "rht": 0},
+        "dgrad": {"dy": bwd, "w": fwd, "rht": 0},
+        "wgrad": {"dy": bwd, "x": fwd, "rht": 0},
+    }
 
 
 class HiF8Precision(GemmPrecision):
@@ -41,11 +57,7 @@ class HiF8Precision(GemmPrecision):
 
     lowbit_plugin_api = 1
     name = "hif8"
-    defaults = {
-        "fprop": {"x": hif8_spec(FORWARD_TARGET), "w": hif8_spec(FORWARD_TARGET), "rht": 0},
-        "dgrad": {"dy": hif8_spec(BACKWARD_TARGET), "w": hif8_spec(FORWARD_TARGET), "rht": 0},
-        "wgrad": {"dy": hif8_spec(BACKWARD_TARGET), "x": hif8_spec(FORWARD_TARGET), "rht": 0},
-    }
+    defaults = hif8_gemms()
 
     @classmethod
     def config_defaults(cls) -> dict[str, Any]:
@@ -67,13 +79,7 @@ class HiF8Precision(GemmPrecision):
     ) -> None:
         if rounding not in ("ta", "rne", "sr"):
             raise LowbitError(f"hif8 rounding must be ta (the paper's), rne or sr, got {rounding!r}")
-        fwd = hif8_spec(forward_target, rounding, pow2_scale)
-        bwd = hif8_spec(backward_target, rounding, pow2_scale)
-        built = {
-            "fprop": {"x": fwd, "w": fwd, "rht": 0},
-            "dgrad": {"dy": bwd, "w": fwd, "rht": 0},
-            "wgrad": {"dy": bwd, "x": fwd, "rht": 0},
-        }
+        built = hif8_gemms(forward_target, backward_target, rounding, pow2_scale)
         super().__init__(
             fprop=built["fprop"] if fprop is None else fprop,
             dgrad=built["dgrad"] if dgrad is None else dgrad,
