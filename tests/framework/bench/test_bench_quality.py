@@ -105,3 +105,21 @@ def test_the_new_precisions_are_variants_that_build(name):
 
     built = build(compose(["recipe=bf16_llm", *bench.VARIANTS[name].overrides, "debug=smoke"]).cfg)
     assert built.precision.name == name
+
+
+def test_every_variant_trains_a_seed_before_any_trains_the_next(tmp_path, monkeypatch, capsys):
+    """A bench stopped part-way has whole seeds (paired comparisons of every variant); text recipes
+    validate on the larger validation set."""
+    trained = []
+
+    def fake_train_once(overrides, run_dir, label, echo=print):
+        trained.append((run_dir.name, [o for o in overrides if o.startswith("data.val_windows")]))
+        return 1.0 + 0.01 * len(trained)
+
+    monkeypatch.setattr(bench, "train_once", fake_train_once)
+    monkeypatch.setattr(bench, "plot", lambda outcomes, path: path.write_bytes(b"png"))
+    bench.main(["--variants", "bf16,fp8", "--seeds", "1,2", "--out", str(tmp_path), "debug=smoke"])
+    assert [name for name, _ in trained] == ["bf16-s1", "fp8-s1", "bf16-s2", "fp8-s2"]
+    assert all(windows == ["data.val_windows=1024"] for _, windows in trained)
+    rows = _rows(capsys.readouterr().out)
+    assert rows["fp8"][1] == "1.0300 ± 0.0141"  # seed 1: 1.02, seed 2: 1.04
