@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import functools
 import warnings
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -66,6 +67,8 @@ def supported(element: ElementFormat, saturate: bool) -> bool:
     ``saturate``, and decode)."""
     if type(element) is IntFormat:  # exact types: a plugin subclass may change the rules
         return element.bits <= 8
+    if element.grid_spacing is not None:  # a plugin's arithmetic rounding: values only, codes by its encode
+        return saturate
     if type(element) is not FloatFormat:
         return False
     if not saturate and element.special != "none":
@@ -114,12 +117,15 @@ class _Constants(NamedTuple):
     emin: int
     mbits: int
     e5m2_cast: str  # torch's float8 dtype name where its cast gives E5M2's values, else ""
+    spacing: Callable[[torch.Tensor], torch.Tensor] | None = None  # a plugin format's grid_spacing
 
 
 @functools.cache
 def _constants(element: ElementFormat) -> _Constants:
     if isinstance(element, IntFormat):
         return _Constants(True, element.qmin, element.qmax, float(element.qmax), 0, 0, "")
+    if element.grid_spacing is not None:
+        return _Constants(False, 0, 0, float(element.max), 0, 0, "", element.grid_spacing)
     e5m2 = element.native if element.native and element.ebits == 5 else ""
     return _Constants(False, 0, 0, float(element.max), element.emin, element.mbits, e5m2)
 
@@ -155,6 +161,11 @@ def _round(c: _Constants, x: torch.Tensor, rounding: str, bits: torch.Tensor | N
         # a compiled kernel takes the arithmetic below, the same values
         codes = torch.clamp(x, -c.max, c.max).to(getattr(torch, c.e5m2_cast)).view(torch.uint8)
         return (codes.to(torch.int16) << 8).view(torch.float16).float()
+    if c.spacing is not None:  # a plugin format: round the magnitude to its spacing there, one zero (+0)
+        magnitude = torch.clamp(x.abs(), max=c.max)
+        spacing = c.spacing(magnitude)
+        value = _round_magnitude(magnitude / spacing, rounding, bits).mul_(spacing)  # exact: powers of two
+        return torch.where(value == 0, 0.0, torch.copysign(value, x))
     y = torch.clamp(x, -c.max, c.max)  # saturate first, so rounding never passes max
     if torch.compiler.is_compiling():
         # inductor's C++ turns each bitcast into a scalar loop (3x the whole kernel's time): the
@@ -179,6 +190,8 @@ def encode(
     """``element.encode(x, saturate=True)`` for finite float32 ``x``: uint8 (int8) codes."""
     if isinstance(element, IntFormat):
         return round_to_format(element, x, rounding, rng).to(torch.int8)
+    if element.grid_spacing is not None:  # a plugin's arithmetic covers values; its codes are its encode's
+        return element.encode(x, rounding=rounding, saturate=True, generator=rng)
     if element.native and rounding == "rne":  # torch's float8 cast: same codes, faster still
         return element.encode(x, rounding=rounding, saturate=True)
     magnitude = torch.clamp(x.abs(), max=element.max)
@@ -195,6 +208,8 @@ def decode(element: ElementFormat, codes: torch.Tensor) -> torch.Tensor | None:
     """``element.decode(codes)`` as float32, or None where codes hold Inf/NaN (general path)."""
     if isinstance(element, IntFormat):
         return codes.float()
+    if element.grid_spacing is not None:
+        return element.decode(codes)
     magnitude_bits = element.bits - 1
     c = codes.to(torch.int16)
     magnitude = c & ((1 << magnitude_bits) - 1)

@@ -147,6 +147,14 @@ class ElementFormat:
         """Decode by the format's definition (arithmetic on the code fields); builds the table."""
         raise NotImplementedError
 
+    grid_spacing = None
+    """Optional, for a plugin format whose values are symmetric about one zero (+0), with a uniform
+    spacing within each binade [2^b, 2^(b+1)) that divides 2^b: a method ``grid_spacing(magnitude)``
+    giving, for float32 magnitudes in [0, max], the spacing of the values around each one (a power
+    of two), from float arithmetic alone (no bitcasts, so a compiled kernel vectorizes it). With it,
+    quantization rounds finite input to the format's values arithmetically, saturating, as encode
+    then decode would, without building codes (HiF8's ``grid_spacing`` is an example)."""
+
     def _decode(self, codes: torch.Tensor) -> torch.Tensor:
         """Gather from the 2^bits table built once per device by ``decode_reference``."""
         key = (self.name, codes.device)

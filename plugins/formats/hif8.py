@@ -38,6 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lowbit.numerics._fast import pow2_floor
 from lowbit.numerics.formats import ElementFormat
 from lowbit.numerics.rounding import round_to_integer
 
@@ -106,6 +107,19 @@ class HiF8Format(ElementFormat):
         code = torch.where(value > self.max, _INF if not saturate else _MAX_CODE, code)
         code = torch.where(code != 0, code | (sign << 7), code)  # one zero: +0
         return torch.where(nan, _NAN, code).to(torch.uint8)
+
+    def grid_spacing(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Spacing of the HiF8 values around float32 magnitudes in [0, 2^15], in float arithmetic
+        (the arithmetic rounding path of lowbit's quantization, see ``ElementFormat.grid_spacing``):
+        2^(b - m) in binade 2^b with m = 3, 2, 1 mantissa bits for |b| <= 3, <= 7, <= 15; the
+        denormal binades 2^b (b < -15) have spacing 2^b, and below them the grid is {0, 2^-22}."""
+        binade = pow2_floor(magnitude)  # 2^b; 0 and float32 subnormals give <= 2^-126
+        per_binade = torch.where(
+            (binade >= 2.0**-3) & (binade <= 2.0**3),
+            0.125,
+            torch.where((binade >= 2.0**-7) & (binade <= 2.0**7), 0.25, 0.5),
+        )
+        return torch.where(binade < 2.0**-15, torch.clamp(binade, min=2.0**-22), binade * per_binade)
 
     @staticmethod
     def _code_of_grid_value(value: torch.Tensor) -> torch.Tensor:

@@ -98,3 +98,61 @@ def test_usable_in_a_quant_spec(hif8):
     near_one = (x.abs() >= 0.125) & (x.abs() < 16)
     assert torch.all(((y - x).abs() / x.abs())[near_one] <= 2**-4)
     assert torch.equal(y, hif8.decode(hif8.encode(x)))
+
+
+def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a.view(torch.int32), b.view(torch.int32))
+
+
+def _near_the_grid(hif8) -> torch.Tensor:
+    """Every HiF8 value, every midpoint (the ties) and their float32 neighbours, both signs, in every
+    binade the 38 cover and past them; 2^18 random float32 bit patterns; zeros, the saturation edge,
+    float32 subnormals."""
+    values = hif8.values()
+    mids = (values[1:] + values[:-1]) / 2
+    grid = torch.cat([values, mids])
+    grid = torch.cat([grid, grid.nextafter(torch.tensor(math.inf)), grid.nextafter(torch.tensor(-math.inf))])
+    gen = torch.Generator().manual_seed(7)
+    random = torch.randint(-(2**31), 2**31 - 1, (1 << 18,), generator=gen, dtype=torch.int32).view(torch.float32)
+    edges = torch.tensor([0.0, -0.0, 32768.0, 36864.0, 40960.0, 3e38, 1e-45, 1e-40, 2.0**-23, 2.0**-23 * 1.0000001])
+    x = torch.cat([grid, -grid, random, edges, -edges])
+    return x[torch.isfinite(x)]
+
+
+@pytest.mark.parametrize("rounding", ["ta", "rne", "sr"])
+def test_arithmetic_rounding_is_the_codes_values_bit_for_bit(hif8, rounding):
+    """``grid_spacing`` lets quantization round finite input to HiF8 values without building codes
+    (about 10x faster on CPU): the same values as decode(encode(x)), ties, denormals and SR included."""
+    from lowbit.numerics import _fast
+
+    assert _fast.supported(hif8, saturate=True) and not _fast.supported(hif8, saturate=False)
+    x = _near_the_grid(hif8)
+    codes = hif8.encode(x, rounding=rounding, saturate=True, generator=torch.Generator().manual_seed(1))
+    rounded = _fast.round_to_format(hif8, x, rounding, torch.Generator().manual_seed(1))
+    assert _same_bits(rounded, hif8.decode(codes))
+    assert torch.equal(_fast.encode(hif8, x, rounding, torch.Generator().manual_seed(1)), codes)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        QuantSpec(element="hif8", rounding="ta", pow2_scale=True, amax_target=15.0),
+        QuantSpec(element="hif8", rounding="ta", pow2_scale=True, amax_target=224.0),
+        QuantSpec(element="hif8", block="row", rounding="sr"),
+        QuantSpec(element="hif8", block=(1, 32), rounding="rne"),
+    ],
+    ids=["acts", "grads", "row_sr", "block_rne"],
+)
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_fake_quantize_takes_the_arithmetic_path_with_the_general_paths_bits(spec, compile):
+    from lowbit.numerics.quantize import _dequantize, _fake_quantize, _quantize
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(512, 256, generator=gen) * torch.exp2(torch.randint(-30, 20, (512, 1), generator=gen).float())
+    x[0, :7] = torch.tensor([0.0, -0.0, 1e-45, -3e38, 7.5, -7.5, 1.5])
+    x_nan = x.clone()
+    x_nan[5, 3] = math.nan
+    for t in (x, x_nan, x.bfloat16()):
+        general = _dequantize(_quantize(t, spec, None, 5, None, None, fast=False), fast=False)
+        fast = _fake_quantize(t, spec, None, 5, None, None, compile=compile)
+        assert _same_bits(fast.float(), general.float())
