@@ -8,6 +8,7 @@ current and delayed scaling (``scaling``), the random Hadamard transform (``hada
 """
 
 from lowbit.numerics._chunks import contiguous as tiled_contiguous
+from lowbit.numerics._fast import pow2_floor
 from lowbit.numerics.blocks import BlockLayout, block_layout, mx_scale_codes
 from lowbit.numerics.error import QuantError, quant_error, quant_error_and_codes
 from lowbit.numerics.formats import (
@@ -88,6 +89,7 @@ __all__ = [
     "inverse_rht",
     "mx_scale_codes",
     "pack_fp4",
+    "pow2_floor",
     "preset_names",
     "quant_error",
     "quant_error_and_codes",

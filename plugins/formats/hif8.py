@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.numerics._fast import pow2_floor
+from lowbit.numerics import pow2_floor
 from lowbit.numerics.formats import ElementFormat
 from lowbit.numerics.rounding import round_to_integer
 
