@@ -244,51 +244,63 @@ def _factor_rows(points: list[DesignPoint], gaps: dict[str, list[float]]) -> lis
 
 
 def tables(outcomes: list[quality.Outcome], points: list[DesignPoint], snr: dict[str, dict[str, float]]) -> str:
-    """The training table (quality's: val loss, gap, paired interval), the main effects, and the SNRs."""
-    base = outcomes[0]
-    gaps = {o.variant.name: [(v - b) / b for v, b in zip(o.val_loss, base.val_loss, strict=True)] for o in outcomes[1:]}
-    parts = [quality.table(outcomes)]
-    factor_rows = _factor_rows(points, gaps)
-    if factor_rows:
-        parts.append(
-            "Main effects: each level's mean gap to BF16 over the points (and seeds) that have it\n\n"
-            + markdown_table(["factor", "level", "mean gap", "points"], factor_rows)
-        )
-    best = min(outcomes[1:], key=lambda o: o.mean)
-    parts.append(f"Lowest mean val loss: `{best.variant.name}` ({format_gap(best.mean, base.mean)} to BF16).")
-    rows = [
-        [f"`{p.name}`", *(f"{snr[p.name][k]:.2f}" for k in ("x", "w", "dy")), format_gap(o.mean, base.mean)]
-        for p, o in zip(points, outcomes[1:], strict=True)
-    ]
+    """The training table (quality's: val loss, gap, paired interval), the main effects, and the
+    SNRs; only the SNRs when ``outcomes`` holds the BF16 baseline alone (``--snr-only``)."""
+    base, trained = outcomes[0], outcomes[1:]
+    parts = []
+    if trained:
+        gaps = {o.variant.name: [(v - b) / b for v, b in zip(o.val_loss, base.val_loss, strict=True)] for o in trained}
+        parts.append(quality.table(outcomes))
+        factor_rows = _factor_rows(points, gaps)
+        if factor_rows:
+            parts.append(
+                "Main effects: each level's mean gap to BF16 over the points (and seeds) that have it\n\n"
+                + markdown_table(["factor", "level", "mean gap", "points"], factor_rows)
+            )
+        best = min(trained, key=lambda o: o.mean)
+        parts.append(f"Lowest mean val loss: `{best.variant.name}` ({format_gap(best.mean, base.mean)} to BF16).")
+    rows = [[f"`{p.name}`", *(f"{snr[p.name][k]:.2f}" for k in ("x", "w", "dy"))] for p in points]
+    header = ["point", "activations x", "weights w", "gradients dy"]
+    if trained:
+        header.append("gap to bf16")
+        rows = [[*row, format_gap(o.mean, base.mean)] for row, o in zip(rows, trained, strict=True)]
     parts.append(
         "Quantization SNR (dB) on the trained BF16 model's operands (one batch, first seed)\n\n"
-        + markdown_table(["point", "activations x", "weights w", "gradients dy", "gap to bf16"], rows)
+        + markdown_table(header, rows)
     )
     return "\n\n".join(parts)
 
 
 def plot(outcomes: list[quality.Outcome], points: list[DesignPoint], snr: dict[str, dict[str, float]], path: Path):
-    """Gap to BF16 per point (mean over seeds, with the paired interval) beside its operands' SNR."""
+    """Gap to BF16 per point (mean over seeds, with the paired interval) beside its operands' SNR;
+    the SNR alone without trained points."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    base = outcomes[0]
+    base, trained = outcomes[0], outcomes[1:]
     names = [p.name for p in points]
-    means, errors = [], []
-    for o in outcomes[1:]:
-        gap = quality.paired_gap(o, base)
-        means.append(100 * (gap[0] if gap else (o.mean - base.mean) / base.mean))
-        errors.append(100 * gap[1] if gap else 0.0)
-    colors = {name: f"C{i}" for i, name in enumerate(SCALES)}
-    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 0.35 * len(points) + 2), sharey=True)
     ys = range(len(points))
-    left.barh(ys, means, xerr=errors, color=[colors[p.scale] for p in points])
-    left.axvline(0, color="k", lw=0.8)
-    left.set(yticks=list(ys), yticklabels=names, xlabel="val loss gap to BF16 (%)")
+    fig, axes = plt.subplots(
+        1, 2 if trained else 1, figsize=(12 if trained else 7, 0.35 * len(points) + 2), squeeze=False
+    )
+    right = axes[0, -1]
+    if trained:
+        means, errors = [], []
+        for o in trained:
+            gap = quality.paired_gap(o, base)
+            means.append(100 * (gap[0] if gap else (o.mean - base.mean) / base.mean))
+            errors.append(100 * gap[1] if gap else 0.0)
+        colors = {name: f"C{i}" for i, name in enumerate(SCALES)}
+        left = axes[0, 0]
+        left.barh(ys, means, xerr=errors, color=[colors[p.scale] for p in points])
+        left.axvline(0, color="k", lw=0.8)
+        left.set(xlabel="val loss gap to BF16 (%)")
+        right.sharey(left)
     for k, operand in enumerate(("x", "w", "dy")):
         right.plot([snr[n][operand] for n in names], ys, "o", label=operand, color=f"C{k + 4}")
+    axes[0, 0].set(yticks=list(ys), yticklabels=names)
     right.set(xlabel="quantization SNR (dB)")
     right.legend()
     fig.suptitle("FP4 design space: E2M1 under each block-scale format, block size and gradient rounding")
@@ -306,6 +318,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", default="1", help="comma-separated seeds; every point runs each (paired)")
     parser.add_argument("--val-windows", type=int, default=1024, help="validation windows (text recipes)")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default runs/bench/fp4-design/<time>)")
+    parser.add_argument(
+        "--snr-only", action="store_true", help="train the BF16 baseline only and report each point's quantization SNR"
+    )
     parser.add_argument("overrides", nargs="*", help="config overrides for every run (trainer.max_steps=300 ...)")
     args = parser.parse_args(argv)
     from lowbit.config import compose
@@ -318,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
     layers = check_blocks(base, points)  # before any training: a bad point fails here, nothing created
     out = args.out or Path("runs/bench/fp4-design") / dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
-    variants = [quality.VARIANTS["bf16"], *(p.variant() for p in points)]
+    variants = [quality.VARIANTS["bf16"], *(() if args.snr_only else (p.variant() for p in points))]
     outcomes = quality.run(variants, seeds, out, base, echo=lambda m: print(m, file=sys.stderr))
     captured = capture_operands(outcomes[0].run_dirs[0], layers)
     snr = {p.name: quantization_snr(captured, p) for p in points}

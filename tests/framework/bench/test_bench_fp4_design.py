@@ -129,3 +129,22 @@ def test_the_report_restates_each_run_and_its_operands_snr(tmp_path, capsys):
     assert "scale_format: ue5m3" in saved and "global_scale: true" in saved and "rounding: sr" in saved
     x, w, dy = (float(c) for c in rows(snr)["`ue5m3_ts_b32_sr`"][:3])
     assert all(10 < v < 30 for v in (x, w, dy))
+
+
+def test_snr_only_trains_the_baseline_alone_and_ranks_every_point(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert bench.main(["--snr-only", "--blocks", "16,32", "--out", str(out), "debug=smoke"]) == 0
+    text = capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir() if p.is_dir()) == ["bf16-s1"]
+    assert "Main effects" not in text and "gap to bf16" not in text
+    snr = {
+        cells[1].strip("` "): [float(c) for c in cells[2:5]]
+        for cells in (line.split("|") for line in text.splitlines() if line.startswith("| `"))
+    }
+    assert len(snr) == len(bench.SCALES) * 2 * 2
+    for block in (16, 32):
+        for k in (0, 1):  # activations and weights: rounded to nearest whatever --sr says
+            assert snr[f"e8m0_b{block}_rne"][k] < snr[f"fp32_b{block}_rne"][k]
+            assert snr[f"e8m0_b{block}_sr"][k] == snr[f"e8m0_b{block}_rne"][k]
+        assert snr[f"fp32_b{block}_sr"][2] < snr[f"fp32_b{block}_rne"][2]
+    assert snr["fp32_b16_rne"][0] > snr["fp32_b32_rne"][0]  # smaller blocks follow the data more closely
