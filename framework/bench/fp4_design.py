@@ -301,9 +301,10 @@ def plot(outcomes: list[quality.Outcome], points: list[DesignPoint], snr: dict[s
     for k, operand in enumerate(("x", "w", "dy")):
         right.plot([snr[n][operand] for n in names], ys, "o", label=operand, color=f"C{k + 4}")
     axes[0, 0].set(yticks=list(ys), yticklabels=names)
+    axes[0, 0].invert_yaxis()  # the table's order, top down
     right.set(xlabel="quantization SNR (dB)")
     right.legend()
-    fig.suptitle("FP4 design space: E2M1 under each block-scale format, block size and gradient rounding")
+    fig.suptitle("FP4 design space: E2M1 x block-scale format x block size x gradient rounding", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
