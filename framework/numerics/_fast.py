@@ -246,17 +246,21 @@ def unscale(
     scales: torch.Tensor,
     zero_points: torch.Tensor | None,
     global_scale: torch.Tensor | None,
-    sr_prescale: float,
+    sr_prescale: float | torch.Tensor,
 ) -> torch.Tensor:
     """Decoded elements (n, r, nb, c) -> values: (v - zero point) * scale * global / prescale,
     each scale (n, nb) or (1, 1). dequantize and fake_quantize share it, so they round alike.
-    Elements (n, r, nb) are blocks of r x 1 (a column layout, see ``fake_quantize_whole``)."""
+    Elements (n, r, nb) are blocks of r x 1 (a column layout, see ``fake_quantize_whole``).
+    A compiled kernel gets the prescale as a 0-d float32 input: a graph's constant divisor may
+    become a multiply by its reciprocal, an input's stays a division, as ``true_divide``'s."""
     if zero_points is not None:
         values = values - _per_block(zero_points, values)
     values = values * _per_block(scales, values)
     if global_scale is not None:
         values = values * global_scale
-    if sr_prescale != 1.0:
+    if isinstance(sr_prescale, torch.Tensor):
+        values = values / sr_prescale
+    elif sr_prescale != 1.0:
         values = true_divide(values, sr_prescale)
     return values
 
@@ -271,7 +275,7 @@ def fake_quantize_blocks(
     *,
     element: ElementFormat,
     rounding: str,
-    sr_prescale: float,
+    sr_prescale: float | torch.Tensor,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
     """Elements (n, r, nb, c) of any float dtype, finite -> their fake-quantized values in ``out_dtype``:
@@ -292,6 +296,7 @@ def _fake_quantize_whole(
     global_scale: torch.Tensor | None,
     keys: torch.Tensor | None,
     column_index: torch.Tensor | None = None,
+    prescale: torch.Tensor | None = None,
     **options,
 ) -> torch.Tensor:
     """``fake_quantize_blocks`` of a whole tensor, its SR bits hashed from ``keys`` in the same kernel.
@@ -309,6 +314,8 @@ def _fake_quantize_whole(
             row = torch.arange(n * r, dtype=torch.int64, device=blocks.device).to(torch.int32).view(n, r, 1)
             index = row + column_index.view(1, 1, cols)
         bits = hash_bits(index, keys)
+    if prescale is not None:
+        options["sr_prescale"] = prescale
     return fake_quantize_blocks(blocks, factor, decode, zero_point, global_scale, bits, **options)
 
 
@@ -375,17 +382,18 @@ def compiled_fake_quantize(
     """``fake_quantize_blocks`` of a whole tensor (``columns``: r x 1 blocks (n, r, C) of t standing
     for the 1 x r blocks of tᵀ, SR bits in tᵀ's order) in one compiled kernel: one read, one write,
     instead of ~15 passes over chunks; the same bits (tests/framework/numerics/test_numerics_compiled.py).
-    None where it does not apply (an SR prescale, whose division inductor may turn into a
-    multiply; a chunk of a larger SR stream) or cannot be built."""
-    if sr_prescale != 1.0 or (rng is not None and rng.offset):
+    An SR prescale divides by a 0-d input (see ``unscale``). None where it does not apply (a chunk
+    of a larger SR stream) or cannot be built."""
+    if rng is not None and rng.offset:
         return None
     keys = None if rng is None else rng.keys
     column_index = None
     if columns and keys is not None:  # blocks (n, r, C) of t stand for tᵀ's 1 x r blocks
         n, r, cols = blocks.shape
         column_index = (torch.arange(cols, dtype=torch.int64, device=blocks.device) * (n * r)).to(torch.int32)
-    tensors = (blocks, factor, decode, zero_point, global_scale, keys, column_index)
-    dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,))  # blocks (n, r, nb[, c]): n and nb vary
+    prescale = None if sr_prescale == 1.0 else torch.tensor(sr_prescale, dtype=torch.float32, device=blocks.device)
+    tensors = (blocks, factor, decode, zero_point, global_scale, keys, column_index, prescale)
+    dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,), ())  # blocks (n, r, nb[, c]): n and nb vary
     options = {"element": _constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
     return run_compiled(_fake_quantize_whole, tensors, dynamic, **options)
 

@@ -557,7 +557,7 @@ def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> 
     blocks with symmetric scales, the RHT (if any) and the blocks dividing N, the arithmetic path's formats."""
     if t.dim() != 2 or t.device.type != "cpu" or t.numel() < _COMPILE_MIN_ELEMENTS:
         return False
-    if isinstance(spec.block, str) or spec.block[0] != 1 or spec.asymmetric or spec.sr_prescale != 1.0:
+    if isinstance(spec.block, str) or spec.block[0] != 1 or spec.asymmetric:
         return False
     n = t.shape[0]
     if n % spec.block[1] or (spec.rht_size and n % spec.rht_size):
@@ -611,6 +611,8 @@ def fake_quantize_columns(
             return reference()
         decode = scaling.decode.t().contiguous()  # strided, inductor would transpose a tile per use
         factor = scaling.factor.t().contiguous()
+    if spec.sr_prescale != 1.0:  # folded in as _Plan.factor folds it
+        factor = factor * spec.sr_prescale
     global_scale = None if global_encode is None else torch.reciprocal(global_encode).reshape(())
     out_dtype = (
         (dtype or torch.float32) if signs is not None and rotated else torch.float32 if signs is not None else t.dtype
@@ -624,7 +626,7 @@ def fake_quantize_columns(
         rng,
         element=element,
         rounding=spec.rounding,
-        sr_prescale=1.0,
+        sr_prescale=spec.sr_prescale,
         out_dtype=out_dtype,
         columns=True,
     )

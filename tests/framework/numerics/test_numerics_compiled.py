@@ -73,6 +73,8 @@ def test_columns_rotation_is_the_rht_of_the_transpose():
         ("nvfp4_2d", {}, torch.bfloat16),
         ("nvfp4", {"rounding": "sr", "rht_size": 16}, torch.float32),
         ("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.bfloat16),
+        ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75}, torch.float32),  # the MXFP4 recipe's gradients
+        ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75, "rht_size": 32}, torch.bfloat16),
         ("fp8_e5m2_tensor", {}, torch.float32),
         ("int8_channel", {"rounding": "sr"}, torch.float32),
     ],
@@ -107,6 +109,7 @@ def test_a_tensor_with_nan_rows_falls_back_and_matches():
         ("nvfp4", {"rounding": "sr", "rht_size": 16}, torch.bfloat16),
         ("nvfp4", {}, torch.float32),
         ("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.float32),
+        ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75, "rht_size": 32}, torch.bfloat16),
     ],
 )
 def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes, dtype):
