@@ -214,7 +214,7 @@ def quantization_snr(
         signal = error = 0.0
         for i, tensors in enumerate(captured.values()):
             t = tensors[operand]
-            q = fake_quantize(t, spec, seed=seed + i).float()
+            q = fake_quantize(t, spec, seed=seed + i, compile=True).float()
             signal += float(t.double().square().sum())
             error += float((q - t).double().square().sum())
         out[operand] = math.inf if error == 0 else 10 * math.log10(signal / error)
