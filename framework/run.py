@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -346,6 +346,9 @@ def _trainer(built: Built, loggers: list, callbacks: list, run_dir: Path):
             callbacks=callbacks,
             default_root_dir=str(run_dir),
             check_val_every_n_epoch=None,  # validation by steps: the training stream is endless
+            # evaluation under no_grad, as the validation inside fit runs: inference tensors would make every
+            # compiled quantize kernel compile again for trainer.validate (its guards check the dispatch keys)
+            inference_mode=False,
             # lowbit's data modules give each rank its slice of the global batch; others get Lightning's sampler
             use_distributed_sampler=not getattr(built.data, "shards_by_rank", False),
             max_epochs=-1,
@@ -354,10 +357,11 @@ def _trainer(built: Built, loggers: list, callbacks: list, run_dir: Path):
         raise LowbitError(f"trainer: {one_line(err)}") from err
 
 
-def train(composed: Composed, echo=print) -> RunResult:
+def train(composed: Composed, echo=print, callbacks: Sequence[Any] = ()) -> RunResult:
     """Train one composed config to the end (or Ctrl-C) in its run directory; print and return the
     final metrics. Its W&B run is named ``cfg.name``, grouped by experiment (model, data, budget:
-    see ``lowbit.experiment``), tagged by the choices, and finished before this returns."""
+    see ``lowbit.experiment``), tagged by the choices, and finished before this returns.
+    ``callbacks``: Lightning callbacks added to the run's own (``lowbit bench speed`` times a run so)."""
 
     cfg = composed.cfg
     worker = launched_worker()
@@ -370,7 +374,7 @@ def train(composed: Composed, echo=print) -> RunResult:
     with contextlib.ExitStack() as stack:
         if resume:
             resume = _resume_layout(resume, built, stack, echo)
-        return _train(composed, built, resume, run_dir, worker, echo)
+        return _train(composed, built, resume, run_dir, worker, echo, list(callbacks))
 
 
 def _resume_layout(resume: str, built: Built, stack: contextlib.ExitStack, echo) -> str:
@@ -396,7 +400,9 @@ def _resume_layout(resume: str, built: Built, stack: contextlib.ExitStack, echo)
     return str(write_unsharded(resume, folder / Path(resume).name))
 
 
-def _train(composed: Composed, built: Built, resume: str | None, run_dir: Path, worker: bool, echo) -> RunResult:
+def _train(
+    composed: Composed, built: Built, resume: str | None, run_dir: Path, worker: bool, echo, extra: list
+) -> RunResult:
     from lowbit.callbacks.baseline import BaselineLoss
     from lowbit.experiment import baseline_roots, experiment_name
     from lowbit.logging import build_loggers, tags, wandb_run_id
@@ -415,7 +421,7 @@ def _train(composed: Composed, built: Built, resume: str | None, run_dir: Path, 
     )
     ckpt_dir = run_dir / "checkpoints"
     against = BaselineLoss(config, baseline_roots(run_dir), run_dir)
-    trainer = _trainer(built, loggers, [*_callbacks(cfg, ckpt_dir, echo), against], run_dir)
+    trainer = _trainer(built, loggers, [*_callbacks(cfg, ckpt_dir, echo), against, *extra], run_dir)
 
     # the run is valid: from here on it writes into its directory, which it (rank 0 and its workers) holds alone
     with contextlib.nullcontext() if worker else RunLock(run_dir, notice=echo):

@@ -242,8 +242,8 @@ def training_rows(model: list[str], steps: int, warmup: int) -> list[list[str]]:
     tokens = _tokens_per_step(model)
     results = []
     for name, overrides in configs:
-        times, _, peak, _ = measure([*overrides, "logger=csv", *model], steps, warmup)
-        results.append((name, 1e3 * statistics.median(times), peak))
+        m = measure([*overrides, "logger=csv", *model], steps, warmup)
+        results.append((name, 1e3 * statistics.median(m.step_s), m.peak_cuda_mb))
     base_ms, base_peak = results[0][1], results[0][2]
     return [
         [

@@ -1,31 +1,53 @@
-"""``lowbit bench speed``: training step time and memory of each precision (and positional
-encoding) against the first one, measured in one run.
+"""``lowbit bench speed``: what training with each precision (and positional encoding) costs
+against the first one, measured in one run, the way ``train`` runs.
 
-Every configuration is the same recipe with ``precision=P posenc=E`` swapped in, trained for
-``--warmup + --steps`` optimizer steps by a Lightning Trainer (no validation, no logging). The
-step time is the median over steps of forward + backward + optimizer; the whole sweep repeats
-``--rounds`` times, in turn, and each configuration reports the median of its round medians,
-so a slow spell on a shared machine hits every configuration alike. Memory: the bytes one
-forward saves for backward (counted with ``saved_tensors_hooks``; exact on any device) and, on
-CUDA, the peak allocated memory of a training step.
+Every configuration is the same recipe with ``precision=P posenc=E`` swapped in and runs through
+``lowbit.run.train`` itself: the same Trainer, callbacks (health, checkpoints, throughput, the NaN
+guard, SR seeding), CSV logger, data loaders and validation as a ``train`` command, in a run
+directory of its own that the bench removes. It trains ``--warmup + --steps`` optimizer steps and
+validates on ``--val-batches`` batches at the last step and once more as ``train`` ends. Per
+configuration:
+
+  train ms/step  wall time from one optimizer step's start to the next's, validation excluded
+                 (data loading, forward, backward, optimizer, callbacks, logging): the mean over
+                 the steps after the warm-up
+  val ms/batch   the last validation loop's wall time over its batches (the sanity check and the
+                 validation at the last step have compiled what it needs)
+  first step s   from ``train``'s start (model, Trainer, sanity-check validation) to the end of the
+                 first optimizer step, compilation included; the first round's, since later rounds
+                 find this process's compiled graphs warm. Python's start and imports are not in it
+  peak RSS MB    the process's resident peak while the configuration runs (Linux: reset before each)
+  saved MB       the bytes one training forward saves for backward (``saved_tensors_hooks``; exact)
+
+and on CUDA the peak allocated memory. The sweep repeats ``--rounds`` times in turn and each
+configuration reports the median of its rounds, so a slow spell on a shared machine hits every
+configuration alike. ``--contend N`` keeps N other CPU-bound processes (a one-thread matmul loop
+each) running throughout: what a machine shared with other work does to each precision.
 
 ``--profile DIR``: one more round first, under ``torch.profiler`` and not counted in the table: a
 Chrome trace of each configuration's timed steps in DIR and the 15 ops with the most self time
 printed, so where the time goes is seen, not guessed.
 
 With ``trainer.devices=N`` (``trainer.strategy=ddp|fsdp``) Lightning starts the other N-1 processes
-by running the same command again; every rank trains every configuration in the same order and
-rank 0 times its steps (which wait for the collectives) and prints the table.
+by running the same command again; every rank trains every configuration in the same order (the run
+directories are shared through ``LOWBIT_SPEED_DIR``) and rank 0 times its steps (which wait for the
+collectives) and prints the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
+import multiprocessing
+import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,16 +57,34 @@ import torch
 from lowbit.bench._report import device_name, markdown_table
 from lowbit.distributed import world
 
-__all__ = ["SpeedResult", "StepTimer", "main", "measure"]
+__all__ = ["Measurement", "RunTimer", "SpeedResult", "contention", "main", "measure"]
+
+_DIR_ENV = "LOWBIT_SPEED_DIR"  # the sweep's run directories, inherited by the ranks Lightning starts
+
+
+@dataclass
+class Measurement:
+    """One configuration's run: seconds per timed step, per validation batch, to the first step."""
+
+    step_s: list[float]
+    val_s: float
+    first_step_s: float
+    saved_mb: float
+    peak_rss_mb: float | None  # None where the resident peak cannot be reset (not Linux)
+    peak_cuda_mb: float | None  # None off CUDA
+    quantized: str
 
 
 @dataclass
 class SpeedResult:
-    """Measurements of one configuration; ``step_ms`` holds one median per round."""
+    """Measurements of one configuration; ``step_ms``, ``val_ms``, ``rss_mb`` hold one value per round."""
 
     precision: str
     posenc: str
     step_ms: list[float] = field(default_factory=list)
+    val_ms: list[float] = field(default_factory=list)
+    rss_mb: list[float] = field(default_factory=list)
+    first_step_s: float = 0.0  # the first round's
     saved_mb: float = 0.0
     peak_mb: float | None = None
     quantized: str = ""
@@ -52,6 +92,14 @@ class SpeedResult:
     @property
     def median_ms(self) -> float:
         return statistics.median(self.step_ms)
+
+    @property
+    def median_val_ms(self) -> float:
+        return statistics.median(self.val_ms)
+
+    @property
+    def median_rss_mb(self) -> float | None:
+        return statistics.median(self.rss_mb) if self.rss_mb else None
 
 
 def _saved_bytes(task, batch, precision) -> int:
@@ -66,29 +114,151 @@ def _saved_bytes(task, batch, precision) -> int:
         return t
 
     x, y = batch
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision.forward_context():
+    with (
+        torch.enable_grad(),
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        precision.forward_context(),
+    ):
         task._loss(task(x), y)
     return total
 
 
-class StepTimer(L.Callback):
-    """Wall time of each training step after the first ``warmup`` steps."""
+class RunTimer(L.Callback):
+    """Times a run as its user sees it: each optimizer step after ``warmup`` from its start to the
+    next one's (validation in between taken out), the last validation loop, and the time from
+    ``start`` (a ``perf_counter`` reading) to the end of the first optimizer step."""
 
-    def __init__(self, warmup: int) -> None:
+    def __init__(self, warmup: int, start: float | None = None) -> None:
         self.warmup = warmup
-        self.times: list[float] = []
-        self._start = 0.0
+        self.start = time.perf_counter() if start is None else start
+        self.first_step_s: float | None = None
+        self.step_s: list[float] = []
+        self.val_s = 0.0  # per batch, the last validation loop's
+        self.trainer: L.Trainer | None = None
+        self._marks: list[float] = []  # step starts on a clock that stops during validation
+        self._validating = 0.0  # seconds spent validating so far
+        self._val_start = 0.0
+        self._step = -1
+
+    @staticmethod
+    def _now(module) -> float:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self.trainer = trainer
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self._start = time.perf_counter()
+        # a step's first batch (gradient accumulation runs several per step)
+        if trainer.global_step != self._step:
+            self._step = trainer.global_step
+            if self._step >= self.warmup:
+                self._marks.append(self._now(pl_module) - self._validating)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        if trainer.global_step > self.warmup:
-            self.times.append(time.perf_counter() - self._start)
+        if self.first_step_s is None and trainer.global_step >= 1:
+            self.first_step_s = self._now(pl_module) - self.start
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        marks = [*self._marks, self._now(pl_module) - self._validating]
+        self.step_s = [b - a for a, b in zip(marks, marks[1:], strict=False)]
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._val_start = self._now(pl_module)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        seconds = self._now(pl_module) - self._val_start
+        self._validating += seconds
+        batches = sum(trainer.num_sanity_val_batches if trainer.sanity_checking else trainer.num_val_batches)
+        if not trainer.sanity_checking and batches:
+            self.val_s = seconds / batches
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the process's resident-set peak (Linux's ``clear_refs``); False where it cannot."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def _peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024  # kB
+    raise RuntimeError("/proc/self/status has no VmHWM")
+
+
+def _spin(seed: int) -> None:  # pragma: no cover (runs in the contending processes)
+    """A CPU-bound loop on one thread, until terminated: another job on the machine."""
+    torch.set_num_threads(1)
+    a = torch.randn(256, 256, generator=torch.Generator().manual_seed(seed))
+    while True:
+        torch.mm(a, a.t()).tanh_()
+
+
+@contextlib.contextmanager
+def contention(processes: int) -> Iterator[None]:
+    """``processes`` other CPU-bound processes running while the block runs (none for 0)."""
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=_spin, args=(i,), daemon=True) for i in range(processes)]
+    for w in workers:
+        w.start()
+    try:
+        yield
+    finally:
+        for w in workers:
+            w.terminate()
+            w.join()
+
+
+def measure(
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    profile: Path | None = None,
+    val_batches: int = 8,
+    run_dir: Path | None = None,
+) -> Measurement:
+    """Run ``train`` on one configuration for ``warmup + steps`` optimizer steps in ``run_dir`` (a
+    temporary directory if None; removed afterwards) and time it (see the module doc); with
+    ``profile``, also a profiler trace of the timed steps there and their top ops printed."""
+    from lowbit.config import compose
+    from lowbit.run import train
+
+    total = warmup + steps
+    with contextlib.ExitStack() as stack:
+        if run_dir is None:
+            run_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="lowbit-speed-"))) / "run"
+        run = [
+            f"trainer.max_steps={total}",
+            f"trainer.val_check_interval={total}",  # validation once training is done, and as train ends
+            f"trainer.limit_val_batches={val_batches}",
+            "trainer.enable_progress_bar=false",
+            "trainer.enable_model_summary=false",
+            f"hydra.run.dir={run_dir}",
+        ]
+        composed = compose([*overrides, *run])
+        rss = _reset_peak_rss()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        timer = RunTimer(warmup)
+        profiler = Profile(warmup, steps, profile) if profile is not None else None
+        train(composed, echo=lambda *_: None, callbacks=[timer] + ([profiler] if profiler else []))
+        peak_rss = _peak_rss_mb() if rss else None
+        cuda = timer.trainer.strategy.root_device.type == "cuda"
+        peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+        if profiler is not None and world()[0] == 0:
+            print(f"profile of {' '.join(overrides)}: trace {profile}\n{profiler.top}", file=sys.stderr)
+        task, trainer = timer.trainer.lightning_module, timer.trainer
+        batch = next(iter(trainer.datamodule.train_dataloader()))
+        batch = [t.to(task.device) for t in batch]
+        task.train()
+        saved = _saved_bytes(task, batch, trainer.precision_plugin) / 2**20
+        description = getattr(trainer.precision_plugin, "description", "")
+    return Measurement(timer.step_s, timer.val_s, timer.first_step_s, saved, peak_rss, peak, description)
 
 
 class Profile(L.Callback):
@@ -123,42 +293,6 @@ class Profile(L.Callback):
         self.profiler.stop()
 
 
-def measure(
-    overrides: list[str], steps: int, warmup: int, profile: Path | None = None
-) -> tuple[list[float], float, float | None, str]:
-    """Train one configuration ``warmup + steps`` steps: (step seconds, saved MB, peak MB, precision description);
-    with ``profile``, also a profiler trace of the timed steps there and their top ops printed."""
-    from lowbit.config import compose
-    from lowbit.run import build
-
-    built = build(compose(overrides).cfg)
-    timer = StepTimer(warmup)
-    profiler = Profile(warmup, steps, profile) if profile is not None else None
-    kwargs = {k: v for k, v in built.trainer_kwargs.items() if k not in ("val_check_interval", "limit_val_batches")}
-    kwargs.update(max_steps=warmup + steps, enable_progress_bar=False, enable_model_summary=False)
-    trainer = L.Trainer(
-        **kwargs,
-        plugins=[built.precision],
-        callbacks=[timer] + ([profiler] if profiler else []),
-        logger=False,
-        enable_checkpointing=False,
-        limit_val_batches=0,
-        max_epochs=-1,
-        use_distributed_sampler=not getattr(built.data, "shards_by_rank", False),  # as train: each rank its slice
-    )
-    cuda = trainer.strategy.root_device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    trainer.fit(built.task, datamodule=built.data)
-    if profiler is not None and world()[0] == 0:
-        print(f"profile of {' '.join(overrides)}: trace {profile}\n{profiler.top}", file=sys.stderr)
-    peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
-    batch = next(iter(built.data.train_dataloader()))
-    batch = [t.to(built.task.device) for t in batch]
-    saved = _saved_bytes(built.task, batch, built.precision) / 2**20
-    return timer.times, saved, peak, getattr(built.precision, "description", "")
-
-
 def run(
     recipe: str,
     precisions: list[str],
@@ -168,40 +302,55 @@ def run(
     rounds: int,
     extra: list[str],
     profile: Path | None = None,
+    val_batches: int = 8,
+    contend: int = 0,
 ) -> list[SpeedResult]:
     """Measure every (precision, posenc) pair ``rounds`` times, in turn; with ``profile`` (a folder), one
-    more round first, profiled and not counted, one trace per pair (``<precision>-<posenc>.json``)."""
+    more round first, profiled and not counted, one trace per pair (``<precision>-<posenc>.json``);
+    with ``contend``, that many CPU-bound processes running all along (rank 0 starts them)."""
     results = {(p, e): SpeedResult(p, e) for p in precisions for e in posencs}
     first = 0 if profile is None else -1  # round -1: profiled, its times (with the profiler's cost) not counted
-    for r in range(first, rounds):
-        for (p, e), res in results.items():
-            overrides = [f"recipe={recipe}", f"precision={p}", f"posenc={e}", "logger=csv", *extra]
-            trace = profile / f"{p}-{e}.json" if r < 0 else None
-            times, res.saved_mb, res.peak_mb, res.quantized = measure(overrides, steps, warmup, trace)
-            if r < 0:
-                continue
-            res.step_ms.append(1e3 * statistics.median(times))
-            if world()[0] == 0:
-                print(
-                    f"round {r + 1}/{rounds} precision={p} posenc={e}: {res.step_ms[-1]:.1f} ms/step", file=sys.stderr
-                )
+    own = _DIR_ENV not in os.environ  # False in the ranks Lightning starts: they inherit the folder
+    if own:
+        os.environ[_DIR_ENV] = tempfile.mkdtemp(prefix="lowbit-speed-")
+    root = Path(os.environ[_DIR_ENV])
+    try:
+        with contention(contend if own else 0):
+            for r in range(first, rounds):
+                for (p, e), res in results.items():
+                    overrides = [f"recipe={recipe}", f"precision={p}", f"posenc={e}", "logger=csv", *extra]
+                    trace = profile / f"{p}-{e}.json" if r < 0 else None
+                    m = measure(overrides, steps, warmup, trace, val_batches, root / f"round{r + 1}-{p}-{e}")
+                    res.saved_mb, res.peak_mb, res.quantized = m.saved_mb, m.peak_cuda_mb, m.quantized
+                    if r < 0:
+                        continue
+                    if r == 0:
+                        res.first_step_s = m.first_step_s
+                    res.step_ms.append(1e3 * statistics.fmean(m.step_s))
+                    res.val_ms.append(1e3 * m.val_s)
+                    if m.peak_rss_mb is not None:
+                        res.rss_mb.append(m.peak_rss_mb)
+                    if world()[0] == 0:
+                        print(
+                            f"round {r + 1}/{rounds} precision={p} posenc={e}: {res.step_ms[-1]:.1f} ms/step, "
+                            f"validation {res.val_ms[-1]:.1f} ms/batch",
+                            file=sys.stderr,
+                        )
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+            del os.environ[_DIR_ENV]
     return list(results.values())
 
 
 def table(results: list[SpeedResult]) -> str:
-    """Markdown: step time and memory, each with its ratio to the first configuration."""
+    """Markdown: one row per configuration, each measure with its ratio to the first configuration's."""
     base = results[0]
-    header = [
-        "precision",
-        "posenc",
-        "step ms (median)",
-        f"× {base.precision}/{base.posenc}",
-        "saved for backward MB",
-        "×",
-    ]
+    header = ["precision", "posenc", "train ms/step", "×", "val ms/batch", "×", "first step s"]
+    rss = base.median_rss_mb is not None
     cuda = base.peak_mb is not None
-    if cuda:
-        header += ["peak MB", "×"]
+    header += (["peak RSS MB", "×"] if rss else []) + ["saved for backward MB", "×"]
+    header += ["peak CUDA MB", "×"] if cuda else []
     rows = []
     for r in results:
         row = [
@@ -209,9 +358,13 @@ def table(results: list[SpeedResult]) -> str:
             r.posenc,
             f"{r.median_ms:.1f}",
             f"{r.median_ms / base.median_ms:.2f}",
-            f"{r.saved_mb:.1f}",
-            f"{r.saved_mb / base.saved_mb:.2f}",
+            f"{r.median_val_ms:.1f}",
+            f"{r.median_val_ms / base.median_val_ms:.2f}",
+            f"{r.first_step_s:.1f}",
         ]
+        if rss:
+            row += [f"{r.median_rss_mb:.0f}", f"{r.median_rss_mb / base.median_rss_mb:.2f}"]
+        row += [f"{r.saved_mb:.1f}", f"{r.saved_mb / base.saved_mb:.2f}"]
         if cuda:
             row += [f"{r.peak_mb:.0f}", f"{r.peak_mb / base.peak_mb:.2f}"]
         rows.append(row)
@@ -228,6 +381,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=8, help="timed steps per configuration and round")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
     parser.add_argument("--rounds", type=int, default=3, help="times the whole sweep repeats")
+    parser.add_argument("--val-batches", type=int, default=8, help="batches per validation")
+    parser.add_argument(
+        "--contend", type=int, default=0, metavar="N", help="N other CPU-bound processes running throughout"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument(
         "--profile",
@@ -239,6 +396,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("overrides", nargs="*", help="config overrides for every configuration (model.dim=256 ...)")
     args = parser.parse_args(argv)
+    for name in ("steps", "rounds", "val_batches"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for name in ("warmup", "contend"):
+        if getattr(args, name) < 0:
+            parser.error(f"--{name} must be 0 or more, got {getattr(args, name)}")
     results = run(
         args.recipe,
         args.precisions.split(","),
@@ -248,6 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds,
         args.overrides,
         args.profile,
+        args.val_batches,
+        args.contend,
     )
     if world()[0] != 0:  # trainer.devices=N: Lightning ran this command again for each other rank
         return 0

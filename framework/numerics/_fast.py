@@ -346,12 +346,21 @@ def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tu
     shape) stay constants, so the kernel's inner loop is one whole block."""
     if _compile_failed:
         return None
+    # one context for every call, so its guards see one: no autograd (a weight's requires_grad, the
+    # forward's grad mode against the backward's) and autocast off (on in the forward, off in the
+    # backward); each difference would compile the same kernel again
+    tensors = tuple(None if t is None else t.detach() for t in tensors)
     for t, dims in zip(tensors, dynamic, strict=True):
         for dim in dims:
             if t is not None and t.dim() > dim:
                 torch._dynamo.maybe_mark_dynamic(t, dim)
+    device = next(t.device.type for t in tensors if t is not None)
     try:
-        with torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT):
+        with (
+            torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT),
+            torch.no_grad(),
+            torch.autocast(device, enabled=False),
+        ):
             return _compiled(fn, **bound)(*tensors)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         return None  # this variant has seen too many shape/dtype/stride mixes: eager from here on

@@ -11,6 +11,10 @@ def _rows(text: str) -> list[list[str]]:
     return [[c.strip() for c in line.strip("|").split("|")] for line in lines]
 
 
+# columns: precision, posenc, train ms/step, x, val ms/batch, x, first step s, peak RSS MB, x, saved MB, x
+TRAIN, VAL, FIRST, RSS, SAVED = 2, 4, 6, 7, 9
+
+
 def test_rows_ratios_and_saved_memory(tmp_path, capsys):
     out = tmp_path / "speed.md"
     argv = ["--precisions", "bf16,nvfp4", "--posencs", "rope,alibi", "--steps", "2", "--warmup", "1", "--rounds", "2"]
@@ -19,14 +23,15 @@ def test_rows_ratios_and_saved_memory(tmp_path, capsys):
     assert out.read_text() in text and "lowbit bench speed --precisions bf16,nvfp4" in text
     rows = _rows(text)
     assert [r[:2] for r in rows] == [["bf16", "rope"], ["bf16", "alibi"], ["nvfp4", "rope"], ["nvfp4", "alibi"]]
-    base_ms, base_mb = float(rows[0][2]), float(rows[0][4])
-    assert rows[0][3] == "1.00" and rows[0][5] == "1.00" and base_ms > 0 and base_mb > 0
-    for r in rows[1:]:  # the ratios of the unrounded numbers; cells are rounded to 0.1
-        ms, mb = float(r[2]), float(r[4])
-        assert float(r[3]) == pytest.approx(ms / base_ms, abs=0.005 + 0.05 * (1 + ms / base_ms) / base_ms)
-        assert float(r[5]) == pytest.approx(mb / base_mb, abs=0.005 + 0.05 * (1 + mb / base_mb) / base_mb)
+    for col in (TRAIN, VAL, RSS, SAVED):
+        base = float(rows[0][col])
+        assert rows[0][col + 1] == "1.00" and base > 0
+        for r in rows[1:]:  # the ratios of the unrounded numbers; cells are rounded (to 0.1, RSS to 1)
+            value, step = float(r[col]), 0.5 if col == RSS else 0.05
+            assert float(r[col + 1]) == pytest.approx(value / base, abs=0.005 + step * (1 + value / base) / base)
+    assert all(float(r[FIRST]) > 0 for r in rows)
     # QuantLinear saves no more for backward than the high-precision layer does
-    assert float(rows[2][4]) <= base_mb
+    assert float(rows[2][SAVED]) <= float(rows[0][SAVED])
 
 
 def test_a_vit_recipe_is_measured_too(tmp_path, capsys):
@@ -35,15 +40,42 @@ def test_a_vit_recipe_is_measured_too(tmp_path, capsys):
     assert bench.main([*argv, "--warmup", "1", "--rounds", "1", "debug=smoke", "model.n_heads=4"]) == 0
     rows = _rows(capsys.readouterr().out)
     assert [r[:2] for r in rows] == [["bf16", "none"], ["bf16", "lookhere"]]
-    assert all(float(r[2]) > 0 and float(r[4]) > 0 for r in rows)
+    assert all(float(r[TRAIN]) > 0 and float(r[VAL]) > 0 and float(r[SAVED]) > 0 for r in rows)
 
 
-def test_step_timer_counts_only_steps_after_warmup():
-    results = bench.run("bf16_llm", ["bf16"], ["rope"], steps=3, warmup=2, rounds=1, extra=["debug=smoke"])
-    (res,) = results
-    assert len(res.step_ms) == 1 and res.step_ms[0] > 0
-    times, saved, peak, _ = bench.measure(["recipe=bf16_llm", "debug=smoke", "logger=csv"], steps=3, warmup=2)
-    assert len(times) == 3 and saved > 0 and peak is None  # peak memory only on CUDA
+def test_a_configuration_runs_as_train_runs_it_and_is_timed_after_the_warm_up(tmp_path):
+    """``measure`` runs ``lowbit.run.train``: the run directory holds what a train command writes (config,
+    metrics, checkpoint), validation ran, and only the steps after the warm-up are timed."""
+    run_dir = tmp_path / "run"
+    m = bench.measure(["recipe=bf16_llm", "debug=smoke", "logger=csv"], steps=3, warmup=2, run_dir=run_dir)
+    assert len(m.step_s) == 3 and all(s > 0 for s in m.step_s)
+    assert m.val_s > 0 and m.first_step_s > 0 and m.saved_mb > 0 and m.peak_cuda_mb is None  # CUDA peak only on CUDA
+    assert m.peak_rss_mb is not None and m.peak_rss_mb > 50
+    for name in ("config.yaml", "csv/metrics.csv", "checkpoints/last.ckpt"):
+        assert (run_dir / name).exists(), name
+    metrics = (run_dir / "csv" / "metrics.csv").read_text()
+    assert "val/loss" in metrics and "perf/peak_mem_mb" in metrics  # the Throughput callback ran
+
+
+def test_run_directories_are_removed_and_bad_arguments_are_one_line(tmp_path, capsys, monkeypatch):
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    bench.run("bf16_llm", ["bf16"], ["rope"], steps=1, warmup=1, rounds=1, extra=["debug=smoke"])
+    assert list(tmp_path.iterdir()) == [] and "LOWBIT_SPEED_DIR" not in __import__("os").environ
+    for argv, message in ((["--steps", "0"], "--steps must be at least 1, got 0"), (["--contend", "-1"], "--contend")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_contention_runs_busy_processes_and_stops_them():
+    import multiprocessing
+
+    with bench.contention(2):
+        busy = [p for p in multiprocessing.active_children() if p.is_alive()]
+        assert len(busy) >= 2
+    assert not [p for p in busy if p.is_alive()]
 
 
 def test_two_fsdp_processes_train_every_configuration_and_rank_zero_reports(tmp_path):
