@@ -171,3 +171,24 @@ def test_a_variant_past_its_recompile_limit_runs_eagerly_and_compiling_stays_on(
         assert _same(compiled, _fake_quantize(x, spec, None, None, None, None))
     assert fast._compile_failed == []
     fast._compiled.cache_clear()
+
+
+def test_one_compiled_kernel_serves_the_forward_backward_and_evaluation_contexts():
+    """A weight (requires_grad), an activation under autocast and a gradient under no_grad hit one compiled
+    graph per spec: each context used to compile the same kernel again (26 graphs per nvfp4 run, now 6)."""
+    from torch._dynamo.utils import counters
+
+    from lowbit.numerics import fake_quantize
+
+    spec = get_spec("nvfp4").replace(block=(1, 48))  # a block size no other test compiles
+    x = torch.randn(512, 480, generator=torch.Generator().manual_seed(3))
+    expected = fake_quantize(x, spec, compile=True)
+    graphs = counters["stats"]["unique_graphs"]
+    weight = x.clone().requires_grad_()
+    assert _same(fake_quantize(weight, spec, compile=True), expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _same(fake_quantize(x, spec, compile=True), expected)
+    with torch.no_grad():
+        assert _same(fake_quantize(x, spec, compile=True), expected)
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert _same(expected, fake_quantize(x, spec))  # and the eager reference's bits
