@@ -1,10 +1,10 @@
 """``lowbit bench speed``: what training with each precision (and positional encoding) costs
 against the first one, measured in one run, the way ``train`` runs.
 
-Every configuration is the same recipe with ``precision=P posenc=E`` swapped in and runs through
-``lowbit.run.train`` itself: the same Trainer, callbacks (health, checkpoints, throughput, the NaN
-guard, SR seeding), CSV logger, data loaders and validation as a ``train`` command, in a run
-directory of its own that the bench removes. It trains ``--warmup + --steps`` optimizer steps and
+Every configuration is the same recipe with ``precision=P posenc=E`` swapped in and runs, in a
+Python process of its own, through ``lowbit.run.train`` itself: the same Trainer, callbacks
+(health, checkpoints, throughput, the NaN guard, SR seeding), CSV logger, data loaders and
+validation as a ``train`` command, in a run directory that the bench removes. It trains ``--warmup + --steps`` optimizer steps and
 validates on ``--val-batches`` batches at the last step and once more as ``train`` ends. Per
 configuration:
 
@@ -13,10 +13,10 @@ configuration:
                  the steps after the warm-up
   val ms/batch   the last validation loop's wall time over its batches (the sanity check and the
                  validation at the last step have compiled what it needs)
-  first step s   from ``train``'s start (model, Trainer, sanity-check validation) to the end of the
-                 first optimizer step, compilation included; the first round's, since later rounds
-                 find this process's compiled graphs warm. Python's start and imports are not in it
-  peak RSS MB    the process's resident peak while the configuration runs (Linux: reset before each)
+  first step s   from the process's start (Python, imports, model, Trainer, sanity-check validation)
+                 to the end of the first optimizer step, compilation included (with the compile
+                 caches on disk as earlier runs left them)
+  peak RSS MB    the process's resident peak (Linux's VmHWM)
   saved MB       the bytes one training forward saves for backward (``saved_tensors_hooks``; exact)
 
 and on CUDA the peak allocated memory. The sweep repeats ``--rounds`` times in turn and each
@@ -29,9 +29,8 @@ Chrome trace of each configuration's timed steps in DIR and the 15 ops with the 
 printed, so where the time goes is seen, not guessed.
 
 With ``trainer.devices=N`` (``trainer.strategy=ddp|fsdp``) Lightning starts the other N-1 processes
-by running the same command again; every rank trains every configuration in the same order (the run
-directories are shared through ``LOWBIT_SPEED_DIR``) and rank 0 times its steps (which wait for the
-collectives) and prints the table.
+for each configuration's process by running its command again; rank 0 times its steps (which wait
+for the collectives).
 """
 
 from __future__ import annotations
@@ -39,10 +38,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import json
 import multiprocessing
-import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -56,10 +56,9 @@ import torch
 
 from lowbit.bench._report import device_name, markdown_table
 from lowbit.distributed import world
+from lowbit.errors import LowbitError
 
-__all__ = ["Measurement", "RunTimer", "SpeedResult", "contention", "main", "measure"]
-
-_DIR_ENV = "LOWBIT_SPEED_DIR"  # the sweep's run directories, inherited by the ranks Lightning starts
+__all__ = ["Measurement", "RunTimer", "SpeedResult", "contention", "main", "measure", "measure_process"]
 
 
 @dataclass
@@ -68,7 +67,8 @@ class Measurement:
 
     step_s: list[float]
     val_s: float
-    first_step_s: float
+    first_step_s: float  # from train's start
+    first_step_at: float  # the first step's end, seconds since the epoch (time.time())
     saved_mb: float
     peak_rss_mb: float | None  # None where the resident peak cannot be reset (not Linux)
     peak_cuda_mb: float | None  # None off CUDA
@@ -77,14 +77,14 @@ class Measurement:
 
 @dataclass
 class SpeedResult:
-    """Measurements of one configuration; ``step_ms``, ``val_ms``, ``rss_mb`` hold one value per round."""
+    """Measurements of one configuration; ``step_ms``, ``val_ms``, ``first_s``, ``rss_mb``: one value per round."""
 
     precision: str
     posenc: str
     step_ms: list[float] = field(default_factory=list)
     val_ms: list[float] = field(default_factory=list)
     rss_mb: list[float] = field(default_factory=list)
-    first_step_s: float = 0.0  # the first round's
+    first_s: list[float] = field(default_factory=list)
     saved_mb: float = 0.0
     peak_mb: float | None = None
     quantized: str = ""
@@ -96,6 +96,10 @@ class SpeedResult:
     @property
     def median_val_ms(self) -> float:
         return statistics.median(self.val_ms)
+
+    @property
+    def median_first_s(self) -> float:
+        return statistics.median(self.first_s)
 
     @property
     def median_rss_mb(self) -> float | None:
@@ -132,6 +136,7 @@ class RunTimer(L.Callback):
         self.warmup = warmup
         self.start = time.perf_counter() if start is None else start
         self.first_step_s: float | None = None
+        self.first_step_at = 0.0  # time.time() then
         self.step_s: list[float] = []
         self.val_s = 0.0  # per batch, the last validation loop's
         self.trainer: L.Trainer | None = None
@@ -159,6 +164,7 @@ class RunTimer(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.first_step_s is None and trainer.global_step >= 1:
             self.first_step_s = self._now(pl_module) - self.start
+            self.first_step_at = time.time()
 
     def on_train_end(self, trainer, pl_module) -> None:
         marks = [*self._marks, self._now(pl_module) - self._validating]
@@ -258,7 +264,34 @@ def measure(
         task.train()
         saved = _saved_bytes(task, batch, trainer.precision_plugin) / 2**20
         description = getattr(trainer.precision_plugin, "description", "")
-    return Measurement(timer.step_s, timer.val_s, timer.first_step_s, saved, peak_rss, peak, description)
+    return Measurement(
+        timer.step_s, timer.val_s, timer.first_step_s, timer.first_step_at, saved, peak_rss, peak, description
+    )
+
+
+def measure_process(
+    overrides: list[str], steps: int, warmup: int, profile: Path | None, val_batches: int, run_dir: Path
+) -> Measurement:
+    """``measure`` in a Python process of its own, as a ``train`` command runs: nothing another
+    configuration compiled or allocated is in it, and ``first_step_s`` counts from the process's
+    start (Python, imports, model, compile). The process's output passes through."""
+    kwargs = {
+        "overrides": overrides,
+        "steps": steps,
+        "warmup": warmup,
+        "profile": str(profile) if profile else None,
+        "val_batches": val_batches,
+        "run_dir": str(run_dir),
+    }
+    result = run_dir.with_name(run_dir.name + ".json")
+    start = time.time()
+    cmd = [sys.executable, "-m", "lowbit.bench._speed_child", json.dumps(kwargs), str(result)]
+    code = subprocess.run(cmd, check=False).returncode
+    if code != 0 or not result.exists():
+        raise LowbitError(f"bench speed: the run of {' '.join(overrides)} failed (exit {code}); its output is above")
+    m = Measurement(**json.loads(result.read_text()))
+    m.first_step_s = m.first_step_at - start
+    return m
 
 
 class Profile(L.Callback):
@@ -307,39 +340,32 @@ def run(
 ) -> list[SpeedResult]:
     """Measure every (precision, posenc) pair ``rounds`` times, in turn; with ``profile`` (a folder), one
     more round first, profiled and not counted, one trace per pair (``<precision>-<posenc>.json``);
-    with ``contend``, that many CPU-bound processes running all along (rank 0 starts them)."""
+    with ``contend``, that many CPU-bound processes running all along. Each run is a process of its own."""
     results = {(p, e): SpeedResult(p, e) for p in precisions for e in posencs}
     first = 0 if profile is None else -1  # round -1: profiled, its times (with the profiler's cost) not counted
-    own = _DIR_ENV not in os.environ  # False in the ranks Lightning starts: they inherit the folder
-    if own:
-        os.environ[_DIR_ENV] = tempfile.mkdtemp(prefix="lowbit-speed-")
-    root = Path(os.environ[_DIR_ENV])
+    root = Path(tempfile.mkdtemp(prefix="lowbit-speed-"))
     try:
-        with contention(contend if own else 0):
+        with contention(contend):
             for r in range(first, rounds):
                 for (p, e), res in results.items():
                     overrides = [f"recipe={recipe}", f"precision={p}", f"posenc={e}", "logger=csv", *extra]
                     trace = profile / f"{p}-{e}.json" if r < 0 else None
-                    m = measure(overrides, steps, warmup, trace, val_batches, root / f"round{r + 1}-{p}-{e}")
+                    m = measure_process(overrides, steps, warmup, trace, val_batches, root / f"round{r + 1}-{p}-{e}")
                     res.saved_mb, res.peak_mb, res.quantized = m.saved_mb, m.peak_cuda_mb, m.quantized
                     if r < 0:
                         continue
-                    if r == 0:
-                        res.first_step_s = m.first_step_s
+                    res.first_s.append(m.first_step_s)
                     res.step_ms.append(1e3 * statistics.fmean(m.step_s))
                     res.val_ms.append(1e3 * m.val_s)
                     if m.peak_rss_mb is not None:
                         res.rss_mb.append(m.peak_rss_mb)
-                    if world()[0] == 0:
-                        print(
-                            f"round {r + 1}/{rounds} precision={p} posenc={e}: {res.step_ms[-1]:.1f} ms/step, "
-                            f"validation {res.val_ms[-1]:.1f} ms/batch",
-                            file=sys.stderr,
-                        )
+                    print(
+                        f"round {r + 1}/{rounds} precision={p} posenc={e}: {res.step_ms[-1]:.1f} ms/step, "
+                        f"validation {res.val_ms[-1]:.1f} ms/batch, first step after {res.first_s[-1]:.1f} s",
+                        file=sys.stderr,
+                    )
     finally:
-        if own:
-            shutil.rmtree(root, ignore_errors=True)
-            del os.environ[_DIR_ENV]
+        shutil.rmtree(root, ignore_errors=True)
     return list(results.values())
 
 
@@ -360,7 +386,7 @@ def table(results: list[SpeedResult]) -> str:
             f"{r.median_ms / base.median_ms:.2f}",
             f"{r.median_val_ms:.1f}",
             f"{r.median_val_ms / base.median_val_ms:.2f}",
-            f"{r.first_step_s:.1f}",
+            f"{r.median_first_s:.1f}",
         ]
         if rss:
             row += [f"{r.median_rss_mb:.0f}", f"{r.median_rss_mb / base.median_rss_mb:.2f}"]

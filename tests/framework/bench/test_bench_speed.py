@@ -17,12 +17,12 @@ TRAIN, VAL, FIRST, RSS, SAVED = 2, 4, 6, 7, 9
 
 def test_rows_ratios_and_saved_memory(tmp_path, capsys):
     out = tmp_path / "speed.md"
-    argv = ["--precisions", "bf16,nvfp4", "--posencs", "rope,alibi", "--steps", "2", "--warmup", "1", "--rounds", "2"]
+    argv = ["--precisions", "bf16,nvfp4", "--steps", "2", "--warmup", "1", "--rounds", "2"]
     assert bench.main([*argv, "--out", str(out), "debug=smoke"]) == 0
     text = capsys.readouterr().out
     assert out.read_text() in text and "lowbit bench speed --precisions bf16,nvfp4" in text
     rows = _rows(text)
-    assert [r[:2] for r in rows] == [["bf16", "rope"], ["bf16", "alibi"], ["nvfp4", "rope"], ["nvfp4", "alibi"]]
+    assert [r[:2] for r in rows] == [["bf16", "rope"], ["nvfp4", "rope"]]
     for col in (TRAIN, VAL, RSS, SAVED):
         base = float(rows[0][col])
         assert rows[0][col + 1] == "1.00" and base > 0
@@ -31,7 +31,7 @@ def test_rows_ratios_and_saved_memory(tmp_path, capsys):
             assert float(r[col + 1]) == pytest.approx(value / base, abs=0.005 + step * (1 + value / base) / base)
     assert all(float(r[FIRST]) > 0 for r in rows)
     # QuantLinear saves no more for backward than the high-precision layer does
-    assert float(rows[2][SAVED]) <= float(rows[0][SAVED])
+    assert float(rows[1][SAVED]) <= float(rows[0][SAVED])
 
 
 def test_a_vit_recipe_is_measured_too(tmp_path, capsys):
@@ -62,7 +62,7 @@ def test_run_directories_are_removed_and_bad_arguments_are_one_line(tmp_path, ca
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     bench.run("bf16_llm", ["bf16"], ["rope"], steps=1, warmup=1, rounds=1, extra=["debug=smoke"])
-    assert list(tmp_path.iterdir()) == [] and "LOWBIT_SPEED_DIR" not in __import__("os").environ
+    assert list(tmp_path.iterdir()) == []
     for argv, message in ((["--steps", "0"], "--steps must be at least 1, got 0"), (["--contend", "-1"], "--contend")):
         with pytest.raises(SystemExit) as exit_info:
             bench.main(argv)
@@ -95,12 +95,12 @@ def test_two_fsdp_processes_train_every_configuration_and_rank_zero_reports(tmp_
     assert result.stderr.count("round 1/1 precision=nvfp4") == 1
 
 
-def test_profile_writes_a_trace_per_configuration_and_prints_the_top_ops(tmp_path, capsys):
+def test_profile_writes_a_trace_per_configuration_and_prints_the_top_ops(tmp_path, capfd):
     import json
 
-    argv = ["--precisions", "bf16,nvfp4", "--steps", "2", "--warmup", "1", "--rounds", "2"]
+    argv = ["--precisions", "bf16,nvfp4", "--steps", "2", "--warmup", "1", "--rounds", "1"]
     assert bench.main([*argv, "--profile", str(tmp_path), "debug=smoke"]) == 0
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err  # the configurations' processes print the profiles
     for name in ("bf16-rope", "nvfp4-rope"):  # the first round only: one trace each
         events = json.loads((tmp_path / f"{name}.json").read_text())["traceEvents"]
         steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
