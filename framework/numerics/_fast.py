@@ -355,12 +355,11 @@ def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tu
             if t is not None and t.dim() > dim:
                 torch._dynamo.maybe_mark_dynamic(t, dim)
     device = next(t.device.type for t in tensors if t is not None)
+    config = torch._dynamo.config
+    limit = config.recompile_limit  # set and restored by hand: config.patch costs a class per call
+    config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
     try:
-        with (
-            torch._dynamo.config.patch(recompile_limit=_RECOMPILE_LIMIT),
-            torch.no_grad(),
-            torch.autocast(device, enabled=False),
-        ):
+        with torch.no_grad(), torch.autocast(device, enabled=False):
             return _compiled(fn, **bound)(*tensors)
     except torch._dynamo.exc.FailOnRecompileLimitHit:
         return None  # this variant has seen too many shape/dtype/stride mixes: eager from here on
@@ -372,6 +371,8 @@ def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tu
             stacklevel=3,
         )
         return None
+    finally:
+        config.recompile_limit = limit
 
 
 def compiled_fake_quantize(
