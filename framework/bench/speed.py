@@ -23,6 +23,8 @@ and on CUDA the peak allocated memory. The sweep repeats ``--rounds`` times in t
 configuration reports the median of its rounds, so a slow spell on a shared machine hits every
 configuration alike. ``--contend N`` keeps N other CPU-bound processes (a one-thread matmul loop
 each) running throughout: what a machine shared with other work does to each precision.
+``--cold-cache`` compiles every run from empty inductor and Triton caches: the first step on a
+fresh machine.
 
 ``--profile DIR``: one more round first, under ``torch.profiler`` and not counted in the table: a
 Chrome trace of each configuration's timed steps in DIR and the 15 ops with the most self time
@@ -40,6 +42,7 @@ import contextlib
 import datetime as dt
 import json
 import multiprocessing
+import os
 import shutil
 import statistics
 import subprocess
@@ -270,11 +273,18 @@ def measure(
 
 
 def measure_process(
-    overrides: list[str], steps: int, warmup: int, profile: Path | None, val_batches: int, run_dir: Path
+    overrides: list[str],
+    steps: int,
+    warmup: int,
+    profile: Path | None,
+    val_batches: int,
+    run_dir: Path,
+    cold_cache: bool = False,
 ) -> Measurement:
     """``measure`` in a Python process of its own, as a ``train`` command runs: nothing another
     configuration compiled or allocated is in it, and ``first_step_s`` counts from the process's
-    start (Python, imports, model, compile). The process's output passes through."""
+    start (Python, imports, model, compile). ``cold_cache``: inductor and Triton compile into empty
+    cache folders (beside ``run_dir``), as on a fresh machine. The process's output passes through."""
     kwargs = {
         "overrides": overrides,
         "steps": steps,
@@ -284,9 +294,13 @@ def measure_process(
         "run_dir": str(run_dir),
     }
     result = run_dir.with_name(run_dir.name + ".json")
+    env = dict(os.environ)
+    if cold_cache:
+        cache = run_dir.with_name(run_dir.name + ".cache")
+        env.update(TORCHINDUCTOR_CACHE_DIR=str(cache / "inductor"), TRITON_CACHE_DIR=str(cache / "triton"))
     start = time.time()
     cmd = [sys.executable, "-m", "lowbit.bench._speed_child", json.dumps(kwargs), str(result)]
-    code = subprocess.run(cmd, check=False).returncode
+    code = subprocess.run(cmd, check=False, env=env).returncode
     if code != 0 or not result.exists():
         raise LowbitError(f"bench speed: the run of {' '.join(overrides)} failed (exit {code}); its output is above")
     m = Measurement(**json.loads(result.read_text()))
@@ -337,10 +351,12 @@ def run(
     profile: Path | None = None,
     val_batches: int = 8,
     contend: int = 0,
+    cold_cache: bool = False,
 ) -> list[SpeedResult]:
     """Measure every (precision, posenc) pair ``rounds`` times, in turn; with ``profile`` (a folder), one
     more round first, profiled and not counted, one trace per pair (``<precision>-<posenc>.json``);
-    with ``contend``, that many CPU-bound processes running all along. Each run is a process of its own."""
+    with ``contend``, that many CPU-bound processes running all along; with ``cold_cache``, every run
+    compiles from empty caches. Each run is a process of its own."""
     results = {(p, e): SpeedResult(p, e) for p in precisions for e in posencs}
     first = 0 if profile is None else -1  # round -1: profiled, its times (with the profiler's cost) not counted
     root = Path(tempfile.mkdtemp(prefix="lowbit-speed-"))
@@ -350,7 +366,8 @@ def run(
                 for (p, e), res in results.items():
                     overrides = [f"recipe={recipe}", f"precision={p}", f"posenc={e}", "logger=csv", *extra]
                     trace = profile / f"{p}-{e}.json" if r < 0 else None
-                    m = measure_process(overrides, steps, warmup, trace, val_batches, root / f"round{r + 1}-{p}-{e}")
+                    run_dir = root / f"round{r + 1}-{p}-{e}"
+                    m = measure_process(overrides, steps, warmup, trace, val_batches, run_dir, cold_cache)
                     res.saved_mb, res.peak_mb, res.quantized = m.saved_mb, m.peak_cuda_mb, m.quantized
                     if r < 0:
                         continue
@@ -411,6 +428,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--contend", type=int, default=0, metavar="N", help="N other CPU-bound processes running throughout"
     )
+    parser.add_argument(
+        "--cold-cache",
+        action="store_true",
+        help="compile every run from empty inductor/Triton caches, as on a fresh machine (first step)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the markdown table here")
     parser.add_argument(
         "--profile",
@@ -439,6 +461,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile,
         args.val_batches,
         args.contend,
+        args.cold_cache,
     )
     if world()[0] != 0:  # trainer.devices=N: Lightning ran this command again for each other rank
         return 0

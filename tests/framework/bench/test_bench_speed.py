@@ -109,3 +109,31 @@ def test_profile_writes_a_trace_per_configuration_and_prints_the_top_ops(tmp_pat
     table = err.split("profile of recipe=bf16_llm precision=nvfp4")[1].split("Self CPU time total")[0]
     rows = [line for line in table.splitlines()[4:] if line.strip() and not line.startswith("---")]
     assert len(rows) == 15 and "_QuantLinearFn" in table  # the quantized layers' own time shows
+
+
+def test_cold_cache_gives_each_process_empty_compile_caches(tmp_path, monkeypatch):
+    """``--cold-cache``: the configuration's process compiles into inductor and Triton caches of its own,
+    empty (a fresh machine's first step); without it, the caches the machine has."""
+    import json
+    import subprocess
+    import time
+    from dataclasses import asdict
+
+    seen = []
+
+    def fake_run(cmd, check, env):
+        seen.append(env)
+        result = bench.Measurement([0.1], 0.01, 1.0, time.time() + 5.0, 1.0, 100.0, None, "")
+        Path(cmd[-1]).write_text(json.dumps(asdict(result)))
+        return subprocess.CompletedProcess(cmd, 0)
+
+    from pathlib import Path
+
+    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    cold = bench.measure_process(["recipe=bf16_llm"], 1, 1, None, 1, tmp_path / "a", cold_cache=True)
+    bench.measure_process(["recipe=bf16_llm"], 1, 1, None, 1, tmp_path / "b")
+    cache = Path(seen[0]["TORCHINDUCTOR_CACHE_DIR"])
+    assert cache.parent.parent == tmp_path and not cache.exists() and "TRITON_CACHE_DIR" in seen[0]
+    assert "TORCHINDUCTOR_CACHE_DIR" not in seen[1]
+    assert cold.step_s == [0.1] and 5.0 <= cold.first_step_s < 10.0  # from the process's launch to its first step
