@@ -425,15 +425,21 @@ def _quantize(
     fast: bool = True,
     scales: torch.Tensor | None = None,
     zero_points: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> QTensor:
-    """``quantize``; ``fast=False`` forces the general element path (the tests' reference)."""
-    plan = _plan(x, spec, generator, seed, amax, scale, fast, scales=scales, zero_points=zero_points)
+    """``quantize``; ``fast=False`` forces the general element path (the tests' reference); ``compile``:
+    the RHT and block scales as compiled kernels where ``_fake_quantize`` compiles them (same values)."""
+    compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
+    plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales=scales, zero_points=zero_points)
     codes = plan.encode_codes(stats)
     scaling, scale_shape = plan.scaling, plan.layout.scale_shape
+    scale_codes = scaling.codes
+    if scale_codes is None:  # compiled E4M3 scales come as values, each on the grid: its code, exactly
+        scale_codes = _formats(spec)[1].encode(scaling.decode)
     return QTensor(
         codes=codes.view(x.shape),
         scales=scaling.decode.reshape(scale_shape),
-        scale_codes=scaling.codes.reshape(scale_shape),
+        scale_codes=scale_codes.reshape(scale_shape),
         global_scale=None if plan.global_encode is None else torch.reciprocal(plan.global_encode).reshape(()),
         zero_points=None if scaling.zero_point is None else scaling.zero_point.reshape(scale_shape),
         spec=spec,
@@ -467,8 +473,9 @@ def quantize(
     return _quantize(x, get_spec(spec), generator, seed, amax, scale, scales=scales, zero_points=zero_points)
 
 
-def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True) -> torch.Tensor:
-    """``dequantize``; ``fast=False`` forces the general decode (the tests' reference)."""
+def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True, compile: bool = False) -> torch.Tensor:
+    """``dequantize``; ``fast=False`` forces the general decode (the tests' reference); ``compile``: the
+    inverse RHT as a compiled kernel where ``_fake_quantize`` compiles it (same values)."""
     if not isinstance(q, QTensor):
         raise LowbitError(f"dequantize needs a QTensor (from lowbit.numerics.quantize), got {type(q).__name__}")
     spec = q.spec
@@ -492,7 +499,8 @@ def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True)
 
     out = _fill(codes.shape, torch.float32 if spec.rht_size else out_dtype, q.device, parts()).view(q.shape)
     if spec.rht_size:
-        out = inverse_rht(out, spec.rht_size, spec.rht_seed).to(out_dtype)
+        compile = compile and out.device.type == "cpu" and out.numel() >= _COMPILE_MIN_ELEMENTS
+        out = _rht(out, spec.rht_size, spec.rht_seed, compile, inverse=True).to(out_dtype)
     return out
 
 

@@ -71,7 +71,8 @@ def operand_health(t: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
 
     Stochastic rounding here draws from a fixed seed, never torch's global generator: recording
     health must not change what training draws next (a DiT's noise and timesteps did move)."""
-    err, q = quant_error_and_codes(t.detach(), spec, seed=0)  # one quantization for the error and the scales
+    # one quantization for the error and the scales, its RHT and scales compiled as the GEMM operands' are
+    err, q = quant_error_and_codes(t.detach(), spec, seed=0, compile=True)
     scales = q.scales if q.global_scale is None else q.scales * q.global_scale
     nonzero = scales[scales > 0]
     return {

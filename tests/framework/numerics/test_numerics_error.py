@@ -31,3 +31,48 @@ def test_underflow_and_saturation_fractions():
     err = quant_error(x, "mxfp4")
     assert err.saturation == 1 / 32 and err.underflow == 4 / 32
     assert quant_error(x, QuantSpec.preset("mxfp4").replace(scale_rule="rceil")).saturation == 0
+
+
+def _same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).contiguous().view(torch.uint8), b.reshape(-1).contiguous().view(torch.uint8))
+    )
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        *(
+            QuantSpec.preset(name)
+            for name in ("nvfp4", "nvfp4_2d", "mxfp4", "mxfp8_e4m3", "fp8_e4m3_row", "int4_group32")
+        ),
+        QuantSpec.preset("nvfp4").replace(rht_size=16, rounding="sr"),  # NVFP4's wgrad gradient operand
+        QuantSpec.preset("mxfp4").replace(rounding="sr", sr_prescale=0.75),  # MXFP4's gradients
+    ],
+    ids=lambda s: f"{s.element}-{s.block}-{s.rounding}-rht{s.rht_size}",
+)
+def test_compiled_health_quantization_gives_the_eager_codes_scales_and_error(spec):
+    """``quant_error_and_codes(compile=True)`` (the health callback's): the same codes, scales and
+    global scale bit for bit, the same underflow, saturation and max error, the SNR to float64 rounding."""
+    from lowbit.numerics import quant_error_and_codes
+
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(512, 256, generator=gen) * torch.logspace(-6, 6, 256, base=2.0)[None, :]
+    x[:32, :32] = 0.0  # zero blocks
+    x[32:64, :] *= 1e-30  # blocks that underflow
+    for dtype in (torch.float32, torch.bfloat16):
+        t = x.to(dtype)
+        eager_err, eager_q = quant_error_and_codes(t, spec, seed=3)
+        err, q = quant_error_and_codes(t, spec, seed=3, compile=True)
+        for field in ("codes", "scales", "scale_codes", "global_scale", "zero_points"):
+            assert _same_bits(getattr(q, field), getattr(eager_q, field)), field
+        assert (err.underflow, err.saturation, err.max_abs_error) == (
+            eager_err.underflow,
+            eager_err.saturation,
+            eager_err.max_abs_error,
+        )
+        assert err.underflow > 0 and err.snr_db == pytest.approx(eager_err.snr_db, rel=1e-12)
