@@ -4,9 +4,9 @@ against the first one, measured in one run, the way ``train`` runs.
 Every configuration is the same recipe with ``precision=P posenc=E`` swapped in and runs, in a
 Python process of its own, through ``lowbit.run.train`` itself: the same Trainer, callbacks
 (health, checkpoints, throughput, the NaN guard, SR seeding), CSV logger, data loaders and
-validation as a ``train`` command, in a run directory that the bench removes. It trains ``--warmup + --steps`` optimizer steps and
-validates on ``--val-batches`` batches at the last step and once more as ``train`` ends. Per
-configuration:
+validation as a ``train`` command, in a run directory that the bench removes. It trains
+``--warmup + --steps`` optimizer steps and validates on ``--val-batches`` batches at the last
+step and once more as ``train`` ends. Per configuration:
 
   train ms/step  wall time from one optimizer step's start to the next's, validation excluded
                  (data loading, forward, backward, optimizer, callbacks, logging): the mean over
