@@ -10,7 +10,7 @@ current and delayed scaling (``scaling``), the random Hadamard transform (``hada
 from lowbit.numerics._chunks import contiguous as tiled_contiguous
 from lowbit.numerics._fast import pow2_floor
 from lowbit.numerics.blocks import BlockLayout, block_layout, mx_scale_codes
-from lowbit.numerics.error import QuantError, quant_error, quant_error_and_codes
+from lowbit.numerics.error import QuantError, quant_error, quant_error_and_codes, quant_error_and_scales
 from lowbit.numerics.formats import (
     E2M1,
     E2M3,
@@ -93,6 +93,7 @@ __all__ = [
     "preset_names",
     "quant_error",
     "quant_error_and_codes",
+    "quant_error_and_scales",
     "quantize",
     "random_hadamard",
     "random_signs",

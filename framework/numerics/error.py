@@ -9,10 +9,16 @@ import torch
 
 from lowbit.numerics import _fast
 from lowbit.numerics.qtensor import QTensor
-from lowbit.numerics.quantize import _COMPILE_MIN_ELEMENTS, SpecLike, _dequantize, _quantize
+from lowbit.numerics.quantize import (
+    _COMPILE_MIN_ELEMENTS,
+    SpecLike,
+    _dequantize,
+    _fake_quantize_stats,
+    _quantize,
+)
 from lowbit.numerics.spec import get_spec
 
-__all__ = ["QuantError", "quant_error", "quant_error_and_codes"]
+__all__ = ["QuantError", "quant_error", "quant_error_and_codes", "quant_error_and_scales"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,34 @@ def _error_sums(x: torch.Tensor, deq: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return (ref * ref).sum(), (err * err).sum(), underflowed.sum(), nonzero.sum(), err.abs().max()
 
 
+def _error(x: torch.Tensor, deq: torch.Tensor, saturated: int, compile: bool) -> QuantError:
+    """The error of ``deq`` (float32) against ``x``; ``compile``: its sums in one compiled kernel."""
+    sums = _fast.run_compiled(_error_sums, (x.reshape(-1), deq.reshape(-1)), ((0,), (0,))) if compile else None
+    signal, noise, underflowed, nonzero, max_abs_error = (float(s) for s in (sums or _error_sums(x, deq)))
+    return QuantError(
+        snr_db=math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf),
+        underflow=underflowed / max(1.0, nonzero),
+        saturation=saturated / x.numel(),
+        max_abs_error=max_abs_error,
+    )
+
+
+def quant_error_and_scales(
+    x: torch.Tensor, spec: SpecLike, *, seed: int | None = None
+) -> tuple[QuantError, torch.Tensor, torch.Tensor | None]:
+    """``quant_error`` and the scales it measured (the QTensor's ``scales`` and ``global_scale``),
+    from compiled kernels that write no codes where ``x`` is a large CPU tensor (the quantization
+    health of a GEMM operand; the same values, scales and counts as ``quant_error_and_codes``, the
+    float64 sums in another order); elsewhere by ``quant_error_and_codes(compile=True)``."""
+    spec = get_spec(spec)
+    fast = _fake_quantize_stats(x, spec, seed)
+    if fast is None:
+        error, q = quant_error_and_codes(x, spec, seed=seed, compile=True)
+        return error, q.scales, q.global_scale
+    values, scales, global_scale, saturated = fast
+    return _error(x, values, saturated, True), scales, global_scale
+
+
 def quant_error_and_codes(
     x: torch.Tensor,
     spec: SpecLike,
@@ -53,23 +87,11 @@ def quant_error_and_codes(
     seed: int | None = None,
     compile: bool = False,
 ) -> tuple[QuantError, QTensor]:
-    """``quant_error`` and the QTensor it measured: one quantization for both (the health callback
-    reports the error and the scales). ``compile``: the RHT, block scales and error sums as compiled CPU
+    """``quant_error`` and the QTensor it measured: one quantization for both. ``compile``: the RHT, block scales and error sums as compiled CPU
     kernels on large tensors (the same codes and scales as ``fake_quantize(compile=True)``'s; the
     float64 sums in another order, so the SNR may differ from the eager one in its last digits)."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
     stats = {"saturated": torch.zeros((), dtype=torch.int64)}
     q = _quantize(x, get_spec(spec), generator, seed, None, None, stats, compile=compile)
-    deq = _dequantize(q, torch.float32, compile=compile)
-    sums = _fast.run_compiled(_error_sums, (x.reshape(-1), deq.reshape(-1)), ((0,), (0,))) if compile else None
-    signal, noise, underflowed, nonzero, max_abs_error = (float(s) for s in (sums or _error_sums(x, deq)))
-    snr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
-    underflow = underflowed / max(1.0, nonzero)
-    n = x.numel()
-    error = QuantError(
-        snr_db=snr,
-        underflow=underflow,
-        saturation=float(stats["saturated"]) / n,
-        max_abs_error=max_abs_error,
-    )
+    error = _error(x, _dequantize(q, torch.float32, compile=compile), int(stats["saturated"]), compile)
     return error, q

@@ -431,18 +431,23 @@ def _quantize(
     the RHT and block scales as compiled kernels where ``_fake_quantize`` compiles them (same values)."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
     plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales=scales, zero_points=zero_points)
-    codes = plan.encode_codes(stats)
+    return _qtensor(x, plan, plan.encode_codes(stats))
+
+
+def _qtensor(x: torch.Tensor, plan: _Plan, codes: torch.Tensor | None) -> QTensor:
+    """The QTensor of ``x`` quantized by ``plan``, its element ``codes`` (B, r, C) given (None: only
+    its scales are wanted, the QTensor goes no further)."""
     scaling, scale_shape = plan.scaling, plan.layout.scale_shape
     scale_codes = scaling.codes
     if scale_codes is None:  # compiled E4M3 scales come as values, each on the grid: its code, exactly
-        scale_codes = _formats(spec)[1].encode(scaling.decode)
+        scale_codes = _formats(plan.spec)[1].encode(scaling.decode)
     return QTensor(
-        codes=codes.view(x.shape),
+        codes=None if codes is None else codes.view(x.shape),
         scales=scaling.decode.reshape(scale_shape),
         scale_codes=scale_codes.reshape(scale_shape),
         global_scale=None if plan.global_encode is None else torch.reciprocal(plan.global_encode).reshape(()),
         zero_points=None if scaling.zero_point is None else scaling.zero_point.reshape(scale_shape),
-        spec=spec,
+        spec=plan.spec,
         shape=tuple(x.shape),
         dtype=x.dtype,
     )
@@ -521,16 +526,21 @@ def _fake_quantize(
     rotated: bool = False,
     scales: torch.Tensor | None = None,
     zero_points: torch.Tensor | None = None,
+    plan: _Plan | None = None,
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``dequantize(quantize(x))`` without materializing codes: where the arithmetic path applies,
-    each chunk's elements are rounded to the format's values directly and unscaled
+    """``dequantize(quantize(x), dtype or x.dtype)`` without materializing codes: where the arithmetic
+    path applies, each chunk's elements are rounded to the format's values directly and unscaled
     (:func:`._fast.fake_quantize_blocks`), or the whole tensor in one compiled kernel (``compile``);
-    elsewhere encoded, decoded and unscaled exactly as ``dequantize`` does."""
+    elsewhere encoded, decoded and unscaled exactly as ``dequantize`` does. ``plan``: ``x``'s plan,
+    already made (with the same ``compile``)."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
-    plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales, zero_points)
+    if plan is None:
+        plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales, zero_points)
     scaling, element, layout = plan.scaling, plan.element, plan.layout
     global_scale = None if plan.global_encode is None else torch.reciprocal(plan.global_encode).reshape(())
-    out_dtype = torch.float32 if spec.rht_size else x.dtype
+    dtype = dtype or x.dtype
+    out_dtype = torch.float32 if spec.rht_size else dtype
     options = {"element": element, "rounding": spec.rounding, "sr_prescale": spec.sr_prescale, "out_dtype": out_dtype}
     factor = plan.factor
     out = None
@@ -556,8 +566,44 @@ def _fake_quantize(
         out = _fill(plan.rows.shape, out_dtype, x.device, parts())
     out = out.view(x.shape)
     if spec.rht_size and not rotated:  # rotated: the values in the transformed basis, float32
-        out = _rht(out, spec.rht_size, spec.rht_seed, compile, inverse=True).to(x.dtype)
+        out = _rht(out, spec.rht_size, spec.rht_seed, compile, inverse=True).to(dtype)
     return out
+
+
+def _saturated_count(
+    blocks: torch.Tensor, factor: torch.Tensor, zero_point: torch.Tensor | None, *, low: float, high: float
+) -> torch.Tensor:
+    """How many elements of blocks (n, r, nb, c) the factors (n, nb) (and zero points) scale outside
+    [low, high]: ``encode_codes``' saturation count, the same expression."""
+    scaled = blocks.float() * factor[:, None, :, None]
+    if zero_point is not None:
+        scaled = scaled + zero_point[:, None, :, None]
+    return ((scaled < low) | (scaled > high)).sum()
+
+
+def _fake_quantize_stats(
+    x: torch.Tensor, spec: QuantSpec, seed: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, int] | None:
+    """``dequantize(q, float32)`` of ``q = quantize(x, seed=seed)``, ``q.scales``, ``q.global_scale``
+    and the saturation count ``quantize`` records, without materializing codes: compiled CPU
+    kernels (the quantization health of a large operand). None where that does not apply (not CPU,
+    small, a non-finite block, a format outside the arithmetic path)."""
+    if x.device.type != "cpu" or x.numel() < _COMPILE_MIN_ELEMENTS:
+        return None
+    plan = _plan(x, spec, None, seed, None, None, True, True)
+    if not plan.fast or plan.finite_rows is not None:
+        return None
+    element = plan.element
+    low, high = (element.qmin, element.qmax) if spec.asymmetric else (-element.max, element.max)
+    blocks, zero_point = plan.layout.blocks(plan.rows), plan.scaling.zero_point
+    count = _fast.run_compiled(
+        _saturated_count, (blocks, plan.factor, zero_point), ((0, 2), (0, 1), (0, 1)), low=low, high=high
+    )
+    if count is None:
+        return None
+    values = _fake_quantize(x, spec, None, seed, None, None, compile=True, plan=plan, dtype=torch.float32)
+    q = _qtensor(x, plan, None)
+    return values, q.scales, q.global_scale, int(count)
 
 
 def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> bool:

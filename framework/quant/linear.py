@@ -39,7 +39,7 @@ from lowbit.numerics import (
     DelayedScaling,
     QuantSpec,
     get_format,
-    quant_error_and_codes,
+    quant_error_and_scales,
     rht,
     tensor_amax,
     tiled_contiguous,
@@ -71,9 +71,9 @@ def operand_health(t: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
 
     Stochastic rounding here draws from a fixed seed, never torch's global generator: recording
     health must not change what training draws next (a DiT's noise and timesteps did move)."""
-    # one quantization for the error and the scales, its RHT and scales compiled as the GEMM operands' are
-    err, q = quant_error_and_codes(t.detach(), spec, seed=0, compile=True)
-    scales = q.scales if q.global_scale is None else q.scales * q.global_scale
+    # one quantization for the error and the scales, in compiled kernels that write no codes
+    err, scales, global_scale = quant_error_and_scales(t.detach(), spec, seed=0)
+    scales = scales if global_scale is None else scales * global_scale
     nonzero = scales[scales > 0]
     return {
         "amax": float(t.detach().abs().max()),

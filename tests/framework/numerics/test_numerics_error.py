@@ -76,3 +76,43 @@ def test_compiled_health_quantization_gives_the_eager_codes_scales_and_error(spe
             eager_err.max_abs_error,
         )
         assert err.underflow > 0 and err.snr_db == pytest.approx(eager_err.snr_db, rel=1e-12)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        *(
+            QuantSpec.preset(name)
+            for name in ("nvfp4", "nvfp4_2d", "mxfp4", "mxfp8_e4m3", "fp8_e4m3_row", "int4_group32")
+        ),
+        QuantSpec.preset("nvfp4").replace(rht_size=16, rounding="sr"),
+        QuantSpec.preset("mxfp4").replace(rounding="sr", sr_prescale=0.75),
+        QuantSpec.preset("int4_group32").replace(asymmetric=True),
+        QuantSpec.preset("fp8_e4m3_tensor"),
+    ],
+    ids=lambda s: f"{s.element}-{s.block}-{s.rounding}-rht{s.rht_size}-asym{s.asymmetric}",
+)
+def test_health_statistics_without_codes_equal_the_codes_path(spec):
+    """``quant_error_and_scales`` (what the health callback records; compiled, no codes written) gives
+    ``quant_error_and_codes``' scales and global scale bit for bit, its underflow, saturation and max
+    error exactly, its SNR to float64 rounding; saturation and underflow both occur here."""
+    from lowbit.numerics import quant_error_and_codes, quant_error_and_scales
+    from lowbit.numerics.quantize import _fake_quantize_stats
+
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(512, 256, generator=gen) * torch.logspace(-6, 6, 256, base=2.0)[None, :]
+    x[:32, :32] = 0.0
+    x[32:64, :] *= 1e-30
+    x[64:96, ::7] *= 1e4  # outliers that saturate where the scale is not the block's own amax
+    for dtype in (torch.float32, torch.bfloat16):
+        t = x.to(dtype)
+        assert _fake_quantize_stats(t, spec, 3) is not None  # the compiled path, not the fallback
+        expected, q = quant_error_and_codes(t, spec, seed=3)
+        err, scales, global_scale = quant_error_and_scales(t, spec, seed=3)
+        assert _same_bits(scales, q.scales) and _same_bits(global_scale, q.global_scale)
+        assert (err.underflow, err.saturation, err.max_abs_error) == (
+            expected.underflow,
+            expected.saturation,
+            expected.max_abs_error,
+        )
+        assert err.snr_db == pytest.approx(expected.snr_db, rel=1e-12)

@@ -366,22 +366,23 @@ def test_no_cache_where_reuse_would_change_a_number():
 @pytest.mark.parametrize("recipe", [NVFP4, MXFP4, FP8], ids=["nvfp4", "mxfp4", "fp8"])
 def test_a_health_step_adds_one_compiled_quantization_per_operand_and_none_otherwise(recipe, monkeypatch):
     """What recording health costs, counted: each of the six operands is quantized once more for its
-    statistics (RHT, scales and error sums compiled), and a step without recording adds nothing."""
+    statistics (``quant_error_and_scales``: compiled, no codes written), and a step without recording
+    adds nothing."""
     from lowbit.quant import linear
 
     calls = []
-    measure = linear.quant_error_and_codes
+    measure = linear.quant_error_and_scales
 
     def counted(t, spec, **kwargs):
         calls.append(kwargs)
         return measure(t, spec, **kwargs)
 
-    monkeypatch.setattr(linear, "quant_error_and_codes", counted)
+    monkeypatch.setattr(linear, "quant_error_and_scales", counted)
     _, layer = _pair(recipe)
     x = torch.randn(64, 64, requires_grad=True)
     layer(x).sum().backward()
     assert calls == []
     layer.record_health = True
     layer(x).sum().backward()
-    assert len(calls) == 6 and all(kw == {"seed": 0, "compile": True} for kw in calls)
+    assert len(calls) == 6 and all(kw == {"seed": 0} for kw in calls)
     assert sorted(layer.health) == sorted(f"{g}.{o}" for g, ops in linear.OPERANDS.items() for o in ops)
