@@ -42,7 +42,13 @@ from typing import NamedTuple
 
 import torch
 
-from lowbit.numerics.blocks import _block_scale_target, _element_encode_factor, _global_encode, true_divide
+from lowbit.numerics.blocks import (
+    _block_scale_target,
+    _element_encode_factor,
+    _global_encode,
+    mx_scale_codes,
+    true_divide,
+)
 from lowbit.numerics.formats import ElementFormat, FloatFormat, IntFormat
 from lowbit.numerics.rounding import RandomBits, hash_bits, round_to_integer, sr_round_up
 
@@ -428,6 +434,24 @@ def _e4m3_block_scales(
     return scales, _element_encode_factor(scales, g), g, finite
 
 
+class _MXConstants(NamedTuple):
+    """What ``mx_scale_codes`` reads of the element format, as constants for a compiled graph."""
+
+    max: float
+    mbits: int
+    emax: int
+
+
+def _e8m0_block_scales(blocks: torch.Tensor, *, element: _MXConstants, rule: str):
+    """Block amax -> E8M0 codes, decode scales and encode factors by ``blocks.mx_scale_codes`` and
+    ``e8m0_scales`` (the functions the eager path calls; integer arithmetic on the float32 bits)
+    -> (codes, decode, factor, every amax finite)."""
+    amax = _block_amax(blocks)
+    codes = mx_scale_codes(amax, element, rule)
+    decode, factor = e8m0_scales(codes)
+    return codes, decode, factor, torch.isfinite(amax).all()
+
+
 @functools.cache
 def _scale_inputs(element: ElementFormat, scale_format: ElementFormat) -> tuple[torch.Tensor, torch.Tensor]:
     emax = torch.tensor(element.max, dtype=torch.float32)
@@ -435,13 +459,22 @@ def _scale_inputs(element: ElementFormat, scale_format: ElementFormat) -> tuple[
 
 
 def compiled_block_scales(
-    blocks: torch.Tensor, element: ElementFormat, scale_format: ElementFormat, global_scale: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
-    """E4M3 block scales of blocks (n, r, nb, c) or (n, r, nb) straight from the elements, in one
-    compiled graph: (decode scales, encode factors, global encode scale or None), each block's
-    (n, nb), or None when the scales are not E4M3, an amax is not finite, or it cannot be built
-    (callers then take the eager path, the same numbers)."""
-    if type(scale_format) is not FloatFormat or scale_format.name != "e4m3" or blocks.device.type != "cpu":
+    blocks: torch.Tensor, element: ElementFormat, scale_format: ElementFormat, global_scale: bool, rule: str = "floor"
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """E4M3 (NVFP4) or E8M0 (MX, scale ``rule`` other than rceil) block scales of blocks (n, r, nb, c)
+    or (n, r, nb) straight from the elements, in one compiled graph: (decode scales, encode factors,
+    global encode scale or None, E8M0 codes or None), each block's (n, nb), or None when the
+    scales are neither, an amax is not finite, or it cannot be built (callers then take the eager
+    path, the same numbers)."""
+    if blocks.device.type != "cpu":
+        return None
+    if scale_format.name == "e8m0" and not global_scale and rule != "rceil" and type(element) is FloatFormat:
+        mx = _MXConstants(float(element.max), element.mbits, element.emax)
+        out = run_compiled(_e8m0_block_scales, (blocks,), ((0, 2),), element=mx, rule=rule)
+        if out is None or not bool(out[3]):
+            return None
+        return out[1], out[2], None, out[0]
+    if type(scale_format) is not FloatFormat or scale_format.name != "e4m3":
         return None
     emax, numerator = _scale_inputs(element, scale_format)
     dims = ((0, 2), (), ())
@@ -450,4 +483,4 @@ def compiled_block_scales(
     )
     if out is None or not bool(out[3]):
         return None
-    return out[0], out[1], out[2]
+    return out[0], out[1], out[2], None

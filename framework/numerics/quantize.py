@@ -164,14 +164,15 @@ def _block_reduce(rows: torch.Tensor, layout: BlockLayout, reduce, absolute: boo
 def _compiled_scales(
     rows: torch.Tensor, layout: BlockLayout, spec: QuantSpec
 ) -> tuple[_Scaling, torch.Tensor | None] | None:
-    """Block amax, global and E4M3 block scales of the block rows in one compiled graph, when they
-    apply (:func:`._fast.compiled_block_scales`); codes are left out (fake_quantize needs none)."""
+    """Block amax, global and E4M3 or E8M0 block scales of the block rows in one compiled graph, when
+    they apply (:func:`._fast.compiled_block_scales`); E4M3's codes are left out (fake_quantize needs
+    none; ``_qtensor`` encodes them)."""
     element, scale_format = _formats(spec)
-    out = _fast.compiled_block_scales(layout.blocks(rows), element, scale_format, spec.global_scale)
+    out = _fast.compiled_block_scales(layout.blocks(rows), element, scale_format, spec.global_scale, spec.scale_rule)
     if out is None:
         return None
-    decode, factor, global_encode = out
-    return _Scaling(decode, None, factor), global_encode
+    decode, factor, global_encode, codes = out
+    return _Scaling(decode, codes, factor), global_encode
 
 
 def _rht(x: torch.Tensor, size: int, seed: int, compile: bool, inverse: bool = False) -> torch.Tensor:
@@ -651,9 +652,9 @@ def fake_quantize_columns(
     if blocks is None:
         return reference()
     # every block's scales as (N/c, C), tᵀ's (C, N/c) transposed: elementwise from the amax, so either layout
-    scales = _fast.compiled_block_scales(blocks, element, scale_format, spec.global_scale)
+    scales = _fast.compiled_block_scales(blocks, element, scale_format, spec.global_scale, spec.scale_rule)
     if scales is not None:
-        decode, factor, global_encode = scales
+        decode, factor, global_encode, _ = scales
     else:
         block_amax = _fast.compiled_block_amax(blocks)
         if block_amax is None or not bool(torch.isfinite(block_amax).all()):

@@ -134,12 +134,36 @@ def test_compiled_e4m3_block_scales_are_the_eager_scales(global_scale):
     x[5, 0, 3] = 1e-30  # a block whose scale underflows to 0: factor FLT_MAX
     out = fast.compiled_block_scales(x, E2M1, E4M3, global_scale)
     assert out is not None
-    decode, factor, global_encode = out
+    decode, factor, global_encode, codes = out
+    assert codes is None  # E4M3 codes are encoded from the values where wanted
     amax = x.abs().amax(dim=(1, 3))
     g = global_encode_scale(amax.amax(), E2M1, E4M3) if global_scale else None
     _, decode_ref, factor_ref = lowp_block_scales(amax, E2M1, E4M3, g)
     assert _same(decode, decode_ref) and _same(factor, factor_ref)
     assert (global_encode is None) == (not global_scale) and (g is None or _same(global_encode, g))
+
+
+@pytest.mark.parametrize("rule", ["floor", "ceil", "even", "nearest"])
+@pytest.mark.parametrize("element", ["e2m1", "e4m3", "e5m2", "e3m2", "e2m3"])
+def test_compiled_e8m0_block_scales_are_the_eager_scales(rule, element):
+    """MX scales in one compiled graph: the eager ``mx_scale_codes`` codes and ``e8m0_scales`` bits for
+    every block amax (0, float32 subnormals, exact powers of two, just below them, the extremes)."""
+    from lowbit.numerics import get_format
+    from lowbit.numerics.blocks import mx_scale_codes
+    fmt, e8m0 = get_format(element), get_format("e8m0")
+    x = _adversarial(256, 256, torch.float32).view(256, 8, 32)
+    x[0, :, 0] = 2.0**-149  # a block of subnormals
+    x[1, :, 0] = 2.0**100  # an exact power of two
+    x[2, :, 0] = torch.nextafter(torch.tensor(2.0**100), torch.tensor(0.0))
+    x[3, :, 0] = 3.4e38
+    out = fast.compiled_block_scales(x, fmt, e8m0, False, rule)
+    assert out is not None
+    decode, factor, global_encode, codes = out
+    expected = mx_scale_codes(x.abs().amax(dim=1), fmt, rule)
+    decode_ref, factor_ref = fast.e8m0_scales(expected)
+    assert torch.equal(codes, expected) and _same(decode, decode_ref) and _same(factor, factor_ref)
+    assert global_encode is None
+    assert fast.compiled_block_scales(x, fmt, e8m0, False, "rceil") is None  # its division stays eager
 
 
 def test_without_a_compiler_it_warns_once_and_gives_the_same_numbers(monkeypatch):
