@@ -5,7 +5,9 @@ and a stop on non-finite losses that says which layers looked worst.
 and ``QATLinear`` (its fake-quantized ``fprop.x`` and ``fprop.w``) for one training step every
 ``every_n_steps``; each quantized operand then reports amax, block-scale range, underflow and
 saturation (clipped) fractions and SNR (dB) (``lowbit.quant.operand_health``,
-``lowbit.quant.qat.FakeQuant.stats``). Every record goes to ``<run_dir>/health.csv`` (long format:
+``lowbit.quant.qat.FakeQuant.stats``); a process's first record is computed eagerly, the later ones
+in compiled kernels (the same numbers, the SNR's float64 sums in another order), so the first step
+does not wait for their compilation. Every record goes to ``<run_dir>/health.csv`` (long format:
 one row per step, layer and operand); scalar summaries (``health/snr_db_min``,
 ``health/underflow_max``, ``health/saturation_max``, and the same per operand kind) go to every
 logger; W&B also gets a table of the worst layers and histograms.
@@ -54,9 +56,13 @@ def _records(module: torch.nn.Module) -> list[tuple[str, str, dict[str, float]]]
     return [(name, op, stats) for name, layer in health_layers(module).items() for op, stats in layer.health.items()]
 
 
-def _set_recording(module: torch.nn.Module, on: bool) -> None:
+def _set_recording(module: torch.nn.Module, on: bool, compiled: bool = True) -> None:
+    """Turn recording on or off in every health layer; ``compiled``: QuantLinear's statistics in
+    compiled kernels (``lowbit.quant.operand_health``) rather than eagerly."""
     for layer in health_layers(module).values():
         layer.record_health = on
+        if isinstance(layer, QuantLinear):
+            layer.health_compiled = compiled
         if on:
             layer.health = {}
 
@@ -86,11 +92,15 @@ class QuantHealth(L.Callback):
         self.every_n_steps, self.top_k = every_n_steps, top_k
         self.path = None if path is None else Path(path)
         self._recording = False
+        self._records = 0  # health steps recorded by this process
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._recording = trainer.global_step % self.every_n_steps == 0 and bool(health_layers(pl_module))
         if self._recording:
-            _set_recording(pl_module, True)
+            # the first record eagerly: compiling its kernels (~10 graphs, 5 s with warm caches) would
+            # delay the first step by more than the record takes; from the second on, compiled (2x faster)
+            _set_recording(pl_module, True, compiled=self._records > 0)
+            self._records += 1
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if not self._recording:
@@ -189,7 +199,7 @@ class StopOnNonFinite(L.Callback):
         """Re-run this step's forward with health recording on; the worst operands, described."""
         if not health_layers(pl_module) or self._batch is None:
             return []
-        _set_recording(pl_module, True)
+        _set_recording(pl_module, True, compiled=False)  # one record: nothing worth compiling
         try:
             with torch.no_grad(), trainer.precision_plugin.forward_context():
                 pl_module.training_step(self._batch, self._batch_idx)

@@ -39,6 +39,7 @@ from lowbit.numerics import (
     DelayedScaling,
     QuantSpec,
     get_format,
+    quant_error_and_codes,
     quant_error_and_scales,
     rht,
     tensor_amax,
@@ -66,13 +67,18 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
     return F.pad(t, (0, 0, 0, extra)) if extra else t
 
 
-def operand_health(t: torch.Tensor, spec: QuantSpec) -> dict[str, float]:
+def operand_health(t: torch.Tensor, spec: QuantSpec, compile: bool = True) -> dict[str, float]:
     """Quantization health of one operand: amax, block-scale range, underflow, saturation, SNR (dB).
+    ``compile``: in compiled kernels that write no codes (``quant_error_and_scales``: the same
+    numbers, the SNR's float64 sums in another order), else eagerly (nothing to compile).
 
     Stochastic rounding here draws from a fixed seed, never torch's global generator: recording
     health must not change what training draws next (a DiT's noise and timesteps did move)."""
-    # one quantization for the error and the scales, in compiled kernels that write no codes
-    err, scales, global_scale = quant_error_and_scales(t.detach(), spec, seed=0)
+    if compile:
+        err, scales, global_scale = quant_error_and_scales(t.detach(), spec, seed=0)
+    else:
+        err, q = quant_error_and_codes(t.detach(), spec, seed=0)
+        scales, global_scale = q.scales, q.global_scale
     scales = scales if global_scale is None else scales * global_scale
     nonzero = scales[scales > 0]
     return {
@@ -186,6 +192,7 @@ class QuantLinear(nn.Linear):
         self._emulator = backends[-1]  # the last backend takes any GEMM: the emulation
         self.token_multiple = multiples["tokens"]
         self.record_health = False
+        self.health_compiled = True  # health statistics in compiled kernels (see operand_health)
         self.health = {}
         self.sr_generator = None
         self.delayed_scaling: dict[str, Any] | None = None  # set by the precision plugin for FP8 delayed scaling
@@ -224,7 +231,7 @@ class QuantLinear(nn.Linear):
 
     def _record_health(self, operand: str, t: torch.Tensor, spec: QuantSpec) -> None:
         if self.record_health:
-            self.health[operand] = operand_health(t, spec)
+            self.health[operand] = operand_health(t, spec, self.health_compiled)
 
     def _backend_for(self, gemm: str, a: torch.Tensor) -> Backend:
         """The first of the layer's backends that runs on ``a``'s device and takes both operand specs."""

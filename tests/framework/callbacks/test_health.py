@@ -201,3 +201,32 @@ def test_a_non_finite_loss_in_a_qat_run_names_the_worst_qat_layer(tmp_path):
     # the NaN weight first; a NaN's SNR is -inf, not a perfect score
     assert message.split("operands: ")[1].startswith("model.trunk.blocks.1.mlp.fc_in.fprop.w (amax nan, SNR -inf dB")
     assert trainer.global_step == 2
+
+
+def test_the_first_record_is_eager_and_later_ones_compiled(monkeypatch):
+    """The first health step does not wait for the statistics' kernels to compile (they would delay the
+    first training step by seconds); every later one runs them compiled. Counted, not timed."""
+    from types import SimpleNamespace
+
+    from lowbit.quant import GemmRecipe, QuantLinear
+    from lowbit.quant import linear as quant_linear
+
+    calls = []
+    for name in ("quant_error_and_codes", "quant_error_and_scales"):
+        real = getattr(quant_linear, name)
+        monkeypatch.setattr(
+            quant_linear, name, lambda t, spec, _f=real, _n=name, **kw: calls.append(_n) or _f(t, spec, **kw)
+        )
+    spec = {"x": "nvfp4", "w": "nvfp4_2d"}
+    recipe = GemmRecipe.from_dict(
+        {"fprop": spec, "dgrad": {"dy": "nvfp4", "w": "nvfp4_2d"}, "wgrad": {"dy": "nvfp4", "x": "nvfp4"}}
+    )
+    model = torch.nn.Sequential(QuantLinear(64, 64, recipe=recipe))
+    callback = QuantHealth(every_n_steps=2)
+    x = torch.randn(32, 64, requires_grad=True)  # dgrad runs too: six operands
+    for step, expected in ((0, "quant_error_and_codes"), (2, "quant_error_and_scales"), (4, "quant_error_and_scales")):
+        callback.on_train_batch_start(SimpleNamespace(global_step=step), model, None, 0)
+        calls.clear()
+        model(x).sum().backward()
+        assert calls == [expected] * 6
+        model[0].record_health = False
