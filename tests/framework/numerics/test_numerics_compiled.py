@@ -150,6 +150,7 @@ def test_compiled_e8m0_block_scales_are_the_eager_scales(rule, element):
     every block amax (0, float32 subnormals, exact powers of two, just below them, the extremes)."""
     from lowbit.numerics import get_format
     from lowbit.numerics.blocks import mx_scale_codes
+
     fmt, e8m0 = get_format(element), get_format("e8m0")
     x = _adversarial(256, 256, torch.float32).view(256, 8, 32)
     x[0, :, 0] = 2.0**-149  # a block of subnormals
