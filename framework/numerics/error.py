@@ -87,9 +87,10 @@ def quant_error_and_codes(
     seed: int | None = None,
     compile: bool = False,
 ) -> tuple[QuantError, QTensor]:
-    """``quant_error`` and the QTensor it measured: one quantization for both. ``compile``: the RHT, block scales and error sums as compiled CPU
-    kernels on large tensors (the same codes and scales as ``fake_quantize(compile=True)``'s; the
-    float64 sums in another order, so the SNR may differ from the eager one in its last digits)."""
+    """``quant_error`` and the QTensor it measured: one quantization for both. ``compile``: the RHT,
+    block scales and error sums as compiled CPU kernels on large tensors (the same codes and scales
+    as ``fake_quantize(compile=True)``'s; the float64 sums in another order, so the SNR may differ
+    from the eager one in its last digits)."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
     stats = {"saturated": torch.zeros((), dtype=torch.int64)}
     q = _quantize(x, get_spec(spec), generator, seed, None, None, stats, compile=compile)
