@@ -56,7 +56,7 @@ def _same_bits(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
     ids=lambda s: f"{s.element}-{s.block}-{s.rounding}-rht{s.rht_size}",
 )
 def test_compiled_health_quantization_gives_the_eager_codes_scales_and_error(spec):
-    """``quant_error_and_codes(compile=True)`` (the health callback's): the same codes, scales and
+    """``quant_error_and_codes(compile=True)``: the same codes, scales and
     global scale bit for bit, the same underflow, saturation and max error, the SNR to float64 rounding."""
     from lowbit.numerics import quant_error_and_codes
 
