@@ -228,3 +228,13 @@ def test_fsdp_names_build_fsdp2_over_every_process(strategy):
     chosen = built.trainer_kwargs["strategy"]
     assert isinstance(chosen, ModelParallelStrategy)
     assert (chosen._data_parallel_size, chosen._tensor_parallel_size) == (4, 1)
+
+
+def test_validation_runs_under_no_grad_not_inference_mode(tmp_path):
+    """``train``'s Trainer evaluates as the validation inside ``fit`` does: inference tensors carry other
+    dispatch keys, and every compiled quantize kernel compiled again for the final ``trainer.validate``."""
+    from lowbit.run import _trainer
+
+    built = build(compose(["recipe=nvfp4_llm", *SMOKE]).cfg)
+    trainer = _trainer(built, [], [], tmp_path)
+    assert trainer.validate_loop.inference_mode is False and trainer.test_loop.inference_mode is False
