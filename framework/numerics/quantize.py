@@ -248,12 +248,15 @@ class _Plan:
             blocks_of = slice(None) if self.layout.per_tensor else sl
             yield sl, blocks_of, self.fast and (self.finite_rows is None or bool(self.finite_rows[sl].all()))
 
+    @functools.cached_property
+    def global_scale(self) -> torch.Tensor | None:
+        """NVFP4's global decode scale (0-d), or None."""
+        return None if self.global_encode is None else torch.reciprocal(self.global_encode).reshape(())
+
     def scaled(self, sl: slice, blocks_of: slice) -> torch.Tensor:
         """Elements of block rows ``sl`` times their encode factor, plus their zero point, (n, r, nb, c) float32."""
-        scaled = self.layout.blocks(self.rows[sl].float()) * self.factor[blocks_of][:, None, :, None]
-        if self.scaling.zero_point is not None:
-            scaled = scaled + self.scaling.zero_point[blocks_of][:, None, :, None]
-        return scaled
+        zero_point = None if self.scaling.zero_point is None else self.scaling.zero_point[blocks_of]
+        return _scale_blocks(self.layout.blocks(self.rows[sl]), self.factor[blocks_of], zero_point)
 
     def scaled_chunks(self):
         """Yield (block-row slice, ``scaled`` elements, whether the arithmetic path applies) over
@@ -280,14 +283,24 @@ class _Plan:
             element, spec = self.element, self.spec
             for sl, scaled, fast in self.scaled_chunks():
                 if stats is not None:
-                    if spec.asymmetric:
-                        saturated = (scaled < element.qmin) | (scaled > element.qmax)
-                    else:
-                        saturated = scaled.abs() > element.max
-                    stats["saturated"] += saturated.sum()
+                    stats["saturated"] += _saturated(scaled, element, spec.asymmetric).sum()
                 yield sl, self.encode(scaled, fast, sl)
 
         return _fill(self.rows.shape, self.element.code_dtype, self.rows.device, parts())
+
+
+def _scale_blocks(blocks: torch.Tensor, factor: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """Elements of blocks (n, r, nb, c) times their blocks' encode factors (n, nb), plus zero points, float32."""
+    scaled = blocks.float() * factor[:, None, :, None]
+    return scaled if zero_point is None else scaled + zero_point[:, None, :, None]
+
+
+def _saturated(scaled: torch.Tensor, element: Any, asymmetric: bool) -> torch.Tensor:
+    """Scaled elements beyond the element format's range (clipped): outside [qmin, qmax] for
+    asymmetric integers, |v| > max otherwise. ``element``: a format or its ``_fast`` constants."""
+    if asymmetric:
+        return (scaled < element.qmin) | (scaled > element.qmax)
+    return scaled.abs() > element.max
 
 
 def _draw_bits(
@@ -435,18 +448,17 @@ def _quantize(
     return _qtensor(x, plan, plan.encode_codes(stats))
 
 
-def _qtensor(x: torch.Tensor, plan: _Plan, codes: torch.Tensor | None) -> QTensor:
-    """The QTensor of ``x`` quantized by ``plan``, its element ``codes`` (B, r, C) given (None: only
-    its scales are wanted, the QTensor goes no further)."""
+def _qtensor(x: torch.Tensor, plan: _Plan, codes: torch.Tensor) -> QTensor:
+    """The QTensor of ``x`` quantized by ``plan``, its element ``codes`` (B, r, C) given."""
     scaling, scale_shape = plan.scaling, plan.layout.scale_shape
     scale_codes = scaling.codes
     if scale_codes is None:  # compiled E4M3 scales come as values, each on the grid: its code, exactly
         scale_codes = _formats(plan.spec)[1].encode(scaling.decode)
     return QTensor(
-        codes=None if codes is None else codes.view(x.shape),
+        codes=codes.view(x.shape),
         scales=scaling.decode.reshape(scale_shape),
         scale_codes=scale_codes.reshape(scale_shape),
-        global_scale=None if plan.global_encode is None else torch.reciprocal(plan.global_encode).reshape(()),
+        global_scale=plan.global_scale,
         zero_points=None if scaling.zero_point is None else scaling.zero_point.reshape(scale_shape),
         spec=plan.spec,
         shape=tuple(x.shape),
@@ -539,7 +551,7 @@ def _fake_quantize(
     if plan is None:
         plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales, zero_points)
     scaling, element, layout = plan.scaling, plan.element, plan.layout
-    global_scale = None if plan.global_encode is None else torch.reciprocal(plan.global_encode).reshape(())
+    global_scale = plan.global_scale
     dtype = dtype or x.dtype
     out_dtype = torch.float32 if spec.rht_size else dtype
     options = {"element": element, "rounding": spec.rounding, "sr_prescale": spec.sr_prescale, "out_dtype": out_dtype}
@@ -572,14 +584,10 @@ def _fake_quantize(
 
 
 def _saturated_count(
-    blocks: torch.Tensor, factor: torch.Tensor, zero_point: torch.Tensor | None, *, low: float, high: float
+    blocks: torch.Tensor, factor: torch.Tensor, zero_point: torch.Tensor | None, *, element: Any, asymmetric: bool
 ) -> torch.Tensor:
-    """How many elements of blocks (n, r, nb, c) the factors (n, nb) (and zero points) scale outside
-    [low, high]: ``encode_codes``' saturation count, the same expression."""
-    scaled = blocks.float() * factor[:, None, :, None]
-    if zero_point is not None:
-        scaled = scaled + zero_point[:, None, :, None]
-    return ((scaled < low) | (scaled > high)).sum()
+    """``encode_codes``' saturation count of blocks (n, r, nb, c), by the same functions."""
+    return _saturated(_scale_blocks(blocks, factor, zero_point), element, asymmetric).sum()
 
 
 def _fake_quantize_stats(
@@ -594,17 +602,16 @@ def _fake_quantize_stats(
     plan = _plan(x, spec, None, seed, None, None, True, True)
     if not plan.fast or plan.finite_rows is not None:
         return None
-    element = plan.element
-    low, high = (element.qmin, element.qmax) if spec.asymmetric else (-element.max, element.max)
     blocks, zero_point = plan.layout.blocks(plan.rows), plan.scaling.zero_point
+    constants = _fast._constants(plan.element)  # plain numbers, as a compiled graph bakes them in
+    dims = ((0, 2), (0, 1), (0, 1))
     count = _fast.run_compiled(
-        _saturated_count, (blocks, plan.factor, zero_point), ((0, 2), (0, 1), (0, 1)), low=low, high=high
+        _saturated_count, (blocks, plan.factor, zero_point), dims, element=constants, asymmetric=spec.asymmetric
     )
     if count is None:
         return None
     values = _fake_quantize(x, spec, None, seed, None, None, compile=True, plan=plan, dtype=torch.float32)
-    q = _qtensor(x, plan, None)
-    return values, q.scales, q.global_scale, int(count)
+    return values, plan.scaling.decode.reshape(plan.layout.scale_shape), plan.global_scale, int(count)
 
 
 def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> bool:
