@@ -132,12 +132,12 @@ def _saved_bytes(task, batch, precision) -> int:
 
 class RunTimer(L.Callback):
     """Times a run as its user sees it: each optimizer step after ``warmup`` from its start to the
-    next one's (validation in between taken out), the last validation loop, and the time from
-    ``start`` (a ``perf_counter`` reading) to the end of the first optimizer step."""
+    next one's (validation in between taken out), the last validation loop, and the time from its
+    creation to the end of the first optimizer step."""
 
-    def __init__(self, warmup: int, start: float | None = None) -> None:
+    def __init__(self, warmup: int) -> None:
         self.warmup = warmup
-        self.start = time.perf_counter() if start is None else start
+        self.start = time.perf_counter()
         self.first_step_s: float | None = None
         self.first_step_at = 0.0  # time.time() then
         self.step_s: list[float] = []
