@@ -32,6 +32,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from lowbit.distributed import all_reduce_max, world
 from lowbit.errors import LowbitError
@@ -52,6 +53,15 @@ from lowbit.quant.recipe import OPERANDS, GemmRecipe
 __all__ = ["BACKENDS", "QuantLinear", "operand_health"]
 
 BACKENDS = tuple(CHAINS)
+
+_optimizer_steps = [0]  # optimizer steps taken in this process: a cached quantized weight is one step's
+
+
+def _count_optimizer_step(optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    _optimizer_steps[0] += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -96,7 +106,7 @@ class _QuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear, grad: bool
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         tokens = layer.token_multiple
@@ -106,22 +116,20 @@ class _QuantLinearFn(torch.autograd.Function):
         # from FSDP2's quantized all-gather is Q(W) already (lowbit.quant.gather)
         gathered = gathered_values(weight)
         if gathered is not None:
-            w_q = gathered.to(dtype)
-        elif (cached := layer._eval_weight(weight, dtype, grad)) is not None:
-            w_q = cached  # no gradient: fprop is the only GEMM, its Q(W) the one of the last such forward
-        elif layer._shares_weight(x):
-            w_q = layer._emulator.quantize(layer, weight, "fprop.w", dtype)
-        else:
-            w_q = None
+            w_q, shares = gathered.to(dtype), True
+        else:  # Q(W) quantized once while the weight is unchanged (micro-batches, evaluation): _cached_weight
+            w_q, shares = layer._cached_weight("fprop.w", weight, dtype), layer._shares_weight(x)
+            if w_q is None and shares:
+                w_q = layer._emulator.quantize(layer, weight, "fprop.w", dtype)
         y = layer._gemm("fprop", _pad_rows(x2, tokens), weight, dtype, qb=w_q)[:n]  # (N', in) x (out, in) -> (N, out)
         if bias is not None:
             y = y + bias.to(dtype)
         ctx.layer, ctx.dtype, ctx.has_bias = layer, dtype, bias is not None
-        ctx.weight_shape, ctx.weight_dtype, ctx.shares_weight = weight.shape, weight.dtype, w_q is not None
+        ctx.weight_shape, ctx.weight_dtype, ctx.shares_weight = weight.shape, weight.dtype, shares
         # a gathered weight is saved as the parameter: FSDP2 frees it after the forward and gathers it
         # again (into the same storage) for the backward
         ctx.gathered = gathered is not None
-        ctx.save_for_backward(x2.to(dtype), weight if w_q is None or ctx.gathered else w_q)
+        ctx.save_for_backward(x2.to(dtype), w_q if shares and not ctx.gathered else weight)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
@@ -139,7 +147,10 @@ class _QuantLinearFn(torch.autograd.Function):
         dy_dgrad, dy_wgrad = layer._quantize_dy(dy_pad) if all(ctx.needs_input_grad[:2]) else (None, None)
         if ctx.needs_input_grad[0]:
             # Q(Wᵀ) laid out as quantizing Wᵀ lays it out: (in, out), contiguous
-            w_q = tiled_contiguous(weight.t()) if ctx.shares_weight else None
+            if ctx.shares_weight:
+                w_q = tiled_contiguous(weight.t())
+            else:  # Q(Wᵀ) of the weight as the forward saw it (saved tensors are checked unchanged)
+                w_q = layer._cached_weight("dgrad.w", weight, dtype)
             dx = layer._gemm("dgrad", dy_pad, weight.t(), dtype, dy_dgrad, qb=w_q)  # (N', out) x (in, out)
             dx = dx[:n].view(*dy.shape[:-1], in_features)  # (N, in)
         if ctx.needs_input_grad[1]:
@@ -147,7 +158,7 @@ class _QuantLinearFn(torch.autograd.Function):
             dw = dw.to(ctx.weight_dtype)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.weight_dtype)
-        return dx, dw, db, None, None
+        return dx, dw, db, None
 
 
 class QuantLinear(nn.Linear):
@@ -199,7 +210,7 @@ class QuantLinear(nn.Linear):
         self.amax_reduction = "local"  # or "global": activation/gradient tensor scales from every rank's amax
         self.quantized_all_gather = False  # under FSDP2: gather the weight as codes (lowbit.quant.gather)
         self.sharded = False  # FSDP2 manages the weight (set when lowbit.distributed.shard_model shards it)
-        self._weight_cache: tuple[tuple, torch.Tensor] | None = None  # (weight key, fprop's Q(W)), see _eval_weight
+        self._weight_cache: dict[str, tuple[tuple, torch.Tensor]] = {}  # operand -> (weight key, Q), see _cached_weight
         self.scaling_state: dict[str, DelayedScaling] = {}
 
     def delayed_state(self, operand: str, device: torch.device) -> DelayedScaling:
@@ -282,26 +293,39 @@ class QuantLinear(nn.Linear):
             return False
         return self.weight_quantized_once() is None
 
-    def _eval_weight(self, weight: torch.Tensor, dtype: torch.dtype, grad: bool) -> torch.Tensor | None:
-        """fprop's Q(W) for a forward without gradient (validation, sampling, evaluation), quantized once
-        and reused while the weight is unchanged: the cache is keyed by the weight's storage and version
-        counter, which every in-place write bumps (an optimizer step, ``load_state_dict``, an EMA swap).
-        None (and the cache dropped) in a training forward, where the weight changed since the last
-        step anyway, and where reuse would change a number: stochastic rounding or delayed scaling of
-        the weight, health being recorded, FSDP2 (it re-gathers into the same storage without a version
-        bump), or a fused backend serving the GEMM. The same bits as quantizing again (tested)."""
-        if grad:
-            self._weight_cache = None
-            return None
-        spec = self.recipe.spec_of("fprop.w")
+    def _cached_weight(self, operand: str, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor | None:
+        """``operand``'s quantized weight (``fprop.w``: Q(W); ``dgrad.w``: Q(Wᵀ), (in, out)) in ``dtype``,
+        quantized once and reused while the weight is unchanged: across the micro-batches of a gradient
+        accumulation, an activation-checkpointing recompute, every validation batch, and dgrad after its
+        own fprop. The cache is keyed by the weight's storage, its version counter (which every in-place
+        write bumps: ``load_state_dict``, ``copy_``, an EMA swap) and the count of optimizer steps taken
+        anywhere in the process (``torch.optim``'s global step hook: fused optimizers write their
+        parameters without a version bump). A write through ``.data`` is neither and goes unseen.
+        None (nothing cached) where reuse would change a number or is unsafe: stochastic rounding or
+        delayed scaling of the weight, health being recorded, FSDP2 (it re-gathers into the same storage
+        without a version bump), or a fused backend serving the GEMM. The same bits as quantizing again
+        (tested)."""
+        spec = self.recipe.spec_of(operand)
         if spec is None or spec.rounding == "sr" or self._delayed(spec) or self.record_health or self.sharded:
+            self._weight_cache.pop(operand, None)
             return None
         if any(b.fused and b.active(weight) for b in self._backends):
             return None
-        key = (weight.data_ptr(), weight._version, tuple(weight.shape), weight.dtype, weight.device, dtype, spec)
-        if self._weight_cache is None or self._weight_cache[0] != key:
-            self._weight_cache = (key, self._emulator.quantize(self, weight, "fprop.w", dtype))
-        return self._weight_cache[1]
+        key = (
+            weight.data_ptr(),
+            weight._version,
+            _optimizer_steps[0],
+            weight.shape,
+            weight.dtype,
+            weight.device,
+            dtype,
+            spec,
+        )
+        cached = self._weight_cache.get(operand)
+        if cached is None or cached[0] != key:
+            t = weight if operand == "fprop.w" else weight.t()
+            cached = self._weight_cache[operand] = (key, self._emulator.quantize(self, t, operand, dtype))
+        return cached[1]
 
     def _quantize_dy(self, dy: torch.Tensor) -> tuple[Any, Any]:
         """dy for dgrad and dyᵀ for wgrad from one read of dy, where a fused backend runs on dy's device
@@ -310,8 +334,7 @@ class QuantLinear(nn.Linear):
         return fused.quantize_dy(self, dy) if fused is not None else (None, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # grad mode as the caller has it (a Function's forward always runs without): see _eval_weight
-        return _QuantLinearFn.apply(x, self.weight, self.bias, self, torch.is_grad_enabled())
+        return _QuantLinearFn.apply(x, self.weight, self.bias, self)
 
     def extra_repr(self) -> str:
         gemms = []

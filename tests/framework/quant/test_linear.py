@@ -314,9 +314,64 @@ def test_a_forward_without_gradient_quantizes_an_unchanged_weight_once(recipe):
     assert calls.count("fprop.w") == 1 and len(again) == 3
     with torch.no_grad():
         assert torch.equal(layer(x), first)
-    # the same bits as quantizing again: a training forward (no cache) gives the same output
-    assert torch.equal(layer(x).detach(), first) and layer._weight_cache is None  # dropped while training
-    assert calls.count("fprop.w") == 2  # the training forward quantized it again
+    layer._weight_cache.clear()  # the same bits as quantizing again
+    assert torch.equal(layer(x).detach(), first)
+    assert calls.count("fprop.w") == 2
+
+
+def _copy(layer):
+    """A fresh layer with ``layer``'s recipe and parameters, its weight cache empty."""
+    twin = QuantLinear(layer.in_features, layer.out_features, recipe=layer.recipe, backend=layer.backend)
+    twin.load_state_dict(layer.state_dict())
+    return twin
+
+
+@pytest.mark.parametrize("recipe", [NVFP4, MXFP4_W, MXFP4], ids=["nvfp4", "mxfp4-w", "mxfp4"])
+def test_gradient_accumulation_quantizes_each_weight_once_per_optimizer_step(recipe):
+    """Micro-batches between two optimizer steps share one Q(W) (fprop) and one Q(Wᵀ) (dgrad, where
+    it is not Q(W) transposed), and the accumulated gradients are bit for bit those of quantizing the
+    weight for every micro-batch (a fresh layer each)."""
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 96, recipe=GemmRecipe.from_dict(recipe), backend="emulate")
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)  # writes without a version bump
+    for _ in range(2):
+        calls = _counting(layer)
+        grads = []
+        for i in range(3):
+            x = torch.randn(32, 64, requires_grad=True)
+            twin = _copy(layer)
+            torch.manual_seed(i)  # the same SR draws for dy
+            twin(x).square().sum().backward()
+            grads.append((x.grad.clone(), twin.weight.grad))
+            x.grad = None
+            torch.manual_seed(i)
+            layer(x).square().sum().backward()
+            assert torch.equal(x.grad, grads[-1][0])
+        assert torch.equal(layer.weight.grad, grads[0][1] + grads[1][1] + grads[2][1])
+        assert calls.count("fprop.w") == 1
+        assert calls.count("dgrad.w") == (0 if layer.weight_quantized_once() is None else 1)
+        opt.step()
+        opt.zero_grad()
+        layer._emulator.quantize = type(layer._emulator).quantize.__get__(layer._emulator)
+
+
+def test_a_training_forward_after_a_fused_optimizer_step_or_a_load_sees_the_new_weight():
+    """The cache would serve a stale weight if keyed by the version counter alone: a fused AdamW step
+    writes the parameters without bumping it. Each forward equals a fresh layer's (no cache)."""
+    torch.manual_seed(0)
+    layer = QuantLinear(64, 96, recipe=GemmRecipe.from_dict(MXFP4_W), backend="emulate")
+    saved = {k: v.clone() for k, v in layer.state_dict().items()}
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1, fused=True)
+    x = torch.randn(32, 64)
+    first = layer(x)
+    first.square().sum().backward()
+    version = layer.weight._version
+    opt.step()
+    assert layer.weight._version == version  # what the optimizer-step count is there for
+    after = layer(x)
+    assert not torch.equal(after, first) and torch.equal(after, _copy(layer)(x))
+    layer.load_state_dict(saved)
+    assert torch.equal(layer(x), first)
 
 
 def test_the_cached_weight_follows_an_optimizer_step_and_a_checkpoint_load():
@@ -351,16 +406,16 @@ def test_no_cache_where_reuse_would_change_a_number():
     layer = QuantLinear(64, 96, recipe=GemmRecipe.from_dict(sr), backend="emulate")
     with torch.no_grad():
         layer(torch.randn(4, 64))
-    assert layer._weight_cache is None  # SR weights draw anew every forward
+    assert not layer._weight_cache  # SR weights draw anew every forward
     layer = QuantLinear(64, 96, recipe=GemmRecipe.from_dict(NVFP4), backend="emulate")
     layer.record_health, layer.sharded = True, False
     with torch.no_grad():
         layer(torch.randn(4, 64))
-    assert layer._weight_cache is None and "fprop.w" in layer.health
+    assert not layer._weight_cache and "fprop.w" in layer.health
     layer.record_health, layer.sharded = False, True  # FSDP2 re-gathers into the same storage
     with torch.no_grad():
         layer(torch.randn(4, 64))
-    assert layer._weight_cache is None
+    assert not layer._weight_cache
 
 
 @pytest.mark.parametrize("recipe", [NVFP4, MXFP4, FP8], ids=["nvfp4", "mxfp4", "fp8"])
