@@ -36,7 +36,15 @@ from lowbit.numerics.formats import (
 from lowbit.numerics.hadamard import fwht, hadamard_matrix, inverse_rht, random_hadamard, random_signs, rht
 from lowbit.numerics.packing import pack_fp4, unpack_fp4, unpack_int4
 from lowbit.numerics.qtensor import QTensor
-from lowbit.numerics.quantize import dequantize, fake_quantize, fake_quantize_columns, quantize, requantize
+from lowbit.numerics.quantize import (
+    Kept,
+    dequantize,
+    fake_quantize,
+    fake_quantize_columns,
+    keep_columns,
+    quantize,
+    requantize,
+)
 from lowbit.numerics.rounding import ROUNDING_MODES, RandomBits, round_to_integer
 from lowbit.numerics.scaling import (
     DelayedScaling,
@@ -65,6 +73,7 @@ __all__ = [
     "ROUNDING_MODES",
     "UE5M3",
     "BlockLayout",
+    "Kept",
     "DelayedScaling",
     "E8M0Format",
     "ElementFormat",
@@ -81,6 +90,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "fake_quantize_columns",
+    "keep_columns",
     "format_names",
     "fwht",
     "get_format",

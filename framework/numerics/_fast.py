@@ -283,15 +283,74 @@ def fake_quantize_blocks(
     rounding: str,
     sr_prescale: float | torch.Tensor,
     out_dtype: torch.dtype,
+    container: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Elements (n, r, nb, c) of any float dtype, finite -> their fake-quantized values in ``out_dtype``:
     times the block's encode factor (n, nb) (the SR prescale folded in), plus its zero point,
-    rounded to the format, unscaled. ``bits``: the SR bits of the elements (int32, their shape)."""
+    rounded to the format, unscaled. ``bits``: the SR bits of the elements (int32, their shape).
+    ``container``: the rounded element values instead, in that 8-bit dtype (``container``), not unscaled."""
     scaled = blocks.float() * _per_block(factor, blocks)
     if zero_point is not None:
         scaled = scaled + _per_block(zero_point, blocks)
     values = _round(element if isinstance(element, _Constants) else _constants(element), scaled, rounding, bits)
+    if container is not None:
+        return values.to(container)
     return unscale(values, decode, zero_point, global_scale, sr_prescale).to(out_dtype)
+
+
+@functools.cache
+def container(element: ElementFormat) -> torch.dtype | None:
+    """The 8-bit dtype that holds every value of ``element`` exactly (int8 for integers up to 8 bits,
+    float8 E4M3 for FP8 E4M3 and every FP4/FP6 format inside its range, float8 E5M2 for E5M2, torch's
+    E8M0 for the MX scale format), or None:
+    checked over the format's every code, so a fake-quantized tensor's element values can be kept in
+    one byte each and unscaled later to the same bits."""
+    if isinstance(element, IntFormat):
+        return torch.int8 if element.qmin >= -128 and element.qmax <= 127 else None
+    if element.bits > 8:
+        return None
+    codes = torch.arange(1 << element.bits, dtype=torch.int32).to(element.code_dtype)
+    values = element.decode(codes).float()
+    values = values[torch.isfinite(values)]
+    for dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.float8_e8m0fnu):
+        back = values.to(dtype).float()
+        if torch.equal(back, values) and torch.equal(torch.signbit(back), torch.signbit(values)):
+            return dtype
+    return None
+
+
+def _unscale_whole(
+    values: torch.Tensor,
+    decode: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    prescale: torch.Tensor | None,
+    *,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """Kept element values (``fake_quantize_blocks(container=...)``) -> the values ``fake_quantize_blocks``
+    gives: the same ``unscale`` on the same float32 numbers."""
+    sr_prescale = 1.0 if prescale is None else prescale
+    return unscale(values.float(), decode.float(), zero_point, global_scale, sr_prescale).to(out_dtype)
+
+
+def compiled_unscale(
+    values: torch.Tensor,
+    decode: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    sr_prescale: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``_unscale_whole`` in one compiled kernel on CPU (eagerly where it cannot be built: the same numbers).
+    The prescale enters as a 0-d input, as in ``compiled_fake_quantize``."""
+    prescale = None if sr_prescale == 1.0 else torch.tensor(sr_prescale, dtype=torch.float32, device=values.device)
+    tensors = (values, decode, zero_point, global_scale, prescale)
+    out = None
+    if values.device.type == "cpu":
+        dims = ((0, 2), (0, 1), (0, 1), (), ())
+        out = run_compiled(_unscale_whole, tensors, dims, out_dtype=out_dtype)
+    return _unscale_whole(*tensors, out_dtype=out_dtype) if out is None else out
 
 
 def _fake_quantize_whole(
@@ -394,6 +453,7 @@ def compiled_fake_quantize(
     sr_prescale: float,
     out_dtype: torch.dtype,
     columns: bool = False,
+    container: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """``fake_quantize_blocks`` of a whole tensor (``columns``: r x 1 blocks (n, r, C) of t standing
     for the 1 x r blocks of tᵀ, SR bits in tᵀ's order) in one compiled kernel: one read, one write,
@@ -411,6 +471,8 @@ def compiled_fake_quantize(
     tensors = (blocks, factor, decode, zero_point, global_scale, keys, column_index, prescale)
     dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,), ())  # blocks (n, r, nb[, c]): n and nb vary
     options = {"element": _constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
+    if container is not None:  # the rounded element values, kept (see ``container``)
+        options["container"] = container
     return run_compiled(_fake_quantize_whole, tensors, dynamic, **options)
 
 

@@ -58,7 +58,7 @@ from lowbit.numerics.rounding import RandomBits, make_generator
 from lowbit.numerics.scaling import tensor_amax
 from lowbit.numerics.spec import QuantSpec, get_spec
 
-__all__ = ["dequantize", "fake_quantize", "fake_quantize_columns", "quantize", "requantize"]
+__all__ = ["Kept", "dequantize", "fake_quantize", "fake_quantize_columns", "keep_columns", "quantize", "requantize"]
 
 SpecLike = str | Mapping[str, Any] | QuantSpec
 _COMPILE_MIN_ELEMENTS = 1 << 16  # below this, eager chunks cost less than a compiled call's guards
@@ -627,6 +627,42 @@ def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> 
     return _fast.supported(element, spec.saturating)
 
 
+def _columns_plan(
+    t: torch.Tensor, spec: QuantSpec, element: ElementFormat, scale_format: ElementFormat, compile: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """The compiled column path's blocks and scales for ``fake_quantize_columns``: (blocks (N/c, c, C) of
+    t after the RHT down its columns, encode factors with the SR prescale folded in, decode scales,
+    global decode scale or None, RHT signs or None), every per-block tensor (N/c, C); None where that
+    path does not apply (the caller takes the reference)."""
+    if not (compile and _columns_apply(t, spec, element)):
+        return None
+    signs = _shared_signs(spec.rht_size, int(spec.rht_seed), t.device) if spec.rht_size else None
+    src = _fast.run_compiled(rotate_columns, (t, signs), ((0, 1), ())) if signs is not None else t
+    if src is None:
+        return None
+    c = spec.block[1]
+    blocks = src.view(t.shape[0] // c, c, t.shape[1])  # (N/c, c, C): c x 1 blocks
+    # every block's scales as (N/c, C), tᵀ's (C, N/c) transposed: elementwise from the amax, so either layout
+    scales = _fast.compiled_block_scales(blocks, element, scale_format, spec.global_scale, spec.scale_rule)
+    if scales is not None:
+        decode, factor, global_encode, _ = scales
+    else:
+        block_amax = _fast.compiled_block_amax(blocks)
+        if block_amax is None or not bool(torch.isfinite(block_amax).all()):
+            return None
+        amax_t = block_amax.t()  # (C, N/c): the amax of tᵀ's blocks, as _plan computes them
+        global_encode = global_encode_scale(amax_t.amax(), element, scale_format) if spec.global_scale else None
+        scaling = _scaling_from_amax(amax_t, spec, element, scale_format, global_encode, finite=True)
+        if not _finite_factors(scaling):
+            return None
+        decode = scaling.decode.t().contiguous()  # strided, inductor would transpose a tile per use
+        factor = scaling.factor.t().contiguous()
+    if spec.sr_prescale != 1.0:  # folded in as _Plan.factor folds it
+        factor = factor * spec.sr_prescale
+    global_scale = None if global_encode is None else torch.reciprocal(global_encode).reshape(())
+    return blocks, factor, decode, global_scale, signs
+
+
 def fake_quantize_columns(
     t: torch.Tensor,
     spec: QuantSpec,
@@ -650,32 +686,10 @@ def fake_quantize_columns(
         out = _fake_quantize(contiguous(t.t()), spec, rng, None, None, None, compile=compile, rotated=rotated)
         return out if dtype is None else out.to(dtype)
 
-    if not (compile and _columns_apply(t, spec, element)):
+    plan = _columns_plan(t, spec, element, scale_format, compile)
+    if plan is None:
         return reference()
-    signs = _shared_signs(spec.rht_size, int(spec.rht_seed), t.device) if spec.rht_size else None
-    src = _fast.run_compiled(rotate_columns, (t, signs), ((0, 1), ())) if signs is not None else t
-    c = spec.block[1]
-    blocks = None if src is None else src.view(t.shape[0] // c, c, t.shape[1])  # (N/c, c, C): c x 1 blocks
-    if blocks is None:
-        return reference()
-    # every block's scales as (N/c, C), tᵀ's (C, N/c) transposed: elementwise from the amax, so either layout
-    scales = _fast.compiled_block_scales(blocks, element, scale_format, spec.global_scale, spec.scale_rule)
-    if scales is not None:
-        decode, factor, global_encode, _ = scales
-    else:
-        block_amax = _fast.compiled_block_amax(blocks)
-        if block_amax is None or not bool(torch.isfinite(block_amax).all()):
-            return reference()
-        amax_t = block_amax.t()  # (C, N/c): the amax of tᵀ's blocks, as _plan computes them
-        global_encode = global_encode_scale(amax_t.amax(), element, scale_format) if spec.global_scale else None
-        scaling = _scaling_from_amax(amax_t, spec, element, scale_format, global_encode, finite=True)
-        if not _finite_factors(scaling):
-            return reference()
-        decode = scaling.decode.t().contiguous()  # strided, inductor would transpose a tile per use
-        factor = scaling.factor.t().contiguous()
-    if spec.sr_prescale != 1.0:  # folded in as _Plan.factor folds it
-        factor = factor * spec.sr_prescale
-    global_scale = None if global_encode is None else torch.reciprocal(global_encode).reshape(())
+    blocks, factor, decode, global_scale, signs = plan
     out_dtype = (
         (dtype or torch.float32) if signs is not None and rotated else torch.float32 if signs is not None else t.dtype
     )
@@ -699,6 +713,73 @@ def fake_quantize_columns(
         inverse = _fast.run_compiled(unrotate_columns, (out, signs), ((0, 1), ()))
         out = (inverse if inverse is not None else unrotate_columns(out, signs)).to(t.dtype)
     return (out if dtype is None else out.to(dtype)).t()
+
+
+@dataclass(frozen=True)
+class Kept:
+    """A fake-quantized operand held for a later GEMM as what it is made of: its element values in an
+    8-bit container (FP8 E4M3 for E4M3 and the FP4/FP6 formats, E5M2 for E5M2, int8 for integers: each
+    value exactly, see ``_fast.container``), its block decode scales (in the scale format's 8-bit dtype
+    where torch has one: E4M3, E8M0) and its global decode scale. ``restore`` unscales them with the arithmetic ``fake_quantize`` uses, so
+    the result is ``fake_quantize_columns(t, spec, rotated=True, dtype=dtype)`` bit for bit, from about a
+    quarter to a half of its bytes (what a BF16 copy of the operand would take: one byte an element
+    against two). Built by ``keep_columns``."""
+
+    values: torch.Tensor  # (N/c, c, C) element values of tᵀ's blocks, down t's columns
+    decode: torch.Tensor  # (N/c, C)
+    global_scale: torch.Tensor | None
+    sr_prescale: float
+    dtype: torch.dtype
+
+    @property
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """What to save (``ctx.save_for_backward``); ``with_tensors`` takes them back."""
+        return self.values, self.decode, self.global_scale
+
+    def with_tensors(self, values: torch.Tensor, decode: torch.Tensor, global_scale: torch.Tensor | None) -> Kept:
+        return Kept(values, decode, global_scale, self.sr_prescale, self.dtype)
+
+    def restore(self) -> torch.Tensor:
+        """The fake-quantized operand, (C, N) (a view of an (N, C) tensor), in ``dtype``."""
+        n, c, cols = self.values.shape
+        args = (self.values, self.decode, None, self.global_scale, self.sr_prescale, self.dtype)
+        return _fast.compiled_unscale(*args).view(n * c, cols).t()
+
+
+def keep_columns(t: torch.Tensor, spec: QuantSpec, *, dtype: torch.dtype) -> Kept | None:
+    """``fake_quantize_columns(t, spec, compile=True, rotated=True, dtype=dtype)`` kept as a :class:`Kept`
+    (its element values and scales, restored later to the same bits), or None where that cannot be:
+    stochastic rounding (a later quantization would draw other bits: nothing to keep for), an element
+    format no 8-bit dtype holds exactly, or where the compiled column path does not apply (then the
+    caller keeps ``t`` itself, as before)."""
+    element, scale_format = _formats(spec)
+    store = _fast.container(element)
+    if spec.rounding == "sr" or store is None:
+        return None
+    plan = _columns_plan(t, spec, element, scale_format, compile=True)
+    if plan is None:
+        return None
+    blocks, factor, decode, global_scale, _ = plan
+    values = _fast.compiled_fake_quantize(
+        blocks,
+        factor,
+        decode,
+        None,
+        global_scale,
+        None,
+        element=element,
+        rounding=spec.rounding,
+        sr_prescale=spec.sr_prescale,
+        out_dtype=dtype,
+        columns=True,
+        container=store,
+    )
+    if values is None:
+        return None
+    scale_store = _fast.container(scale_format)
+    if scale_store is not None and not spec.asymmetric:
+        decode = decode.to(scale_store)  # the scale format's values (E4M3, E8M0): exact
+    return Kept(values, decode, global_scale, spec.sr_prescale, dtype)
 
 
 def fake_quantize(

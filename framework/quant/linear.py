@@ -38,8 +38,10 @@ from lowbit.distributed import all_reduce_max, world
 from lowbit.errors import LowbitError
 from lowbit.numerics import (
     DelayedScaling,
+    Kept,
     QuantSpec,
     get_format,
+    keep_columns,
     quant_error_and_codes,
     quant_error_and_scales,
     rht,
@@ -129,12 +131,18 @@ class _QuantLinearFn(torch.autograd.Function):
         # a gathered weight is saved as the parameter: FSDP2 frees it after the forward and gathers it
         # again (into the same storage) for the backward
         ctx.gathered = gathered is not None
-        ctx.save_for_backward(x2.to(dtype), w_q if shares and not ctx.gathered else weight)
+        x_saved = x2.to(dtype)
+        # wgrad's Q(xᵀ) made now and kept as element values and scales (lowbit.numerics.Kept), where
+        # that gives its bits: half the bytes of the compute-dtype copy it replaces (or less)
+        ctx.kept = layer._keep_wgrad_x(_pad_rows(x_saved, tokens), dtype) if ctx.needs_input_grad[1] else None
+        saved_x = (None,) if ctx.kept is not None else (x_saved,)
+        kept = ctx.kept.tensors if ctx.kept is not None else ()
+        ctx.save_for_backward(w_q if shares and not ctx.gathered else weight, *saved_x, *kept)
         return y.view(*x.shape[:-1], weight.shape[0])
 
     @staticmethod
     def backward(ctx: Any, dy: torch.Tensor):
-        x2, weight = ctx.saved_tensors  # weight: W, or Q(W) in the compute dtype (ctx.shares_weight)
+        weight, x2, *kept = ctx.saved_tensors  # weight: W, or Q(W) in the compute dtype (ctx.shares_weight)
         layer, dtype = ctx.layer, ctx.dtype
         if ctx.gathered:
             weight = gathered_values(weight).to(dtype)
@@ -154,7 +162,11 @@ class _QuantLinearFn(torch.autograd.Function):
             dx = layer._gemm("dgrad", dy_pad, weight.t(), dtype, dy_dgrad, qb=w_q)  # (N', out) x (in, out)
             dx = dx[:n].view(*dy.shape[:-1], in_features)  # (N, in)
         if ctx.needs_input_grad[1]:
-            dw = layer._gemm("wgrad", dy_pad.t(), _pad_rows(x2, tokens).t(), dtype, dy_wgrad)  # (out, N') x (in, N')
+            if ctx.kept is not None:  # Q(xᵀ) restored, (in, N'); x itself was not saved
+                x_q = ctx.kept.with_tensors(*kept).restore()
+                dw = layer._gemm("wgrad", dy_pad.t(), x_q, dtype, qb=x_q)  # (out, N') x (in, N')
+            else:
+                dw = layer._gemm("wgrad", dy_pad.t(), _pad_rows(x2, tokens).t(), dtype, dy_wgrad)
             dw = dw.to(ctx.weight_dtype)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.weight_dtype)
@@ -326,6 +338,21 @@ class QuantLinear(nn.Linear):
             t = weight if operand == "fprop.w" else weight.t()
             cached = self._weight_cache[operand] = (key, self._emulator.quantize(self, t, operand, dtype))
         return cached[1]
+
+    def _keep_wgrad_x(self, x: torch.Tensor, dtype: torch.dtype) -> Kept | None:
+        """wgrad's Q(xᵀ) of the padded input ``x`` (N', in), quantized in the forward and kept as element
+        values and scales (``keep_columns``), for the backward to restore to the bits it would have
+        quantized (tested); None where it would not have the same bits or the same side effects, and the
+        forward saves ``x`` itself: the eager reference backend, a fused backend serving wgrad (its own
+        quantization), stochastic rounding (draws would move from the backward to the forward),
+        delayed scaling or a global amax (state and collectives), health being recorded (it is the
+        backward's quantization that records it), or an operand the compiled column path does not take."""
+        spec = self.recipe.spec_of("wgrad.x")
+        if spec is None or not self._emulator.compile or self.record_health or self.amax_reduction == "global":
+            return None
+        if self._delayed(spec) or not x.is_contiguous() or self._backend_for("wgrad", x) is not self._emulator:
+            return None
+        return keep_columns(x, spec, dtype=dtype)
 
     def _quantize_dy(self, dy: torch.Tensor) -> tuple[Any, Any]:
         """dy for dgrad and dyᵀ for wgrad from one read of dy, where a fused backend runs on dy's device

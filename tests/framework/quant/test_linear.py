@@ -441,3 +441,56 @@ def test_a_health_step_adds_one_compiled_quantization_per_operand_and_none_other
     layer(x).sum().backward()
     assert len(calls) == 6 and all(kw == {"seed": 0} for kw in calls)
     assert sorted(layer.health) == sorted(f"{g}.{o}" for g, ops in linear.OPERANDS.items() for o in ops)
+
+
+def _saved_bytes_and_grads(layer, x, dy, dtype):
+    """(bytes the forward saves for backward, parameters excluded; dx, dW, db) of one step."""
+    params = {p.data_ptr() for p in layer.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(t.numel() * t.element_size())
+        return t
+
+    x = x.detach().requires_grad_()
+    torch.manual_seed(1)  # the gradients' SR draws
+    with (
+        torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t),
+        torch.autocast("cpu", dtype, enabled=dtype != torch.float32),
+    ):
+        y = layer(x)
+    y.backward(dy.to(y.dtype))
+    grads = (x.grad, layer.weight.grad, layer.bias.grad)
+    layer.zero_grad()
+    return sum(saved), grads
+
+
+_MXFP8_ALL = {
+    "fprop": {"x": "mxfp8_e4m3", "w": "mxfp8_e4m3"},
+    "dgrad": {"dy": "mxfp8_e4m3", "w": "mxfp8_e4m3"},
+    "wgrad": {"dy": "mxfp8_e4m3", "x": "mxfp8_e4m3"},
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("recipe", [NVFP4, MXFP4, _MXFP8_ALL], ids=["nvfp4", "mxfp4", "mxfp8"])
+def test_the_input_kept_as_element_values_gives_bit_identical_gradients_from_half_the_bytes(recipe, dtype):
+    """wgrad's Q(xᵀ) quantized in the forward and kept as FP8-held element values and 8-bit scales
+    (``Kept``) instead of x in the compute dtype: dx, dW and db bit for bit those of quantizing x in
+    the backward, and the forward saves about half of x's bytes (a quarter against FP32)."""
+    torch.manual_seed(0)
+    layer = QuantLinear(192, 256, recipe=GemmRecipe.from_dict(recipe))  # backend auto: compiled on CPU
+    reference = _copy(layer)
+    reference._keep_wgrad_x = lambda x, dtype: None  # the path before: x saved, quantized in the backward
+    x = torch.randn(4, 128, 192) * 3
+    dy = torch.randn(4, 128, 256)
+    kept_bytes, grads = _saved_bytes_and_grads(layer, x, dy, dtype)
+    full_bytes, expected = _saved_bytes_and_grads(reference, x, dy, dtype)
+    for got, want in zip(grads, expected, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    x_bytes = x.numel() * dtype.itemsize
+    element_bytes = x.numel()  # one byte each, plus one scale byte per 16 (NVFP4) or 32 (MX) elements
+    assert full_bytes - kept_bytes == x_bytes - element_bytes - x.numel() // (16 if recipe is NVFP4 else 32) - (
+        4 if recipe is NVFP4 else 0
+    )
