@@ -21,6 +21,7 @@ private ``_quantize`` / ``_dequantize`` / ``_fake_quantize`` / ``_requantize`` t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from collections.abc import Mapping
@@ -720,16 +721,18 @@ class Kept:
     """A fake-quantized operand held for a later GEMM as what it is made of: its element values in an
     8-bit container (FP8 E4M3 for E4M3 and the FP4/FP6 formats, E5M2 for E5M2, int8 for integers: each
     value exactly, see ``_fast.container``), its block decode scales (in the scale format's 8-bit dtype
-    where torch has one: E4M3, E8M0) and its global decode scale. ``restore`` unscales them with the arithmetic ``fake_quantize`` uses, so
-    the result is ``fake_quantize_columns(t, spec, rotated=True, dtype=dtype)`` bit for bit, from about a
-    quarter to a half of its bytes (what a BF16 copy of the operand would take: one byte an element
-    against two). Built by ``keep_columns``."""
+    where torch has one: E4M3, E8M0) and its global decode scale. ``restore`` unscales them with the
+    arithmetic ``fake_quantize`` uses, so the result is ``fake_quantize_columns(t, spec, compile=True,
+    rotated=True, dtype=dtype)`` bit for bit and in the same memory layout, from about half the bytes
+    of a BF16 copy of the operand (a quarter of an FP32 one). Built by ``keep_columns``."""
 
-    values: torch.Tensor  # (N/c, c, C) element values of tᵀ's blocks, down t's columns
-    decode: torch.Tensor  # (N/c, C)
+    values: torch.Tensor  # blocks of the elements: (N/c, c, C) down t's columns, or tᵀ's (B, r, nb, c)
+    decode: torch.Tensor  # each block's decode scale
     global_scale: torch.Tensor | None
     sr_prescale: float
     dtype: torch.dtype
+    shape: tuple[int, int]  # the restored operand's (C, N)
+    columns: bool  # values lie down t's columns: the operand is a (C, N) view of an (N, C) tensor
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -737,49 +740,58 @@ class Kept:
         return self.values, self.decode, self.global_scale
 
     def with_tensors(self, values: torch.Tensor, decode: torch.Tensor, global_scale: torch.Tensor | None) -> Kept:
-        return Kept(values, decode, global_scale, self.sr_prescale, self.dtype)
+        return dataclasses.replace(self, values=values, decode=decode, global_scale=global_scale)
 
     def restore(self) -> torch.Tensor:
-        """The fake-quantized operand, (C, N) (a view of an (N, C) tensor), in ``dtype``."""
-        n, c, cols = self.values.shape
+        """The fake-quantized operand (C, N) in ``dtype``."""
         args = (self.values, self.decode, None, self.global_scale, self.sr_prescale, self.dtype)
-        return _fast.compiled_unscale(*args).view(n * c, cols).t()
+        out = _fast.compiled_unscale(*args)
+        return out.view(self.shape[::-1]).t() if self.columns else out.view(self.shape)
 
 
 def keep_columns(t: torch.Tensor, spec: QuantSpec, *, dtype: torch.dtype) -> Kept | None:
     """``fake_quantize_columns(t, spec, compile=True, rotated=True, dtype=dtype)`` kept as a :class:`Kept`
-    (its element values and scales, restored later to the same bits), or None where that cannot be:
-    stochastic rounding (a later quantization would draw other bits: nothing to keep for), an element
-    format no 8-bit dtype holds exactly, or where the compiled column path does not apply (then the
-    caller keeps ``t`` itself, as before)."""
+    (its element values and scales, restored later to the same bits in the same layout), by the same
+    path: down t's columns where the compiled column path applies, else from a copy of tᵀ (per-tensor
+    scales, as FP8's). None where it cannot be kept: stochastic rounding (a later quantization would
+    draw other bits: nothing to keep for), asymmetric scales, an element format no 8-bit dtype holds
+    exactly, a non-finite or small operand, or a kernel that cannot be built (then the caller keeps
+    ``t`` itself, as before)."""
     element, scale_format = _formats(spec)
     store = _fast.container(element)
-    if spec.rounding == "sr" or store is None:
+    if spec.rounding == "sr" or spec.asymmetric or store is None or t.dim() != 2:
         return None
+    options = {"element": element, "rounding": spec.rounding, "sr_prescale": spec.sr_prescale, "out_dtype": dtype}
     plan = _columns_plan(t, spec, element, scale_format, compile=True)
-    if plan is None:
-        return None
-    blocks, factor, decode, global_scale, _ = plan
-    values = _fast.compiled_fake_quantize(
-        blocks,
-        factor,
-        decode,
-        None,
-        global_scale,
-        None,
-        element=element,
-        rounding=spec.rounding,
-        sr_prescale=spec.sr_prescale,
-        out_dtype=dtype,
-        columns=True,
-        container=store,
-    )
+    if plan is not None:
+        blocks, factor, decode, global_scale, _ = plan
+        values = _fast.compiled_fake_quantize(
+            blocks, factor, decode, None, global_scale, None, **options, columns=True, container=store
+        )
+        columns = True
+    else:  # the reference's way: a copy of tᵀ, quantized along its rows
+        tt = contiguous(t.t())
+        if tt.device.type != "cpu" or tt.numel() < _COMPILE_MIN_ELEMENTS:
+            return None
+        rows_plan = _plan(tt, spec, None, None, None, None, True, True)
+        if not rows_plan.fast or rows_plan.finite_rows is not None:
+            return None
+        blocks, decode, global_scale = (
+            rows_plan.layout.blocks(rows_plan.rows),
+            rows_plan.scaling.decode,
+            rows_plan.global_scale,
+        )
+        values = _fast.compiled_fake_quantize(
+            blocks, rows_plan.factor, decode, None, global_scale, None, **options, container=store
+        )
+        columns = False
     if values is None:
         return None
     scale_store = _fast.container(scale_format)
-    if scale_store is not None and not spec.asymmetric:
+    if scale_store is not None:
         decode = decode.to(scale_store)  # the scale format's values (E4M3, E8M0): exact
-    return Kept(values, decode, global_scale, spec.sr_prescale, dtype)
+    shape = (t.shape[1], t.shape[0])
+    return Kept(values, decode, global_scale, spec.sr_prescale, dtype, shape, columns)
 
 
 def fake_quantize(

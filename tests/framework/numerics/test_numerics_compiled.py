@@ -18,7 +18,7 @@ from lowbit.numerics import get_spec
 from lowbit.numerics.blocks import global_encode_scale, lowp_block_scales
 from lowbit.numerics.formats import E2M1, E4M3
 from lowbit.numerics.hadamard import _butterfly, _butterfly_by_output, random_signs, rht, rotate_columns
-from lowbit.numerics.quantize import _fake_quantize, fake_quantize_columns
+from lowbit.numerics.quantize import _fake_quantize, fake_quantize_columns, keep_columns
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -126,6 +126,67 @@ def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes
         t.t().contiguous(), spec, torch.Generator().manual_seed(9), None, None, None, rotated=True
     ).to(torch.bfloat16)
     assert _same(rotated, rotated_reference)
+
+
+@pytest.mark.parametrize(
+    ("preset", "changes"),
+    [
+        ("nvfp4", {"rht_size": 16}),  # NVFP4's wgrad x: E4M3 scales kept as FP8, FP32 global scale
+        ("nvfp4", {}),
+        ("mxfp4", {"rht_size": 32}),  # E8M0 scales kept as torch's E8M0
+        ("mxfp4", {"sr_prescale": 0.75}),
+        ("mxfp8_e4m3", {}),
+        ("mxfp8_e5m2", {}),
+        ("mxfp6_e3m2", {}),
+        ("int4_group32", {}),
+        ("fp8_e4m3_tensor", {}),  # per-tensor: kept from a copy of tᵀ, as the reference quantizes it
+        ("fp8_e5m2_tensor", {}),
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_a_kept_operand_restores_to_the_fake_quantized_bits_and_layout(preset, changes, dtype):
+    """``keep_columns`` then ``restore`` is ``fake_quantize_columns(compile=True, rotated=True)``: the same
+    bits (ties, zeros of both signs, underflowing blocks, 2^±100 columns) and the same strides (a GEMM
+    takes both alike), from one byte per element and 8-bit block scales."""
+    spec = get_spec(preset).replace(**changes)
+    t = _adversarial(512, 192, dtype)
+    if spec.block == "tensor":
+        t = t / torch.logspace(-30, 30, 192, base=10.0).to(dtype)  # one scale: a range FP8 can hold
+    kept = keep_columns(t, spec, dtype=dtype)
+    assert kept is not None and kept.values.element_size() == 1 and kept.values.numel() == t.numel()
+    restored = kept.restore()
+    expected = fake_quantize_columns(t, spec, compile=True, rotated=True, dtype=dtype)
+    assert restored.stride() == expected.stride() and _same(restored, expected)
+    if spec.scale_format in ("e4m3", "e8m0"):
+        assert kept.decode.element_size() == 1
+
+
+def test_nothing_is_kept_where_a_later_quantization_would_differ_or_no_byte_holds_the_values():
+    t = _adversarial(512, 192, torch.float32)
+    assert keep_columns(t, get_spec("nvfp4").replace(rounding="sr"), dtype=torch.float32) is None  # other draws
+    assert (
+        keep_columns(t, get_spec("int4_group32").replace(asymmetric=True), dtype=torch.float32) is None
+    )  # zero points: not kept
+    nan = t.clone()
+    nan[7, 3] = float("nan")
+    assert keep_columns(nan, get_spec("nvfp4"), dtype=torch.float32) is None  # the eager path's NaN rows
+    assert keep_columns(t[:64, :64], get_spec("nvfp4"), dtype=torch.float32) is None  # small: eager
+
+
+def test_every_element_format_value_fits_its_container_exactly():
+    from lowbit.numerics.formats import get_format
+
+    for name, container in [
+        ("e2m1", torch.float8_e4m3fn),
+        ("e3m2", torch.float8_e4m3fn),
+        ("e2m3", torch.float8_e4m3fn),
+        ("e4m3", torch.float8_e4m3fn),
+        ("e5m2", torch.float8_e5m2),
+        ("e8m0", torch.float8_e8m0fnu),
+        ("int4", torch.int8),
+        ("int8", torch.int8),
+    ]:
+        assert fast.container(get_format(name)) == container, name
 
 
 @pytest.mark.parametrize("global_scale", [True, False])
