@@ -19,10 +19,14 @@ MXFP8, MXFP4, NVFP4 and custom specs built from them) and emulates the others, a
 emulates. With stochastic rounding the kernels draw Philox bits seeded from ``sr_generator``, a
 different random stream from emulate's hashed counter (same rounding rule, both unbiased). Master
 weights stay in high precision: the parameters are the ``nn.Linear``'s own, so a checkpoint moves
-between precisions unchanged. Saved for backward: the input in the compute dtype and the weight parameter itself — no
-more than a BF16 ``nn.Linear`` keeps. Where dgrad's Q(Wᵀ) equals fprop's Q(W) transposed (square
-or whole-tensor weight blocks, deterministic rounding), emulate quantizes the weight once and saves
-Q(W) in the compute dtype instead of W (a BF16 ``nn.Linear`` keeps its BF16 weight copy too).
+between precisions unchanged. Saved for backward: wgrad's quantized input Q(xᵀ), made in the forward
+and kept as its element values (one byte each, FP4 held as FP8) and 8-bit block scales
+(``lowbit.numerics.Kept``: restored to the same bits the backward would have quantized), where the
+rounding is deterministic and the compiled CPU emulation serves wgrad; else the input in the compute
+dtype. And the weight parameter itself, or where dgrad's Q(Wᵀ) equals fprop's Q(W) transposed (square
+or whole-tensor weight blocks, deterministic rounding) Q(W) in the compute dtype, quantized once (a
+BF16 ``nn.Linear`` keeps its BF16 weight copy too). Quantized weights are cached while the weight is
+unchanged (``_cached_weight``): gradient-accumulation micro-batches and evaluation batches reuse them.
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ class _QuantLinearFn(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear
+        ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, layer: QuantLinear, grad: bool
     ) -> torch.Tensor:
         dtype = _compute_dtype(x)
         tokens = layer.token_multiple
@@ -134,7 +138,8 @@ class _QuantLinearFn(torch.autograd.Function):
         x_saved = x2.to(dtype)
         # wgrad's Q(xᵀ) made now and kept as element values and scales (lowbit.numerics.Kept), where
         # that gives its bits: half the bytes of the compute-dtype copy it replaces (or less)
-        ctx.kept = layer._keep_wgrad_x(_pad_rows(x_saved, tokens), dtype) if ctx.needs_input_grad[1] else None
+        wgrad = grad and ctx.needs_input_grad[1]  # needs_input_grad holds under no_grad too: no backward comes
+        ctx.kept = layer._keep_wgrad_x(_pad_rows(x_saved, tokens), dtype) if wgrad else None
         saved_x = (None,) if ctx.kept is not None else (x_saved,)
         kept = ctx.kept.tensors if ctx.kept is not None else ()
         ctx.save_for_backward(w_q if shares and not ctx.gathered else weight, *saved_x, *kept)
@@ -170,7 +175,7 @@ class _QuantLinearFn(torch.autograd.Function):
             dw = dw.to(ctx.weight_dtype)  # (out, in)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy2.sum(0).to(ctx.weight_dtype)
-        return dx, dw, db, None
+        return dx, dw, db, None, None
 
 
 class QuantLinear(nn.Linear):
@@ -361,7 +366,8 @@ class QuantLinear(nn.Linear):
         return fused.quantize_dy(self, dy) if fused is not None else (None, None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _QuantLinearFn.apply(x, self.weight, self.bias, self)
+        # grad mode as the caller has it (a Function's forward always runs without)
+        return _QuantLinearFn.apply(x, self.weight, self.bias, self, torch.is_grad_enabled())
 
     def extra_repr(self) -> str:
         gemms = []

@@ -499,3 +499,19 @@ def test_the_input_kept_as_element_values_gives_bit_identical_gradients_from_hal
     for got, want in zip(grads, expected, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
     assert full_bytes - kept_bytes == x.numel() * dtype.itemsize - x.numel() - scale_bytes(x.numel())
+
+
+def test_a_forward_without_gradient_keeps_nothing(monkeypatch):
+    """Evaluation under ``no_grad`` makes no wgrad operand (``needs_input_grad`` still says the weight
+    needs one there): one quantization per layer, as before keeping existed."""
+    import lowbit.quant.linear as linear
+
+    calls = []
+    monkeypatch.setattr(linear, "keep_columns", lambda *a, **k: calls.append(1))
+    layer = QuantLinear(192, 256, recipe=GemmRecipe.from_dict(NVFP4))
+    x = torch.randn(4, 128, 192)
+    with torch.no_grad():
+        layer(x)
+    assert calls == []
+    layer(x).sum().backward()
+    assert calls == [1]
