@@ -283,70 +283,19 @@ def fake_quantize_blocks(
     rounding: str,
     sr_prescale: float | torch.Tensor,
     out_dtype: torch.dtype,
-    container: torch.dtype | Nibbles | None = None,
+    container: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Elements (n, r, nb, c) of any float dtype, finite -> their fake-quantized values in ``out_dtype``:
     times the block's encode factor (n, nb) (the SR prescale folded in), plus its zero point,
     rounded to the format, unscaled. ``bits``: the SR bits of the elements (int32, their shape).
-    ``container``: the rounded element values instead, not unscaled: in that 8-bit dtype (``container``),
-    or for a ``Nibbles`` two to a byte along the last dim (``pack_nibbles``)."""
+    ``container``: the rounded element values instead, in that 8-bit dtype (``container``), not unscaled."""
     scaled = blocks.float() * _per_block(factor, blocks)
     if zero_point is not None:
         scaled = scaled + _per_block(zero_point, blocks)
     values = _round(element if isinstance(element, _Constants) else _constants(element), scaled, rounding, bits)
-    if isinstance(container, Nibbles):
-        return pack_nibbles(values, container)
     if container is not None:
         return values.to(container)
     return unscale(values, decode, zero_point, global_scale, sr_prescale).to(out_dtype)
-
-
-class Nibbles(NamedTuple):
-    """How a 4-bit format's values pack two to a byte: ``magnitudes``, its non-negative values in code
-    order (a float format's codes 0-7; the nibble's top bit is the sign, so -0 keeps its sign), or ()
-    for a two's-complement integer (the value's low four bits)."""
-
-    magnitudes: tuple[float, ...]
-
-    def table(self) -> torch.Tensor:
-        """The value of each nibble 0-15, float32 (``unpack_nibbles``' lookup)."""
-        if not self.magnitudes:
-            return torch.tensor([*range(8), *range(-8, 0)], dtype=torch.float32)
-        return torch.tensor([*self.magnitudes, *(-m for m in self.magnitudes)], dtype=torch.float32)
-
-
-@functools.cache
-def nibbles(element: ElementFormat) -> Nibbles | None:
-    """The packing of a 4-bit element format's values two to a byte (``Nibbles``): two's-complement
-    INT4, and 4-bit sign-magnitude minifloats without Inf/NaN codes (E2M1) whose codes 0-7 rise; else None."""
-    if isinstance(element, IntFormat):
-        return Nibbles(()) if element.bits == 4 and element.signed else None
-    if not isinstance(element, FloatFormat) or element.bits != 4 or element.special != "none":
-        return None
-    codes = torch.arange(16, dtype=torch.int32).to(element.code_dtype)
-    values = element.decode(codes).float()
-    magnitudes = values[:8]
-    if not (bool((magnitudes[1:] > magnitudes[:-1]).all()) and torch.equal(values[8:], -magnitudes)):
-        return None
-    return Nibbles(tuple(float(m) for m in magnitudes))
-
-
-def pack_nibbles(values: torch.Tensor, packing: Nibbles) -> torch.Tensor:
-    """Values on a 4-bit format's grid (float32, last dim even) -> uint8, two nibbles a byte along the
-    last dim (element 2i low, 2i+1 high). Comparisons and integer arithmetic only: no bitcast."""
-    if packing.magnitudes:
-        magnitude = values.abs()
-        index = sum((magnitude >= m).to(torch.int32) for m in packing.magnitudes[1:])
-        nibble = index | (torch.signbit(values).to(torch.int32) << 3)
-    else:
-        nibble = values.to(torch.int32) & 15
-    return (nibble[..., 0::2] | (nibble[..., 1::2] << 4)).to(torch.uint8)
-
-
-def unpack_nibbles(packed: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
-    """``pack_nibbles``' inverse: uint8 (..., C/2) -> float32 values (..., C) through the nibble ``table``."""
-    p = packed.to(torch.int64)
-    return table[torch.stack((p & 15, p >> 4), dim=-1).flatten(-2)]
 
 
 @functools.cache
@@ -376,20 +325,13 @@ def _unscale_whole(
     zero_point: torch.Tensor | None,
     global_scale: torch.Tensor | None,
     prescale: torch.Tensor | None,
-    table: torch.Tensor | None,
     *,
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    """Kept element values (``fake_quantize_blocks(container=...)``; packed nibbles with their ``table``)
-    -> the values ``fake_quantize_blocks`` gives: the same ``unscale`` on the same float32 numbers."""
+    """Kept element values (``fake_quantize_blocks(container=...)``) -> the values ``fake_quantize_blocks``
+    gives: the same ``unscale`` on the same float32 numbers."""
     sr_prescale = 1.0 if prescale is None else prescale
-    values = values.float() if table is None else unpack_nibbles(values, table)
-    return unscale(values, decode.float(), zero_point, global_scale, sr_prescale).to(out_dtype)
-
-
-@functools.cache
-def _table(packing: Nibbles, device: torch.device) -> torch.Tensor:
-    return packing.table().to(device)
+    return unscale(values.float(), decode.float(), zero_point, global_scale, sr_prescale).to(out_dtype)
 
 
 def compiled_unscale(
@@ -399,17 +341,14 @@ def compiled_unscale(
     global_scale: torch.Tensor | None,
     sr_prescale: float,
     out_dtype: torch.dtype,
-    packing: Nibbles | None = None,
 ) -> torch.Tensor:
     """``_unscale_whole`` in one compiled kernel on CPU (eagerly where it cannot be built: the same numbers).
-    The prescale enters as a 0-d input, as in ``compiled_fake_quantize``; ``packing``: the values are
-    nibbles packed by it."""
+    The prescale enters as a 0-d input, as in ``compiled_fake_quantize``."""
     prescale = None if sr_prescale == 1.0 else torch.tensor(sr_prescale, dtype=torch.float32, device=values.device)
-    table = None if packing is None else _table(packing, values.device)
-    tensors = (values, decode, zero_point, global_scale, prescale, table)
+    tensors = (values, decode, zero_point, global_scale, prescale)
     out = None
     if values.device.type == "cpu":
-        dims = ((0, 2), (0, 1), (0, 1), (), (), ())
+        dims = ((0, 2), (0, 1), (0, 1), (), ())
         out = run_compiled(_unscale_whole, tensors, dims, out_dtype=out_dtype)
     return _unscale_whole(*tensors, out_dtype=out_dtype) if out is None else out
 
@@ -514,7 +453,7 @@ def compiled_fake_quantize(
     sr_prescale: float,
     out_dtype: torch.dtype,
     columns: bool = False,
-    container: torch.dtype | Nibbles | None = None,
+    container: torch.dtype | None = None,
 ) -> torch.Tensor | None:
     """``fake_quantize_blocks`` of a whole tensor (``columns``: r x 1 blocks (n, r, C) of t standing
     for the 1 x r blocks of tᵀ, SR bits in tᵀ's order) in one compiled kernel: one read, one write,

@@ -718,14 +718,13 @@ def fake_quantize_columns(
 
 @dataclass(frozen=True)
 class Kept:
-    """A fake-quantized operand held for a later GEMM as what it is made of: its element values, two to a
-    byte for 4-bit formats (E2M1, INT4: ``_fast.nibbles``), else in an 8-bit container (FP8 E4M3 for E4M3
-    and the FP6 formats, E5M2 for E5M2, int8 for integers: each value exactly, see ``_fast.container``),
-    its block decode scales (in the scale format's 8-bit dtype
+    """A fake-quantized operand held for a later GEMM as what it is made of: its element values in an
+    8-bit container (FP8 E4M3 for E4M3 and the FP4/FP6 formats, E5M2 for E5M2, int8 for integers: each
+    value exactly, see ``_fast.container``), its block decode scales (in the scale format's 8-bit dtype
     where torch has one: E4M3, E8M0) and its global decode scale. ``restore`` unscales them with the
     arithmetic ``fake_quantize`` uses, so the result is ``fake_quantize_columns(t, spec, compile=True,
-    rotated=True, dtype=dtype)`` bit for bit and in the same memory layout, from about a quarter (4-bit
-    elements) or half (8-bit) of the bytes of a BF16 copy of the operand. Built by ``keep_columns``."""
+    rotated=True, dtype=dtype)`` bit for bit and in the same memory layout, from about half the bytes
+    of a BF16 copy of the operand (a quarter of an FP32 one). Built by ``keep_columns``."""
 
     values: torch.Tensor  # blocks of the elements: (N/c, c, C) down t's columns, or tᵀ's (B, r, nb, c)
     decode: torch.Tensor  # each block's decode scale
@@ -734,7 +733,6 @@ class Kept:
     dtype: torch.dtype
     shape: tuple[int, int]  # the restored operand's (C, N)
     columns: bool  # values lie down t's columns: the operand is a (C, N) view of an (N, C) tensor
-    packing: _fast.Nibbles | None = None  # 4-bit values, two a byte along the last dim
 
     @property
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -746,7 +744,7 @@ class Kept:
 
     def restore(self) -> torch.Tensor:
         """The fake-quantized operand (C, N) in ``dtype``."""
-        args = (self.values, self.decode, None, self.global_scale, self.sr_prescale, self.dtype, self.packing)
+        args = (self.values, self.decode, None, self.global_scale, self.sr_prescale, self.dtype)
         out = _fast.compiled_unscale(*args)
         return out.view(self.shape[::-1]).t() if self.columns else out.view(self.shape)
 
@@ -760,8 +758,7 @@ def keep_columns(t: torch.Tensor, spec: QuantSpec, *, dtype: torch.dtype) -> Kep
     exactly, a non-finite or small operand, or a kernel that cannot be built (then the caller keeps
     ``t`` itself, as before)."""
     element, scale_format = _formats(spec)
-    packing = _fast.nibbles(element) if t.dim() == 2 and t.shape[1] % 2 == 0 else None
-    store = packing or _fast.container(element)
+    store = _fast.container(element)
     if spec.rounding == "sr" or spec.asymmetric or store is None or t.dim() != 2:
         return None
     options = {"element": element, "rounding": spec.rounding, "sr_prescale": spec.sr_prescale, "out_dtype": dtype}
@@ -776,10 +773,6 @@ def keep_columns(t: torch.Tensor, spec: QuantSpec, *, dtype: torch.dtype) -> Kep
         tt = contiguous(t.t())
         if tt.device.type != "cpu" or tt.numel() < _COMPILE_MIN_ELEMENTS:
             return None
-        if packing is not None and (isinstance(spec.block, str) or spec.block[1] % 2):
-            store, packing = _fast.container(element), None  # blocks (.., c): pairs need an even c
-            if store is None:
-                return None
         rows_plan = _plan(tt, spec, None, None, None, None, True, True)
         if not rows_plan.fast or rows_plan.finite_rows is not None:
             return None
@@ -798,7 +791,7 @@ def keep_columns(t: torch.Tensor, spec: QuantSpec, *, dtype: torch.dtype) -> Kep
     if scale_store is not None:
         decode = decode.to(scale_store)  # the scale format's values (E4M3, E8M0): exact
     shape = (t.shape[1], t.shape[0])
-    return Kept(values, decode, global_scale, spec.sr_prescale, dtype, shape, columns, packing)
+    return Kept(values, decode, global_scale, spec.sr_prescale, dtype, shape, columns)
 
 
 def fake_quantize(

@@ -147,15 +147,13 @@ def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes
 def test_a_kept_operand_restores_to_the_fake_quantized_bits_and_layout(preset, changes, dtype):
     """``keep_columns`` then ``restore`` is ``fake_quantize_columns(compile=True, rotated=True)``: the same
     bits (ties, zeros of both signs, underflowing blocks, 2^±100 columns) and the same strides (a GEMM
-    takes both alike), from half a byte per element (4-bit formats) or one, and 8-bit block scales."""
+    takes both alike), from one byte per element and 8-bit block scales."""
     spec = get_spec(preset).replace(**changes)
     t = _adversarial(512, 192, dtype)
     if spec.block == "tensor":
         t = t / torch.logspace(-30, 30, 192, base=10.0).to(dtype)  # one scale: a range FP8 can hold
     kept = keep_columns(t, spec, dtype=dtype)
-    assert kept is not None and kept.values.element_size() == 1
-    four_bit = spec.element in ("e2m1", "int4")  # two elements a byte
-    assert (kept.packing is not None) == four_bit and kept.values.numel() == t.numel() // (2 if four_bit else 1)
+    assert kept is not None and kept.values.element_size() == 1 and kept.values.numel() == t.numel()
     restored = kept.restore()
     expected = fake_quantize_columns(t, spec, compile=True, rotated=True, dtype=dtype)
     assert restored.stride() == expected.stride() and _same(restored, expected)
@@ -175,25 +173,6 @@ def test_nothing_is_kept_where_a_later_quantization_would_differ_or_no_byte_hold
     assert keep_columns(t[:64, :64], get_spec("nvfp4"), dtype=torch.float32) is None  # small: eager
 
 
-@pytest.mark.parametrize("name", ["e2m1", "int4"])
-def test_packed_nibbles_hold_every_value_of_a_4bit_format_and_the_sign_of_zero(name):
-    from lowbit.numerics.formats import get_format
-
-    element = get_format(name)
-    packing = fast.nibbles(element)
-    if name == "int4":
-        values = torch.arange(-8, 8, dtype=torch.float32)  # INT4 codes are the values themselves
-    else:
-        values = element.decode(torch.arange(16, dtype=torch.int32).to(element.code_dtype)).float()
-    pairs = torch.cartesian_prod(values, values)  # every ordered pair (2i low, 2i+1 high)
-    packed = fast.pack_nibbles(pairs, packing)
-    assert packed.dtype == torch.uint8 and packed.shape == (256, 1)
-    unpacked = fast.unpack_nibbles(packed, packing.table())
-    assert torch.equal(unpacked.view(torch.int32), pairs.view(torch.int32))  # -0 stays -0
-    compiled = torch.compile(fast.pack_nibbles, fullgraph=True)
-    assert torch.equal(compiled(pairs, packing), packed)
-
-
 def test_every_element_format_value_fits_its_container_exactly():
     from lowbit.numerics.formats import get_format
 
@@ -208,7 +187,6 @@ def test_every_element_format_value_fits_its_container_exactly():
         ("int8", torch.int8),
     ]:
         assert fast.container(get_format(name)) == container, name
-    assert fast.nibbles(get_format("e4m3")) is None and fast.nibbles(get_format("int8")) is None
 
 
 @pytest.mark.parametrize("global_scale", [True, False])

@@ -475,20 +475,19 @@ _MXFP8_ALL = {
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
 @pytest.mark.parametrize(
-    ("recipe", "kept_bytes_of"),
+    ("recipe", "scale_bytes"),
     [
-        (NVFP4, lambda n: n // 2 + n // 16 + 4),  # FP4 two a byte, E4M3 block scales, an FP32 global scale
-        (MXFP4, lambda n: n // 2 + n // 32),  # E8M0 block scales
-        (_MXFP8_ALL, lambda n: n + n // 32),
-        (FP8, lambda n: n + 4),  # one FP32 tensor scale; kept from a copy of xᵀ (the reference's layout)
+        (NVFP4, lambda n: n // 16 + 4),  # E4M3 block scales, an FP32 global scale
+        (MXFP4, lambda n: n // 32),  # E8M0 block scales
+        (_MXFP8_ALL, lambda n: n // 32),
+        (FP8, lambda n: 4),  # one FP32 tensor scale; kept from a copy of xᵀ (the reference's layout)
     ],
     ids=["nvfp4", "mxfp4", "mxfp8", "fp8"],
 )
-def test_the_input_kept_as_element_values_gives_bit_identical_gradients_from_fewer_bytes(recipe, kept_bytes_of, dtype):
-    """wgrad's Q(xᵀ) quantized in the forward and kept as its element values and 8-bit scales
+def test_the_input_kept_as_element_values_gives_bit_identical_gradients_from_half_the_bytes(recipe, scale_bytes, dtype):
+    """wgrad's Q(xᵀ) quantized in the forward and kept as FP8-held element values and 8-bit scales
     (``Kept``) instead of x in the compute dtype: dx, dW and db bit for bit those of quantizing x in
-    the backward, and the forward saves half a byte (FP4) or one per element of x, and its scales, instead
-    of two (BF16) or four."""
+    the backward, and the forward saves one byte per element of x (and its scales) instead of two (four)."""
     torch.manual_seed(0)
     layer = QuantLinear(192, 256, recipe=GemmRecipe.from_dict(recipe))  # backend auto: compiled on CPU
     reference = _copy(layer)
@@ -499,7 +498,7 @@ def test_the_input_kept_as_element_values_gives_bit_identical_gradients_from_few
     full_bytes, expected = _saved_bytes_and_grads(reference, x, dy, dtype)
     for got, want in zip(grads, expected, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
-    assert full_bytes - kept_bytes == x.numel() * dtype.itemsize - kept_bytes_of(x.numel())
+    assert full_bytes - kept_bytes == x.numel() * dtype.itemsize - x.numel() - scale_bytes(x.numel())
 
 
 def test_a_forward_without_gradient_keeps_nothing(monkeypatch):
