@@ -471,8 +471,8 @@ def compiled_fake_quantize(
     tensors = (blocks, factor, decode, zero_point, global_scale, keys, column_index, prescale)
     dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,), ())  # blocks (n, r, nb[, c]): n and nb vary
     options = {"element": _constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
-    if container is not None:  # the rounded element values, kept (see ``container``)
-        options["container"] = container
+    if container is not None:  # the rounded element values, kept (see ``container``); no output dtype to
+        options.update(container=container, out_dtype=torch.float32)  # compile a variant for
     return run_compiled(_fake_quantize_whole, tensors, dynamic, **options)
 
 
