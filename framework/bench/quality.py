@@ -25,7 +25,7 @@ from lowbit.bench._report import train_once, write_report
 from lowbit.compare import format_gap, markdown_table, plot_curves
 from lowbit.experiment import load_run
 
-__all__ = ["VARIANTS", "Variant", "main", "run"]
+__all__ = ["CLAIMS", "VARIANTS", "Claim", "Variant", "main", "orderings", "run", "seeds_to_resolve"]
 
 
 def _rne_gradients(*extra: str) -> tuple[str, ...]:
@@ -129,6 +129,13 @@ def run(variants: list[Variant], seeds: list[int], out: Path, base: list[str], e
     return outcomes
 
 
+def _t(n: int, confidence: float) -> float:
+    """The two-sided ``confidence`` quantile of Student's t with n - 1 degrees of freedom."""
+    from scipy.stats import t
+
+    return float(t.ppf(0.5 + confidence / 2, n - 1))
+
+
 def paired_gap(outcome: Outcome, base: Outcome, confidence: float = 0.95) -> tuple[float, float] | None:
     """(mean, half-width) of the relative gaps (v_s - b_s) / b_s over the seeds both ran, the half-width of a
     ``confidence`` Student-t interval; None with fewer than two seeds. Same seed, same initialisation and
@@ -136,10 +143,74 @@ def paired_gap(outcome: Outcome, base: Outcome, confidence: float = 0.95) -> tup
     gaps = [(v - b) / b for v, b in zip(outcome.val_loss, base.val_loss)]
     if len(gaps) < 2:
         return None
-    from scipy.stats import t
+    return statistics.fmean(gaps), _t(len(gaps), confidence) * statistics.stdev(gaps) / math.sqrt(len(gaps))
 
-    half = float(t.ppf(0.5 + confidence / 2, len(gaps) - 1)) * statistics.stdev(gaps) / math.sqrt(len(gaps))
-    return statistics.fmean(gaps), half
+
+def seeds_to_resolve(gaps: list[float], confidence: float = 0.95, most: int = 100) -> int | None:
+    """The fewest seeds whose ``confidence`` interval would exclude 0 if the paired gaps kept the mean and
+    standard deviation these have (a planning figure, not a promise: both move with more seeds); None
+    beyond ``most`` or with a zero mean."""
+    mean, sd = statistics.fmean(gaps), statistics.stdev(gaps)
+    if sd == 0:
+        return len(gaps) if mean else None
+    return next((n for n in range(2, most + 1) if _t(n, confidence) * sd / math.sqrt(n) < abs(mean)), None)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A paper's ordering of two variants: ``better`` trains to a lower loss than ``worse``."""
+
+    better: str
+    worse: str
+    what: str
+    source: str
+
+
+CLAIMS = (
+    Claim("nvfp4", "nvfp4_no_rht", "the wgrad RHT helps", "NVIDIA 2025, §4"),
+    Claim("nvfp4", "nvfp4_no_sr", "SR on the gradients helps", "NVIDIA 2025, §4"),
+    Claim("nvfp4", "nvfp4_1d_w", "16×16 weight blocks beat 1×16", "NVIDIA 2025, §4"),
+    Claim("nvfp4", "nvfp4_all", "BF16 head and last blocks help", "NVIDIA 2025, §4"),
+    Claim("nvfp4", "mxfp4", "NVFP4 beats MXFP4", "NVIDIA 2025"),
+    Claim("mxfp4", "mxfp4_naive", "SR + RHT beat naive MXFP4", "Tseng et al. 2025"),
+)
+
+
+def orderings(outcomes: list[Outcome], claims: tuple[Claim, ...] = CLAIMS, confidence: float = 0.95) -> str | None:
+    """Markdown: each paper's ordering whose two variants ran, tested directly on the pair: the paired relative
+    difference (better_s - worse_s) / worse_s per seed, its mean and ``confidence`` interval, whether it agrees
+    with the paper (resolved when the interval excludes 0), and how many seeds would resolve it at the gaps'
+    present mean and spread. None with fewer than two seeds or no claim to test."""
+    by_name = {o.variant.name: o for o in outcomes}
+    rows = []
+    for claim in claims:
+        if claim.better not in by_name or claim.worse not in by_name:
+            continue
+        better, worse = by_name[claim.better], by_name[claim.worse]
+        gaps = [(b - w) / w for b, w in zip(better.val_loss, worse.val_loss)]
+        if len(gaps) < 2:
+            return None
+        mean, half = paired_gap(better, worse, confidence)
+        same_way = mean < 0
+        if abs(mean) > half:
+            verdict = "agrees (resolved)" if same_way else "contradicts (resolved)"
+        else:
+            verdict = "not resolved, " + ("same way" if same_way else "other way")
+        needed = seeds_to_resolve(gaps, confidence)
+        rows.append(
+            [
+                f"`{claim.better}` < `{claim.worse}`",
+                f"{claim.what} ({claim.source})",
+                f"{100 * mean:+.2f}% ± {100 * half:.2f}%",
+                " ".join(f"{100 * g:+.2f}" for g in gaps),
+                verdict,
+                "–" if abs(mean) > half else (f"~{needed}" if needed else "> 100"),
+            ]
+        )
+    if not rows:
+        return None
+    head = ["ordering", "the paper's claim", "paired difference, 95% CI", "per seed (%)", "ours", "seeds to resolve"]
+    return markdown_table(head, rows)
 
 
 def table(outcomes: list[Outcome]) -> str:
@@ -210,5 +281,9 @@ def main(argv: list[str] | None = None) -> int:
         base,
         echo=lambda m: print(m, file=sys.stderr),
     )
-    write_report("quality", argv, table(outcomes), out, lambda path: plot(outcomes, path))
+    text = table(outcomes)
+    pairs = orderings(outcomes)
+    if pairs is not None:
+        text += "\n\nThe papers' orderings, each tested on its own pair (lower loss first):\n\n" + pairs
+    write_report("quality", argv, text, out, lambda path: plot(outcomes, path))
     return 0

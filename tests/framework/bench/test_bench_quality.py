@@ -4,6 +4,7 @@ first variant, and an interrupted bench reuses finished runs only when their con
 import csv
 import math
 import os
+import statistics
 
 import pytest
 
@@ -123,3 +124,37 @@ def test_every_variant_trains_a_seed_before_any_trains_the_next(tmp_path, monkey
     assert all(windows == ["data.val_windows=1024"] for _, windows in trained)
     rows = _rows(capsys.readouterr().out)
     assert rows["fp8"][1] == "1.0300 ± 0.0141"  # seed 1: 1.02, seed 2: 1.04
+
+
+def test_orderings_test_each_claim_on_its_own_pair_and_say_how_many_seeds_would_settle_it():
+    """A claim is tested on its two variants (paired per seed), not through their gaps to BF16."""
+    outcomes = [
+        bench.Outcome(bench.VARIANTS["bf16"], val_loss=[1.40, 1.50, 1.60]),
+        bench.Outcome(bench.VARIANTS["mxfp4_naive"], val_loss=[1.50, 1.60, 1.70]),
+        bench.Outcome(bench.VARIANTS["mxfp4"], val_loss=[1.485, 1.584, 1.683]),  # 1.00%, 1.00%, 1.00% below naive
+        bench.Outcome(bench.VARIANTS["nvfp4"], val_loss=[1.45, 1.55, 1.65]),
+        bench.Outcome(bench.VARIANTS["nvfp4_no_sr"], val_loss=[1.45 / 0.99, 1.55 / 1.02, 1.65 / 1.00]),
+    ]
+    rows = _rows(bench.orderings(outcomes))
+    assert list(rows) == ["nvfp4` < `nvfp4_no_sr", "nvfp4` < `mxfp4", "mxfp4` < `mxfp4_naive"]
+    naive = rows["mxfp4` < `mxfp4_naive"]
+    assert naive[1] == "-1.00% ± 0.00%" and naive[2] == "-1.00 -1.00 -1.00" and naive[3] == "agrees (resolved)"
+    assert naive[4] == "–"
+    versus_mx = rows["nvfp4` < `mxfp4"]  # NVFP4 below MXFP4 every seed: resolved the paper's way
+    assert versus_mx[3] == "agrees (resolved)"
+    no_sr = rows["nvfp4` < `nvfp4_no_sr"]  # -1%, +2%, 0%: mean +0.33%, the other way, unresolved
+    assert no_sr[1].startswith("+0.33% ± ")
+    assert no_sr[3] == "not resolved, other way"
+    gaps = [0.99 - 1, 1.02 - 1, 0.0]
+    n = int(no_sr[4].lstrip("~"))  # the fewest seeds whose interval, at this mean and sd, excludes 0
+    sd = statistics.stdev(gaps)
+    assert bench._t(n, 0.95) * sd / math.sqrt(n) < abs(statistics.fmean(gaps))
+    assert bench._t(n - 1, 0.95) * sd / math.sqrt(n - 1) >= abs(statistics.fmean(gaps))
+    assert bench.orderings(outcomes[:2]) is None  # no claim has both variants
+    assert bench.orderings([bench.Outcome(o.variant, o.val_loss[:1]) for o in outcomes]) is None  # one seed
+
+
+def test_seeds_to_resolve():
+    assert bench.seeds_to_resolve([0.01, 0.01]) == 2  # no spread: resolved as it stands
+    assert bench.seeds_to_resolve([0.0, 0.0]) is None
+    assert bench.seeds_to_resolve([0.01, -0.01, 0.001]) is None  # mean ~0: beyond 100 seeds
