@@ -20,7 +20,7 @@ emulates. With stochastic rounding the kernels draw Philox bits seeded from ``sr
 different random stream from emulate's hashed counter (same rounding rule, both unbiased). Master
 weights stay in high precision: the parameters are the ``nn.Linear``'s own, so a checkpoint moves
 between precisions unchanged. Saved for backward: wgrad's quantized input Q(xᵀ), made in the forward
-and kept as its element values (one byte each, FP4 held as FP8) and 8-bit block scales
+and kept as its element values (one byte each, FP4 held as FP8) and its block scales (E4M3 in one byte)
 (``lowbit.numerics.Kept``: restored to the same bits the backward would have quantized), where the
 rounding is deterministic and the compiled CPU emulation serves wgrad; else the input in the compute
 dtype. And the weight parameter itself, or where dgrad's Q(Wᵀ) equals fprop's Q(W) transposed (square

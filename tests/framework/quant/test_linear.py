@@ -478,8 +478,8 @@ _MXFP8_ALL = {
     ("recipe", "scale_bytes"),
     [
         (NVFP4, lambda n: n // 16 + 4),  # E4M3 block scales, an FP32 global scale
-        (MXFP4, lambda n: n // 32),  # E8M0 block scales
-        (_MXFP8_ALL, lambda n: n // 32),
+        (MXFP4, lambda n: n // 32 * 4),  # E8M0 block scales, held as float32 (a vectorized restore)
+        (_MXFP8_ALL, lambda n: n // 32 * 4),
         (FP8, lambda n: 4),  # one FP32 tensor scale; kept from a copy of xᵀ (the reference's layout)
     ],
     ids=["nvfp4", "mxfp4", "mxfp8", "fp8"],
