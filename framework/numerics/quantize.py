@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from lowbit.errors import LowbitError
-from lowbit.numerics import _fast
+from lowbit.numerics import _fast, _native
 from lowbit.numerics._chunks import contiguous, row_chunks
 from lowbit.numerics.blocks import (
     BlockLayout,
@@ -179,9 +179,10 @@ def _compiled_scales(
 def _rht(x: torch.Tensor, size: int, seed: int, compile: bool, inverse: bool = False) -> torch.Tensor:
     """``rht`` (or ``inverse_rht``) of ``x``; ``compile``: as one compiled CPU kernel (same values)."""
     if compile and x.dim() and x.shape[-1] % size == 0:  # else the eager call raises the clear error
-        blocks = x.reshape(-1, size)
-        fn = unrotate_blocks if inverse else rotate_blocks
-        out = _fast.run_compiled(fn, (blocks, _shared_signs(size, int(seed), x.device)), ((0,), ()))
+        blocks, signs = x.reshape(-1, size), _shared_signs(size, int(seed), x.device)
+        out = _native.rotate_blocks(blocks, signs, inverse)
+        if out is None:
+            out = _fast.run_compiled(unrotate_blocks if inverse else rotate_blocks, (blocks, signs), ((0,), ()))
         if out is not None:
             return out.view(x.shape)
     return (inverse_rht if inverse else rht)(x, size, seed)
@@ -638,7 +639,11 @@ def _columns_plan(
     if not (compile and _columns_apply(t, spec, element)):
         return None
     signs = _shared_signs(spec.rht_size, int(spec.rht_seed), t.device) if spec.rht_size else None
-    src = _fast.run_compiled(rotate_columns, (t, signs), ((0, 1), ())) if signs is not None else t
+    src = t
+    if signs is not None:
+        src = _native.rotate_columns(t, signs)
+        if src is None:
+            src = _fast.run_compiled(rotate_columns, (t, signs), ((0, 1), ()))
     if src is None:
         return None
     c = spec.block[1]
@@ -711,7 +716,9 @@ def fake_quantize_columns(
         return reference()
     out = out.view(t.shape)
     if signs is not None and not rotated:
-        inverse = _fast.run_compiled(unrotate_columns, (out, signs), ((0, 1), ()))
+        inverse = _native.rotate_columns(out, signs, inverse=True)
+        if inverse is None:
+            inverse = _fast.run_compiled(unrotate_columns, (out, signs), ((0, 1), ()))
         out = (inverse if inverse is not None else unrotate_columns(out, signs)).to(t.dtype)
     return (out if dtype is None else out.to(dtype)).t()
 

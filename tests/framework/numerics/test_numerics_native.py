@@ -1,0 +1,109 @@
+"""The C butterfly (``lowbit.numerics._native``): the reference RHT's bits for every layout, size, dtype
+and direction, on adversarial inputs, and None (the compiled path) wherever it does not apply."""
+
+import shutil
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lowbit.numerics import _native
+from lowbit.numerics.hadamard import random_signs, rotate_blocks, rotate_columns, unrotate_blocks, unrotate_columns
+
+pytestmark = pytest.mark.skipif(
+    shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler: the kernel is never used"
+)
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    return t.contiguous().view(torch.int32)
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(_bits(a), _bits(b))
+
+
+def _adversarial(rows: int, cols: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """Rows and columns spanning 2^-100..2^100, ±0 runs, equal runs, float32 subnormals, values whose
+    sums cancel, and a column count that is not a multiple of the kernel's 64-wide tile."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, cols, generator=gen) * torch.logspace(-30, 30, cols, base=10.0)[None, :]
+    x = x * torch.logspace(-8, 8, rows, base=10.0)[:, None]
+    x[:16, :5] = 0.0
+    x[16:32, :5] = -0.0
+    x[:, 5:9] = 3.0
+    x[32:64, 9:11] = 1e-42
+    x[64:96, 11] = torch.tensor([1.0, -1.0] * 16) * 3.4e38  # near FLT_MAX: sums overflow to ±Inf
+    x[96:128, 12] = torch.tensor([1.0, 1e-8] * 16)  # cancellation: order-sensitive sums
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [16, 32, 64, 256])
+def test_columns_are_the_reference_bits(n, dtype):
+    x = _adversarial(512, 3 * 64 + 13, dtype)
+    signs = random_signs(n, 7)
+    forward = _native.rotate_columns(x, signs)
+    inverse = _native.rotate_columns(x, signs, inverse=True)
+    assert forward is not None and inverse is not None
+    assert _same(forward, rotate_columns(x, signs))
+    assert _same(inverse, unrotate_columns(x, signs))
+    assert bool(torch.isinf(forward).any())  # the near-FLT_MAX column did overflow, as the reference
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("n", [32, 64, 256])
+def test_blocks_are_the_reference_bits(n, dtype):
+    x = _adversarial(256, 512, dtype).reshape(-1, n)[:-3]  # a block count that is not a multiple of 64
+    x = x.contiguous()
+    signs = random_signs(n, 3)
+    assert _same(_native.rotate_blocks(x, signs), rotate_blocks(x, signs))
+    assert _same(_native.rotate_blocks(x, signs, inverse=True), unrotate_blocks(x, signs))
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    log_n=st.integers(4, 8),
+    groups=st.integers(1, 6),
+    cols=st.integers(1, 150),
+    seed=st.integers(0, 2**16),
+    exponent=st.integers(-120, 120),
+)
+def test_any_shape_and_scale_gives_the_reference_bits(log_n, groups, cols, seed, exponent):
+    n = 1 << log_n
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(groups * n, cols, generator=gen) * 2.0**exponent
+    signs = random_signs(n, seed)
+    assert _same(_native.rotate_columns(x, signs), rotate_columns(x, signs))
+    blocks = x.reshape(-1, n)
+    got = _native.rotate_blocks(blocks, signs)
+    if n >= 32:
+        assert _same(got, rotate_blocks(blocks, signs))
+    else:
+        assert got is None  # 16 lanes along rows: the compiled kernel is the faster
+
+
+def test_where_it_does_not_apply_it_returns_none():
+    signs = random_signs(16, 0)
+    assert _native.rotate_columns(torch.randn(64, 8, dtype=torch.float16), signs) is None
+    assert _native.rotate_columns(torch.randn(8, 64).t(), signs) is None  # not contiguous
+    assert _native.rotate_columns(torch.randn(40, 8), signs) is None  # 16 does not divide the rows
+    assert _native.rotate_blocks(torch.randn(8, 64), random_signs(32, 0)) is None  # not 32-lane blocks
+
+
+def test_without_a_compiler_or_when_turned_off_the_callers_take_the_compiled_path(monkeypatch):
+    signs = random_signs(16, 0)
+    x = torch.randn(64, 8)
+    _native._library.cache_clear()
+    try:
+        monkeypatch.setattr(_native.shutil, "which", lambda name: None)
+        assert _native.rotate_columns(x, signs) is None
+        _native._library.cache_clear()
+        monkeypatch.undo()
+        monkeypatch.setenv("LOWBIT_NATIVE", "0")
+        assert _native.rotate_columns(x, signs) is None
+    finally:
+        _native._library.cache_clear()
+    monkeypatch.delenv("LOWBIT_NATIVE")
+    assert _same(_native.rotate_columns(x, signs), rotate_columns(x, signs))
