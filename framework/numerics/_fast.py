@@ -22,7 +22,7 @@ E5M2 is float16's top byte, so its fake-quantized values are torch's cast and a 
 
 Compiled (``fake_quantize(compile=True)``): the element step of a whole finite tensor
 (scale, round, unscale, SR bits hashed in place) is one ``torch.compile``d kernel, as are the
-block amax and NVFP4's E4M3 block scales (:func:`run_compiled`). Inductor's C++ would turn a
+block amax and minifloat or E8M0 block scales (:func:`run_compiled`). Inductor's C++ would turn a
 bitcast into a scalar loop, so a compiled kernel finds the binade with float arithmetic
 (:func:`pow2_floor`), which gives the same powers of two; the tests compare compiled and eager
 bits on adversarial inputs (tests/framework/numerics/test_numerics_compiled.py).
@@ -482,12 +482,12 @@ def compiled_block_amax(blocks: torch.Tensor) -> torch.Tensor | None:
     return run_compiled(_block_amax, (blocks,), ((0, 2),))
 
 
-def _e4m3_block_scales(
+def _minifloat_block_scales(
     blocks: torch.Tensor, emax: torch.Tensor, numerator: torch.Tensor, *, scale: _Constants, global_scale: bool
 ):
-    """Block amax -> E4M3 block scales by the formulas ``blocks.global_encode_scale`` and
-    ``blocks.lowp_block_scales`` use (the same functions; the E4M3 rounding by ``_round``, which
-    gives the saturating cast's values). ``emax``: the element format's max, ``numerator``: S.max * E.max
+    """Block amax -> minifloat block scales (E4M3, UE5M3, ...) by the formulas ``blocks.global_encode_scale``
+    and ``blocks.lowp_block_scales`` use (the same functions; the rounding by ``_round``, which gives the
+    saturating encode's values, unsigned formats too: every target is >= 0). ``emax``: the element format's max, ``numerator``: S.max * E.max
     (float32 0-d inputs, so no constant is folded differently). -> (decode, factor, global encode, all finite)."""
     amax = _block_amax(blocks)
     finite = torch.isfinite(amax).all()
@@ -523,7 +523,8 @@ def _scale_inputs(element: ElementFormat, scale_format: ElementFormat) -> tuple[
 def compiled_block_scales(
     blocks: torch.Tensor, element: ElementFormat, scale_format: ElementFormat, global_scale: bool, rule: str = "floor"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-    """E4M3 (NVFP4) or E8M0 (MX, scale ``rule`` other than rceil) block scales of blocks (n, r, nb, c)
+    """Minifloat (E4M3 as NVFP4's, UE5M3, ...: up to 5 exponent and 10 mantissa bits, with or without a
+    global scale) or E8M0 (MX, scale ``rule`` other than rceil) block scales of blocks (n, r, nb, c)
     or (n, r, nb) straight from the elements, in one compiled graph: (decode scales, encode factors,
     global encode scale or None, E8M0 codes or None), each block's (n, nb), or None when the
     scales are neither, an amax is not finite, or it cannot be built (callers then take the eager
@@ -536,12 +537,13 @@ def compiled_block_scales(
         if out is None or not bool(out[3]):
             return None
         return out[1], out[2], None, out[0]
-    if type(scale_format) is not FloatFormat or scale_format.name != "e4m3":
+    if type(scale_format) is not FloatFormat or scale_format.ebits > 5 or scale_format.mbits > 10:
         return None
     emax, numerator = _scale_inputs(element, scale_format)
     dims = ((0, 2), (), ())
+    constants = _constants(scale_format)
     out = run_compiled(
-        _e4m3_block_scales, (blocks, emax, numerator), dims, scale=_constants(scale_format), global_scale=global_scale
+        _minifloat_block_scales, (blocks, emax, numerator), dims, scale=constants, global_scale=global_scale
     )
     if out is None or not bool(out[3]):
         return None

@@ -165,9 +165,9 @@ def _block_reduce(rows: torch.Tensor, layout: BlockLayout, reduce, absolute: boo
 def _compiled_scales(
     rows: torch.Tensor, layout: BlockLayout, spec: QuantSpec
 ) -> tuple[_Scaling, torch.Tensor | None] | None:
-    """Block amax, global and E4M3 or E8M0 block scales of the block rows in one compiled graph, when
-    they apply (:func:`._fast.compiled_block_scales`); E4M3's codes are left out (fake_quantize needs
-    none; ``_qtensor`` encodes them)."""
+    """Block amax, global and minifloat (E4M3, UE5M3) or E8M0 block scales of the block rows in one compiled
+    graph, when they apply (:func:`._fast.compiled_block_scales`); minifloat codes are left out
+    (fake_quantize needs none; ``_qtensor`` encodes them)."""
     element, scale_format = _formats(spec)
     out = _fast.compiled_block_scales(layout.blocks(rows), element, scale_format, spec.global_scale, spec.scale_rule)
     if out is None:
@@ -454,7 +454,7 @@ def _qtensor(x: torch.Tensor, plan: _Plan, codes: torch.Tensor) -> QTensor:
     """The QTensor of ``x`` quantized by ``plan``, its element ``codes`` (B, r, C) given."""
     scaling, scale_shape = plan.scaling, plan.layout.scale_shape
     scale_codes = scaling.codes
-    if scale_codes is None:  # compiled E4M3 scales come as values, each on the grid: its code, exactly
+    if scale_codes is None:  # compiled minifloat scales come as values, each on the grid: its code, exactly
         scale_codes = _formats(plan.spec)[1].encode(scaling.decode)
     return QTensor(
         codes=codes.view(x.shape),

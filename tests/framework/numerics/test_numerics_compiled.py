@@ -16,7 +16,7 @@ import torch
 import lowbit.numerics._fast as fast
 from lowbit.numerics import get_spec
 from lowbit.numerics.blocks import global_encode_scale, lowp_block_scales
-from lowbit.numerics.formats import E2M1, E4M3
+from lowbit.numerics.formats import E2M1, E4M3, UE5M3
 from lowbit.numerics.hadamard import _butterfly, _butterfly_by_output, random_signs, rht, rotate_columns
 from lowbit.numerics.quantize import _fake_quantize, fake_quantize_columns, keep_columns
 
@@ -77,6 +77,8 @@ def test_columns_rotation_is_the_rht_of_the_transpose():
         ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75, "rht_size": 32}, torch.bfloat16),
         ("fp8_e5m2_tensor", {}, torch.float32),
         ("int8_channel", {"rounding": "sr"}, torch.float32),
+        ("nvfp4", {"scale_format": "ue5m3", "global_scale": False, "rounding": "sr"}, torch.bfloat16),
+        ("nvfp4", {"scale_format": "ue5m3"}, torch.float32),  # UE5M3 under an FP32 tensor scale
     ],
 )
 def test_compiled_fake_quantize_has_the_eager_bits(preset, changes, dtype):
@@ -110,6 +112,7 @@ def test_a_tensor_with_nan_rows_falls_back_and_matches():
         ("nvfp4", {}, torch.float32),
         ("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.float32),
         ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75, "rht_size": 32}, torch.bfloat16),
+        ("nvfp4", {"scale_format": "ue5m3", "global_scale": False, "rounding": "sr", "rht_size": 16}, torch.bfloat16),
     ],
 )
 def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes, dtype):
@@ -191,17 +194,19 @@ def test_every_element_format_value_fits_its_container_exactly():
         assert fast.container(get_format(name)) == container, name
 
 
+@pytest.mark.parametrize("scale_format", [E4M3, UE5M3], ids=["e4m3", "ue5m3"])
 @pytest.mark.parametrize("global_scale", [True, False])
-def test_compiled_e4m3_block_scales_are_the_eager_scales(global_scale):
+def test_compiled_minifloat_block_scales_are_the_eager_scales(global_scale, scale_format):
     x = _adversarial(256, 256, torch.float32).view(256, 1, 16, 16)
     x[5, 0, 3] = 1e-30  # a block whose scale underflows to 0: factor FLT_MAX
-    out = fast.compiled_block_scales(x, E2M1, E4M3, global_scale)
+    x[6, 0, 2] = 3e38  # a block whose scale saturates at the format's max
+    out = fast.compiled_block_scales(x, E2M1, scale_format, global_scale)
     assert out is not None
     decode, factor, global_encode, codes = out
-    assert codes is None  # E4M3 codes are encoded from the values where wanted
+    assert codes is None  # minifloat codes are encoded from the values where wanted
     amax = x.abs().amax(dim=(1, 3))
-    g = global_encode_scale(amax.amax(), E2M1, E4M3) if global_scale else None
-    _, decode_ref, factor_ref = lowp_block_scales(amax, E2M1, E4M3, g)
+    g = global_encode_scale(amax.amax(), E2M1, scale_format) if global_scale else None
+    _, decode_ref, factor_ref = lowp_block_scales(amax, E2M1, scale_format, g)
     assert _same(decode, decode_ref) and _same(factor, factor_ref)
     assert (global_encode is None) == (not global_scale) and (g is None or _same(global_encode, g))
 
