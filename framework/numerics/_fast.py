@@ -54,6 +54,7 @@ from lowbit.numerics.rounding import RandomBits, hash_bits, round_to_integer, sr
 
 __all__ = [
     "compiled_fake_quantize",
+    "compiled_scaled_fake_quantize",
     "decode",
     "e8m0_scales",
     "encode",
@@ -460,6 +461,21 @@ def compiled_fake_quantize(
     instead of ~15 passes over chunks; the same bits (tests/framework/numerics/test_numerics_compiled.py).
     An SR prescale divides by a 0-d input (see ``unscale``). None where it does not apply (a chunk
     of a larger SR stream) or cannot be built."""
+    inputs = _element_inputs(blocks, rng, sr_prescale, columns)
+    if inputs is None:
+        return None
+    tensors = (blocks, factor, decode, zero_point, global_scale, *inputs)
+    dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,), ())  # blocks (n, r, nb[, c]): n and nb vary
+    return run_compiled(
+        _fake_quantize_whole, tensors, dynamic, **_element_options(element, rounding, out_dtype, container)
+    )
+
+
+def _element_inputs(
+    blocks: torch.Tensor, rng: RandomBits | None, sr_prescale: float, columns: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None] | None:
+    """The element step's tensor inputs besides blocks and scales: (SR keys, column index, prescale),
+    or None where the step does not apply (a chunk of a larger SR stream)."""
     if rng is not None and rng.offset:
         return None
     keys = None if rng is None else rng.keys
@@ -468,12 +484,17 @@ def compiled_fake_quantize(
         n, r, cols = blocks.shape
         column_index = (torch.arange(cols, dtype=torch.int64, device=blocks.device) * (n * r)).to(torch.int32)
     prescale = None if sr_prescale == 1.0 else torch.tensor(sr_prescale, dtype=torch.float32, device=blocks.device)
-    tensors = (blocks, factor, decode, zero_point, global_scale, keys, column_index, prescale)
-    dynamic = ((0, 2), (0, 1), (0, 1), (0, 1), (), (), (0,), ())  # blocks (n, r, nb[, c]): n and nb vary
+    return keys, column_index, prescale
+
+
+def _element_options(
+    element: ElementFormat, rounding: str, out_dtype: torch.dtype, container: torch.dtype | None
+) -> dict[str, object]:
+    """The element step's bound keywords (what its compiled variant is specialized on)."""
     options = {"element": _constants(element), "rounding": rounding, "sr_prescale": 1.0, "out_dtype": out_dtype}
     if container is not None:  # the rounded element values, kept (see ``container``); no output dtype to
         options.update(container=container, out_dtype=torch.float32)  # compile a variant for
-    return run_compiled(_fake_quantize_whole, tensors, dynamic, **options)
+    return options
 
 
 def compiled_block_amax(blocks: torch.Tensor) -> torch.Tensor | None:
@@ -488,12 +509,13 @@ def _minifloat_block_scales(
     """Block amax -> minifloat block scales (E4M3, UE5M3, ...) by the formulas ``blocks.global_encode_scale``
     and ``blocks.lowp_block_scales`` use (the same functions; the rounding by ``_round``, which gives the
     saturating encode's values, unsigned formats too: every target is >= 0). ``emax``: the element format's max, ``numerator``: S.max * E.max
-    (float32 0-d inputs, so no constant is folded differently). -> (decode, factor, global encode, all finite)."""
+    (float32 0-d inputs, so no constant is folded differently). -> (decode, factor, global encode, no codes,
+    every amax finite)."""
     amax = _block_amax(blocks)
     finite = torch.isfinite(amax).all()
     g = _global_encode(amax.amax(), numerator) if global_scale else None
     scales = _round(scale, _block_scale_target(amax, emax, g), "rne", None)
-    return scales, _element_encode_factor(scales, g), g, finite
+    return scales, _element_encode_factor(scales, g), g, None, finite
 
 
 class _MXConstants(NamedTuple):
@@ -507,11 +529,11 @@ class _MXConstants(NamedTuple):
 def _e8m0_block_scales(blocks: torch.Tensor, *, element: _MXConstants, rule: str):
     """Block amax -> E8M0 codes, decode scales and encode factors by ``blocks.mx_scale_codes`` and
     ``e8m0_scales`` (the functions the eager path calls; integer arithmetic on the float32 bits)
-    -> (codes, decode, factor, every amax finite)."""
+    -> (decode, factor, no global scale, codes, every amax finite)."""
     amax = _block_amax(blocks)
     codes = mx_scale_codes(amax, element, rule)
     decode, factor = e8m0_scales(codes)
-    return codes, decode, factor, torch.isfinite(amax).all()
+    return decode, factor, None, codes, torch.isfinite(amax).all()
 
 
 @functools.cache
@@ -520,31 +542,103 @@ def _scale_inputs(element: ElementFormat, scale_format: ElementFormat) -> tuple[
     return emax, torch.tensor(scale_format.max, dtype=torch.float32) * emax
 
 
+def _scale_graph(
+    element: ElementFormat, scale_format: ElementFormat, global_scale: bool, rule: str, device: torch.device
+) -> tuple[str, object, torch.Tensor | None, torch.Tensor | None] | None:
+    """Which compiled scale graph serves these scales: (kind, its constants, E.max and S.max * E.max as
+    0-d inputs or None), or None: E8M0 (MX, scale ``rule`` other than rceil, whose division stays eager) or
+    a minifloat (E4M3 as NVFP4's, UE5M3, ...: up to 5 exponent and 10 mantissa bits, with or without a
+    global scale)."""
+    if device.type != "cpu":
+        return None
+    if scale_format.name == "e8m0" and not global_scale and rule != "rceil" and type(element) is FloatFormat:
+        return "e8m0", _MXConstants(float(element.max), element.mbits, element.emax), None, None
+    if type(scale_format) is not FloatFormat or scale_format.ebits > 5 or scale_format.mbits > 10:
+        return None
+    return ("minifloat", _constants(scale_format), *_scale_inputs(element, scale_format))
+
+
+def _block_scales(blocks, emax, numerator, *, kind: str, constants, global_scale: bool, rule: str):
+    """The scale graph ``_scale_graph`` chose -> (decode, factor, global encode or None, E8M0 codes or None,
+    every amax finite)."""
+    if kind == "e8m0":
+        return _e8m0_block_scales(blocks, element=constants, rule=rule)
+    return _minifloat_block_scales(blocks, emax, numerator, scale=constants, global_scale=global_scale)
+
+
 def compiled_block_scales(
     blocks: torch.Tensor, element: ElementFormat, scale_format: ElementFormat, global_scale: bool, rule: str = "floor"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-    """Minifloat (E4M3 as NVFP4's, UE5M3, ...: up to 5 exponent and 10 mantissa bits, with or without a
-    global scale) or E8M0 (MX, scale ``rule`` other than rceil) block scales of blocks (n, r, nb, c)
-    or (n, r, nb) straight from the elements, in one compiled graph: (decode scales, encode factors,
-    global encode scale or None, E8M0 codes or None), each block's (n, nb), or None when the
-    scales are neither, an amax is not finite, or it cannot be built (callers then take the eager
-    path, the same numbers)."""
-    if blocks.device.type != "cpu":
+    """E8M0 or minifloat block scales (see ``_scale_graph``) of blocks (n, r, nb, c) or (n, r, nb) straight
+    from the elements, in one compiled graph: (decode scales, encode factors, global encode scale or None,
+    E8M0 codes or None), each block's (n, nb), or None when no scale graph serves them, an amax is not
+    finite, or it cannot be built (callers then take the eager path, the same numbers)."""
+    graph = _scale_graph(element, scale_format, global_scale, rule, blocks.device)
+    if graph is None:
         return None
-    if scale_format.name == "e8m0" and not global_scale and rule != "rceil" and type(element) is FloatFormat:
-        mx = _MXConstants(float(element.max), element.mbits, element.emax)
-        out = run_compiled(_e8m0_block_scales, (blocks,), ((0, 2),), element=mx, rule=rule)
-        if out is None or not bool(out[3]):
-            return None
-        return out[1], out[2], None, out[0]
-    if type(scale_format) is not FloatFormat or scale_format.ebits > 5 or scale_format.mbits > 10:
+    kind, constants, emax, numerator = graph
+    bound = {"kind": kind, "constants": constants, "global_scale": global_scale, "rule": rule}
+    out = run_compiled(_block_scales, (blocks, emax, numerator), ((0, 2), (), ()), **bound)
+    if out is None or not bool(out[4]):
         return None
-    emax, numerator = _scale_inputs(element, scale_format)
-    dims = ((0, 2), (), ())
-    constants = _constants(scale_format)
-    out = run_compiled(
-        _minifloat_block_scales, (blocks, emax, numerator), dims, scale=constants, global_scale=global_scale
+    return out[:4]
+
+
+def _scaled_fake_quantize_whole(
+    blocks: torch.Tensor,
+    emax: torch.Tensor | None,
+    numerator: torch.Tensor | None,
+    keys: torch.Tensor | None,
+    column_index: torch.Tensor | None,
+    prescale: torch.Tensor | None,
+    *,
+    kind: str,
+    constants,
+    global_scale: bool,
+    rule: str,
+    **options,
+):
+    """``_block_scales`` then ``_fake_quantize_whole`` in one graph, with the scales the eager plan makes
+    (the factor times the SR prescale as ``_Plan.factor`` folds it, the global decode scale as
+    ``_Plan.global_scale``) -> (values, decode scales, global decode scale or None, every amax finite)."""
+    decode, factor, g, _, finite = _block_scales(
+        blocks, emax, numerator, kind=kind, constants=constants, global_scale=global_scale, rule=rule
     )
+    global_decode = None if g is None else torch.reciprocal(g).reshape(())
+    if prescale is not None:
+        factor = factor * prescale
+    out = _fake_quantize_whole(blocks, factor, decode, None, global_decode, keys, column_index, prescale, **options)
+    return out, decode, global_decode, finite
+
+
+def compiled_scaled_fake_quantize(
+    blocks: torch.Tensor,
+    rng: RandomBits | None,
+    *,
+    element: ElementFormat,
+    scale_format: ElementFormat,
+    global_scale: bool,
+    rule: str,
+    rounding: str,
+    sr_prescale: float,
+    out_dtype: torch.dtype,
+    columns: bool = False,
+    container: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``compiled_block_scales`` and ``compiled_fake_quantize`` of the same blocks in one compiled graph:
+    one call and one graph where they were two, the same bits (tested). -> (fake-quantized values, or the
+    kept element values in ``container``; decode scales (n, nb); global decode scale or None), or None
+    where either would not apply or an amax is not finite (the caller takes the two-step path, which
+    finds the same and falls back as it does)."""
+    graph = _scale_graph(element, scale_format, global_scale, rule, blocks.device)
+    inputs = _element_inputs(blocks, rng, sr_prescale, columns)
+    if graph is None or inputs is None:
+        return None
+    kind, constants, emax, numerator = graph
+    bound = {"kind": kind, "constants": constants, "global_scale": global_scale, "rule": rule}
+    dynamic = ((0, 2), (), (), (), (0,), ())
+    options = _element_options(element, rounding, out_dtype, container)
+    out = run_compiled(_scaled_fake_quantize_whole, (blocks, emax, numerator, *inputs), dynamic, **bound, **options)
     if out is None or not bool(out[3]):
         return None
-    return out[0], out[1], out[2], None
+    return out[0], out[1], out[2]

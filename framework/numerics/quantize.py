@@ -550,12 +550,70 @@ def _fake_quantize(
     elsewhere encoded, decoded and unscaled exactly as ``dequantize`` does. ``plan``: ``x``'s plan,
     already made (with the same ``compile``)."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
+    dtype = dtype or x.dtype
+    out_dtype = torch.float32 if spec.rht_size else dtype
+    out = None
+    if plan is None and compile and fast and scales is None and zero_points is None and amax is None and scale is None:
+        _check_input(x)
+        generator, seed = _draw_bits(spec, generator, seed, x.device), None  # a fallback plan takes these bits
+        out = _scaled_fake_quantize(x, spec, generator, out_dtype)
+    if out is None:
+        out = _planned_fake_quantize(
+            x, spec, generator, seed, amax, scale, fast, compile, scales, zero_points, plan, out_dtype
+        )
+    out = out.view(x.shape)
+    if spec.rht_size and not rotated:  # rotated: the values in the transformed basis, float32
+        out = _rht(out, spec.rht_size, spec.rht_seed, compile, inverse=True).to(dtype)
+    return out
+
+
+def _scaled_fake_quantize(
+    x: torch.Tensor, spec: QuantSpec, rng: RandomBits | None, out_dtype: torch.dtype
+) -> torch.Tensor | None:
+    """The compiled path's block scales and element step of ``x`` (after its RHT) in one compiled graph
+    (``_fast.compiled_scaled_fake_quantize``), (B, r, C) values in ``out_dtype``; None where that does
+    not apply (per-tensor or asymmetric scales, a format the arithmetic path does not cover, a non-finite
+    block, scales no compiled graph makes): the caller plans it step by step, with the same SR bits."""
+    element, scale_format = _formats(spec)
+    layout = block_layout(x.shape, spec.block)
+    if layout.per_tensor or spec.asymmetric or not _fast.supported(element, spec.saturating):
+        return None
+    if _fast._scale_graph(element, scale_format, spec.global_scale, spec.scale_rule, x.device) is None:
+        return None
+    src = _rht(x, spec.rht_size, spec.rht_seed, True) if spec.rht_size else x
+    out = _fast.compiled_scaled_fake_quantize(
+        layout.blocks(layout.block_rows(src)),
+        rng,
+        element=element,
+        scale_format=scale_format,
+        global_scale=spec.global_scale,
+        rule=spec.scale_rule,
+        rounding=spec.rounding,
+        sr_prescale=spec.sr_prescale,
+        out_dtype=out_dtype,
+    )
+    return None if out is None else out[0]
+
+
+def _planned_fake_quantize(
+    x: torch.Tensor,
+    spec: QuantSpec,
+    generator: torch.Generator | RandomBits | None,
+    seed: int | None,
+    amax: torch.Tensor | float | None,
+    scale: torch.Tensor | float | None,
+    fast: bool,
+    compile: bool,
+    scales: torch.Tensor | None,
+    zero_points: torch.Tensor | None,
+    plan: _Plan | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``_fake_quantize`` step by step: the plan (scales), then the elements, (B, r, C) in ``out_dtype``."""
     if plan is None:
         plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales, zero_points)
     scaling, element, layout = plan.scaling, plan.element, plan.layout
     global_scale = plan.global_scale
-    dtype = dtype or x.dtype
-    out_dtype = torch.float32 if spec.rht_size else dtype
     options = {"element": element, "rounding": spec.rounding, "sr_prescale": spec.sr_prescale, "out_dtype": out_dtype}
     factor = plan.factor
     out = None
@@ -577,12 +635,7 @@ def _fake_quantize(
             values = element.decode(plan.encode(plan.scaled(sl, blocks_of), False, sl))
             yield sl, _fast.unscale(values, scaling.decode[blocks_of], zp, global_scale, spec.sr_prescale)
 
-    if out is None:
-        out = _fill(plan.rows.shape, out_dtype, x.device, parts())
-    out = out.view(x.shape)
-    if spec.rht_size and not rotated:  # rotated: the values in the transformed basis, float32
-        out = _rht(out, spec.rht_size, spec.rht_seed, compile, inverse=True).to(dtype)
-    return out
+    return _fill(plan.rows.shape, out_dtype, x.device, parts()) if out is None else out
 
 
 def _saturated_count(
@@ -629,13 +682,11 @@ def _columns_apply(t: torch.Tensor, spec: QuantSpec, element: ElementFormat) -> 
     return _fast.supported(element, spec.saturating)
 
 
-def _columns_plan(
-    t: torch.Tensor, spec: QuantSpec, element: ElementFormat, scale_format: ElementFormat, compile: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-    """The compiled column path's blocks and scales for ``fake_quantize_columns``: (blocks (N/c, c, C) of
-    t after the RHT down its columns, encode factors with the SR prescale folded in, decode scales,
-    global decode scale or None, RHT signs or None), every per-block tensor (N/c, C); None where that
-    path does not apply (the caller takes the reference)."""
+def _columns_blocks(
+    t: torch.Tensor, spec: QuantSpec, element: ElementFormat, compile: bool
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The compiled column path's blocks: (c x 1 blocks (N/c, c, C) of t after the RHT down its columns,
+    RHT signs or None), or None where that path does not apply (the caller takes the reference)."""
     if not (compile and _columns_apply(t, spec, element)):
         return None
     signs = _shared_signs(spec.rht_size, int(spec.rht_seed), t.device) if spec.rht_size else None
@@ -647,7 +698,14 @@ def _columns_plan(
     if src is None:
         return None
     c = spec.block[1]
-    blocks = src.view(t.shape[0] // c, c, t.shape[1])  # (N/c, c, C): c x 1 blocks
+    return src.view(t.shape[0] // c, c, t.shape[1]), signs
+
+
+def _columns_scales(
+    blocks: torch.Tensor, spec: QuantSpec, element: ElementFormat, scale_format: ElementFormat
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """The blocks' scales, each block's as (N/c, C): (encode factors with the SR prescale folded in, decode
+    scales, global decode scale or None); None for a non-finite block (the caller takes the reference)."""
     # every block's scales as (N/c, C), tᵀ's (C, N/c) transposed: elementwise from the amax, so either layout
     scales = _fast.compiled_block_scales(blocks, element, scale_format, spec.global_scale, spec.scale_rule)
     if scales is not None:
@@ -666,7 +724,50 @@ def _columns_plan(
     if spec.sr_prescale != 1.0:  # folded in as _Plan.factor folds it
         factor = factor * spec.sr_prescale
     global_scale = None if global_encode is None else torch.reciprocal(global_encode).reshape(())
-    return blocks, factor, decode, global_scale, signs
+    return factor, decode, global_scale
+
+
+def _columns_values(
+    t: torch.Tensor,
+    spec: QuantSpec,
+    rng: RandomBits | None,
+    out_dtype: torch.dtype,
+    compile: bool,
+    container: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
+    """The compiled column path of ``fake_quantize_columns`` and ``keep_columns``: (values (N/c, c, C) in
+    ``out_dtype``, or the element values in ``container``; decode scales (N/c, C); global decode scale or
+    None; RHT signs or None). Scales and elements in one compiled graph where one serves them, else in
+    two; None where the path does not apply (the caller takes the reference)."""
+    element, scale_format = _formats(spec)
+    prepared = _columns_blocks(t, spec, element, compile)
+    if prepared is None:
+        return None
+    blocks, signs = prepared
+    options = {
+        "rounding": spec.rounding,
+        "sr_prescale": spec.sr_prescale,
+        "out_dtype": out_dtype,
+        "columns": True,
+        "container": container,
+    }
+    fused = _fast.compiled_scaled_fake_quantize(
+        blocks,
+        rng,
+        element=element,
+        scale_format=scale_format,
+        global_scale=spec.global_scale,
+        rule=spec.scale_rule,
+        **options,
+    )
+    if fused is not None:
+        return (*fused, signs)
+    scales = _columns_scales(blocks, spec, element, scale_format)
+    if scales is None:
+        return None
+    factor, decode, global_scale = scales
+    values = _fast.compiled_fake_quantize(blocks, factor, decode, None, global_scale, rng, element=element, **options)
+    return None if values is None else (values, decode, global_scale, signs)
 
 
 def fake_quantize_columns(
@@ -685,35 +786,14 @@ def fake_quantize_columns(
     operands dyᵀ and xᵀ need. Otherwise (or for NaN/Inf input) tᵀ is copied and quantized, with
     the same SR keys. ``rotated``: with an RHT, the values before the inverse transform (float32,
     or cast to ``dtype`` when given: one rounding either way), as ``_fake_quantize``."""
-    element, scale_format = _formats(spec)
     rng = _draw_bits(spec, generator, None, t.device)
-
-    def reference() -> torch.Tensor:
+    rotates = spec.rht_size != 0
+    out_dtype = (dtype or torch.float32) if rotates and rotated else torch.float32 if rotates else t.dtype
+    path = _columns_values(t, spec, rng, out_dtype, compile)
+    if path is None:  # the reference: tᵀ copied, with the same SR keys
         out = _fake_quantize(contiguous(t.t()), spec, rng, None, None, None, compile=compile, rotated=rotated)
         return out if dtype is None else out.to(dtype)
-
-    plan = _columns_plan(t, spec, element, scale_format, compile)
-    if plan is None:
-        return reference()
-    blocks, factor, decode, global_scale, signs = plan
-    out_dtype = (
-        (dtype or torch.float32) if signs is not None and rotated else torch.float32 if signs is not None else t.dtype
-    )
-    out = _fast.compiled_fake_quantize(
-        blocks,
-        factor,
-        decode,
-        None,
-        global_scale,
-        rng,
-        element=element,
-        rounding=spec.rounding,
-        sr_prescale=spec.sr_prescale,
-        out_dtype=out_dtype,
-        columns=True,
-    )
-    if out is None:
-        return reference()
+    out, _, _, signs = path
     out = out.view(t.shape)
     if signs is not None and not rotated:
         inverse = _native.rotate_columns(out, signs, inverse=True)
@@ -769,12 +849,9 @@ def keep_columns(t: torch.Tensor, spec: QuantSpec, *, dtype: torch.dtype) -> Kep
     if spec.rounding == "sr" or spec.asymmetric or store is None or t.dim() != 2:
         return None
     options = {"element": element, "rounding": spec.rounding, "sr_prescale": spec.sr_prescale, "out_dtype": dtype}
-    plan = _columns_plan(t, spec, element, scale_format, compile=True)
-    if plan is not None:
-        blocks, factor, decode, global_scale, _ = plan
-        values = _fast.compiled_fake_quantize(
-            blocks, factor, decode, None, global_scale, None, **options, columns=True, container=store
-        )
+    path = _columns_values(t, spec, None, dtype, compile=True, container=store)
+    if path is not None:
+        values, decode, global_scale, _ = path
         columns = True
     else:  # the reference's way: a copy of tᵀ, quantized along its rows
         tt = contiguous(t.t())

@@ -285,3 +285,46 @@ def test_one_compiled_kernel_serves_the_forward_backward_and_evaluation_contexts
         assert _same(fake_quantize(x, spec, compile=True), expected)
     assert counters["stats"]["unique_graphs"] == graphs
     assert _same(expected, fake_quantize(x, spec))  # and the eager reference's bits
+
+
+def _counting_run_compiled(monkeypatch) -> list[str]:
+    calls = []
+    real = fast.run_compiled
+
+    def counting(fn, *args, **kwargs):
+        calls.append(fn.__name__)
+        return real(fn, *args, **kwargs)
+
+    monkeypatch.setattr(fast, "run_compiled", counting)
+    return calls
+
+
+@pytest.mark.parametrize(
+    ("preset", "changes"),
+    [
+        ("nvfp4", {"rounding": "sr", "sr_prescale": 0.7}),  # a prescale float32 rounds: folded as the plan folds it
+        ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75}),
+        ("nvfp4", {"scale_format": "ue5m3", "global_scale": False}),
+    ],
+)
+def test_scales_and_elements_are_one_compiled_call_with_the_eager_bits(monkeypatch, preset, changes):
+    """An operand's block scales and element step run as one compiled graph (one call, not two), the
+    same bits as the eager reference; with a NaN the fallback draws no second set of SR keys."""
+    spec = get_spec(preset).replace(**changes)
+    x = _adversarial(512, 256, torch.bfloat16)
+    calls = _counting_run_compiled(monkeypatch)
+    compiled = _fake_quantize(x, spec, torch.Generator().manual_seed(4), None, None, None, compile=True)
+    assert calls == ["_scaled_fake_quantize_whole"]
+    assert _same(compiled, _fake_quantize(x, spec, torch.Generator().manual_seed(4), None, None, None))
+    t = _adversarial(512, 192, torch.bfloat16)
+    calls.clear()
+    columns = fake_quantize_columns(t, spec, generator=torch.Generator().manual_seed(6), compile=True)
+    assert calls == ["_scaled_fake_quantize_whole"]
+    reference = _fake_quantize(t.t().contiguous(), spec, torch.Generator().manual_seed(6), None, None, None)
+    assert _same(columns, reference)
+    x[3, 3] = math.nan  # the fused graph finds a non-finite block: the step-by-step path, the same keys
+    gen, ref_gen = torch.Generator().manual_seed(8), torch.Generator().manual_seed(8)
+    assert _same(
+        _fake_quantize(x, spec, gen, None, None, None, compile=True), _fake_quantize(x, spec, ref_gen, None, None, None)
+    )
+    assert torch.equal(gen.get_state(), ref_gen.get_state())
