@@ -508,9 +508,9 @@ def _minifloat_block_scales(
 ):
     """Block amax -> minifloat block scales (E4M3, UE5M3, ...) by the formulas ``blocks.global_encode_scale``
     and ``blocks.lowp_block_scales`` use (the same functions; the rounding by ``_round``, which gives the
-    saturating encode's values, unsigned formats too: every target is >= 0). ``emax``: the element format's max, ``numerator``: S.max * E.max
-    (float32 0-d inputs, so no constant is folded differently). -> (decode, factor, global encode, no codes,
-    every amax finite)."""
+    saturating encode's values, unsigned formats too: every target is >= 0). ``emax``: the element
+    format's max, ``numerator``: S.max * E.max (float32 0-d inputs, so no constant is folded
+    differently). -> (decode, factor, global encode, no codes, every amax finite)."""
     amax = _block_amax(blocks)
     finite = torch.isfinite(amax).all()
     g = _global_encode(amax.amax(), numerator) if global_scale else None
