@@ -140,7 +140,16 @@ def paired_gap(outcome: Outcome, base: Outcome, confidence: float = 0.95) -> tup
     """(mean, half-width) of the relative gaps (v_s - b_s) / b_s over the seeds both ran, the half-width of a
     ``confidence`` Student-t interval; None with fewer than two seeds. Same seed, same initialisation and
     data order: the seed's own luck cancels in each gap, so the interval is narrower than the spreads suggest."""
-    gaps = [(v - b) / b for v, b in zip(outcome.val_loss, base.val_loss)]
+    return _interval(_relative_gaps(outcome, base), confidence)
+
+
+def _relative_gaps(outcome: Outcome, base: Outcome) -> list[float]:
+    """(v_s - b_s) / b_s for every seed both ran."""
+    return [(v - b) / b for v, b in zip(outcome.val_loss, base.val_loss)]
+
+
+def _interval(gaps: list[float], confidence: float) -> tuple[float, float] | None:
+    """(mean, half-width of the ``confidence`` Student-t interval) of ``gaps``; None with fewer than two."""
     if len(gaps) < 2:
         return None
     return statistics.fmean(gaps), _t(len(gaps), confidence) * statistics.stdev(gaps) / math.sqrt(len(gaps))
@@ -186,11 +195,11 @@ def orderings(outcomes: list[Outcome], claims: tuple[Claim, ...] = CLAIMS, confi
     for claim in claims:
         if claim.better not in by_name or claim.worse not in by_name:
             continue
-        better, worse = by_name[claim.better], by_name[claim.worse]
-        gaps = [(b - w) / w for b, w in zip(better.val_loss, worse.val_loss)]
-        if len(gaps) < 2:
+        gaps = _relative_gaps(by_name[claim.better], by_name[claim.worse])
+        interval = _interval(gaps, confidence)
+        if interval is None:
             return None
-        mean, half = paired_gap(better, worse, confidence)
+        mean, half = interval
         same_way = mean < 0
         if abs(mean) > half:
             verdict = "agrees (resolved)" if same_way else "contradicts (resolved)"
