@@ -176,13 +176,27 @@ def _compiled_scales(
     return _Scaling(decode, codes, factor), global_encode
 
 
+_ROTATIONS = {  # (down columns, inverse) -> the reference function
+    (False, False): rotate_blocks,
+    (False, True): unrotate_blocks,
+    (True, False): rotate_columns,
+    (True, True): unrotate_columns,
+}
+
+
+def _fast_rotation(x: torch.Tensor, signs: torch.Tensor, columns: bool, inverse: bool) -> torch.Tensor | None:
+    """``rotate_blocks`` of (M, n) blocks or ``rotate_columns`` of (N, C) ``x`` (their inverses with ``inverse``)
+    by the C kernel (:mod:`._native`), else as one compiled kernel; the same bits; None where neither runs."""
+    out = (_native.rotate_columns if columns else _native.rotate_blocks)(x, signs, inverse)
+    if out is None:
+        out = _fast.run_compiled(_ROTATIONS[columns, inverse], (x, signs), ((0, 1) if columns else (0,), ()))
+    return out
+
+
 def _rht(x: torch.Tensor, size: int, seed: int, compile: bool, inverse: bool = False) -> torch.Tensor:
-    """``rht`` (or ``inverse_rht``) of ``x``; ``compile``: as one compiled CPU kernel (same values)."""
+    """``rht`` (or ``inverse_rht``) of ``x``; ``compile``: by a C or compiled CPU kernel (same values)."""
     if compile and x.dim() and x.shape[-1] % size == 0:  # else the eager call raises the clear error
-        blocks, signs = x.reshape(-1, size), _shared_signs(size, int(seed), x.device)
-        out = _native.rotate_blocks(blocks, signs, inverse)
-        if out is None:
-            out = _fast.run_compiled(unrotate_blocks if inverse else rotate_blocks, (blocks, signs), ((0,), ()))
+        out = _fast_rotation(x.reshape(-1, size), _shared_signs(size, int(seed), x.device), False, inverse)
         if out is not None:
             return out.view(x.shape)
     return (inverse_rht if inverse else rht)(x, size, seed)
@@ -690,11 +704,7 @@ def _columns_blocks(
     if not (compile and _columns_apply(t, spec, element)):
         return None
     signs = _shared_signs(spec.rht_size, int(spec.rht_seed), t.device) if spec.rht_size else None
-    src = t
-    if signs is not None:
-        src = _native.rotate_columns(t, signs)
-        if src is None:
-            src = _fast.run_compiled(rotate_columns, (t, signs), ((0, 1), ()))
+    src = t if signs is None else _fast_rotation(t, signs, True, False)
     if src is None:
         return None
     c = spec.block[1]
@@ -796,9 +806,7 @@ def fake_quantize_columns(
     out, _, _, signs = path
     out = out.view(t.shape)
     if signs is not None and not rotated:
-        inverse = _native.rotate_columns(out, signs, inverse=True)
-        if inverse is None:
-            inverse = _fast.run_compiled(unrotate_columns, (out, signs), ((0, 1), ()))
+        inverse = _fast_rotation(out, signs, True, True)
         out = (inverse if inverse is not None else unrotate_columns(out, signs)).to(t.dtype)
     return (out if dtype is None else out.to(dtype)).t()
 
