@@ -1,15 +1,20 @@
 """``lowbit bench numerics``: quantize + dequantize throughput of every preset on CPU, beside torchao.
 
-For each preset, three functions run on the same seeded normal tensor with the same thread
-count:
-  lowbit q+dq   ``dequantize(quantize(x, preset))``: amax, scales, codes, decode, rescale;
-  torchao q+dq  torchao's function for the same format, doing the same work (table below);
-  lowbit fake   ``fake_quantize(x, preset)``: the same bits as lowbit q+dq, without codes.
-Timing: ``--warmup`` calls of each, then ``--repeats`` rounds that call the three in turn
-(interleaved, so load from other processes hits all alike); the median per function. The
-table gives GB/s of input (numel * bytes per element / median seconds) and lowbit/torchao,
-the throughput ratio (> 1: lowbit is faster). torchao is a dev dependency: without it, or
-for a format it lacks, its columns read n/a.
+For each preset, these functions run on the same seeded normal tensor with the same thread count:
+  lowbit q+dq       ``dequantize(quantize(x, preset))``: amax, scales, codes, decode, rescale;
+  torchao q+dq      torchao's function for the same format, doing the same work (table below);
+  lowbit fake       ``fake_quantize(x, preset)``: the same bits as lowbit q+dq, without codes;
+and, unless ``--no-compile``, each side as its user would compile it:
+  lowbit compiled   ``dequantize(quantize(x, preset, compile=True), compile=True)`` (from 2^16
+                    elements: compiled scales, codes and decode; smaller tensors run eagerly);
+  torchao compiled  ``torch.compile`` of torchao's function (compiled once, before timing).
+Each compiled function's output is compared bit for bit with its eager one's, and the number of
+values that differ is reported: a fast wrong answer is not a speed-up.
+Timing: ``--warmup`` calls of each, then ``--repeats`` rounds that call them in turn (interleaved,
+so load from other processes hits all alike); the median per function. The table gives GB/s of
+input (numel * bytes per element / median seconds) and lowbit/torchao, the throughput ratio
+(> 1: lowbit is faster), eager against eager and compiled against compiled. torchao is a dev
+dependency: without it, or for a format it lacks, its columns read n/a.
 
 torchao functions (0.18):
   MX presets       ``prototype.mx_formats.mx_tensor.to_mx`` (block 32, floor scales) + ``to_dtype``
@@ -51,18 +56,31 @@ _MX_TORCHAO = {
 
 @dataclass(frozen=True)
 class Row:
-    """One preset's result: throughputs in GB/s of input; None where torchao has no such format."""
+    """One preset's result: throughputs in GB/s of input; None where torchao has no such format (or,
+    for the compiled columns, where they were not run or torch.compile failed). ``*_differ``: values
+    of the compiled function's output whose bits differ from its eager function's."""
 
     preset: str
     lowbit_gbs: float
     torchao_gbs: float | None
     fake_gbs: float
     torchao_function: str
+    lowbit_compiled_gbs: float | None = None
+    torchao_compiled_gbs: float | None = None
+    lowbit_compiled_differ: int = 0
+    torchao_compiled_differ: int = 0
 
     @property
     def ratio(self) -> float | None:
         """lowbit / torchao throughput (> 1: lowbit is faster)."""
         return None if self.torchao_gbs is None else self.lowbit_gbs / self.torchao_gbs
+
+    @property
+    def compiled_ratio(self) -> float | None:
+        """lowbit compiled / torchao compiled throughput."""
+        if self.lowbit_compiled_gbs is None or self.torchao_compiled_gbs is None:
+            return None
+        return self.lowbit_compiled_gbs / self.torchao_compiled_gbs
 
 
 @contextmanager
@@ -152,6 +170,26 @@ def _median_seconds(fns: Sequence[Callable[[], object]], repeats: int, warmup: i
     return [statistics.median(ts) for ts in times]
 
 
+def _differ(a: torch.Tensor, b: torch.Tensor) -> int:
+    """Values whose bits differ (NaN payloads and signed zeros included)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return a.numel()
+    bits = {2: torch.int16, 4: torch.int32}[a.element_size()]
+    return int((a.view(bits) != b.view(bits)).sum())
+
+
+def _compiled_torchao(fn: Callable[[], torch.Tensor], eager: torch.Tensor) -> tuple[Callable[[], object] | None, int]:
+    """``torch.compile(fn)``, compiled by a first call, and how many of its values differ from ``eager``
+    (None where torch.compile fails: the column reads n/a)."""
+    compiled = torch.compile(fn)
+    try:
+        with _quiet_torch_warnings():
+            out = compiled()
+    except Exception:  # noqa: BLE001 - a format torch.compile cannot build here reads n/a, not a crash
+        return None, 0
+    return compiled, _differ(out, eager)
+
+
 def run(
     shape: tuple[int, ...],
     *,
@@ -159,29 +197,42 @@ def run(
     repeats: int = 5,
     warmup: int = 1,
     presets: Sequence[str] | None = None,
+    compile: bool = True,
 ) -> list[Row]:
-    """Time every preset (or ``presets``) on a seeded ``torch.randn(shape)`` of ``dtype``."""
+    """Time every preset (or ``presets``) on a seeded ``torch.randn(shape)`` of ``dtype``; ``compile``:
+    the compiled columns too."""
     from lowbit.numerics import dequantize, fake_quantize, preset_names, quantize
 
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(dtype)
     gigabytes = x.numel() * x.element_size() / 1e9
     rows = []
     for preset in presets or preset_names():
-        fns: list[Callable[[], object]] = [
-            partial(lambda p: dequantize(quantize(x, p)), preset),
-            partial(fake_quantize, x, preset),
-        ]
+        lowbit = partial(lambda p: dequantize(quantize(x, p)), preset)
+        fns: dict[str, Callable[[], object]] = {"lowbit": lowbit, "fake": partial(fake_quantize, x, preset)}
         baseline = torchao_baseline(preset, x)
         if baseline is not None:
-            fns.append(baseline[0])
-        seconds = _median_seconds(fns, repeats, warmup)
+            fns["torchao"] = baseline[0]
+        differ = {}
+        if compile:
+            fns["lowbit_compiled"] = partial(lambda p: dequantize(quantize(x, p, compile=True), compile=True), preset)
+            differ["lowbit_compiled"] = _differ(fns["lowbit_compiled"](), lowbit())
+            if baseline is not None:
+                compiled, differ["torchao_compiled"] = _compiled_torchao(baseline[0], baseline[0]())
+                if compiled is not None:
+                    fns["torchao_compiled"] = compiled
+        seconds = dict(zip(fns, _median_seconds(list(fns.values()), repeats, warmup)))
+        gbs = {name: gigabytes / s for name, s in seconds.items()}
         rows.append(
             Row(
                 preset=preset,
-                lowbit_gbs=gigabytes / seconds[0],
-                torchao_gbs=gigabytes / seconds[2] if baseline is not None else None,
-                fake_gbs=gigabytes / seconds[1],
+                lowbit_gbs=gbs["lowbit"],
+                torchao_gbs=gbs.get("torchao"),
+                fake_gbs=gbs["fake"],
                 torchao_function="n/a" if baseline is None else baseline[1],
+                lowbit_compiled_gbs=gbs.get("lowbit_compiled"),
+                torchao_compiled_gbs=gbs.get("torchao_compiled"),
+                lowbit_compiled_differ=differ.get("lowbit_compiled", 0),
+                torchao_compiled_differ=differ.get("torchao_compiled", 0),
             )
         )
     return rows
@@ -191,7 +242,13 @@ def _number(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.3g}"  # 3 significant digits: tiny sizes stay > 0
 
 
-def markdown(rows: Sequence[Row], shape: tuple[int, ...], dtype: torch.dtype, repeats: int, warmup: int) -> str:
+def _compiled_cell(gbs: float | None, differ: int) -> str:
+    return _number(gbs) + (f" ({differ:,} values differ from eager)" if differ else "")
+
+
+def markdown(
+    rows: Sequence[Row], shape: tuple[int, ...], dtype: torch.dtype, repeats: int, warmup: int, compile: bool = True
+) -> str:
     """The results as a markdown table, with a header line saying what was timed and how."""
     size, threads = "x".join(str(s) for s in shape), torch.get_num_threads()
     dtype_name = str(dtype).removeprefix("torch.")
@@ -201,19 +258,27 @@ def markdown(rows: Sequence[Row], shape: tuple[int, ...], dtype: torch.dtype, re
         f"median of {repeats} interleaved rounds after {warmup} warm-up. "
         "q+dq = amax, scales, encode to codes, decode, rescale (both sides); "
         "fake = lowbit `fake_quantize` (same bits, no codes); "
-        "lowbit/torchao = throughput ratio (> 1: lowbit faster)."
+        "lowbit/torchao = throughput ratio (> 1: lowbit faster)"
     )
-    lines = [
-        header,
-        "",
-        "| preset | lowbit q+dq GB/s | torchao q+dq GB/s | lowbit/torchao | lowbit fake GB/s | torchao function |",
-        "|---|---:|---:|---:|---:|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r.preset} | {_number(r.lowbit_gbs)} | {_number(r.torchao_gbs)} | {_number(r.ratio)} "
-            f"| {_number(r.fake_gbs)} | {r.torchao_function} |"
+    columns = ["preset", "lowbit q+dq GB/s", "torchao q+dq GB/s", "lowbit/torchao"]
+    if compile:
+        header += (
+            "; compiled = lowbit `quantize`/`dequantize(compile=True)` and `torch.compile` of torchao's function, "
+            "each checked bit for bit against its eager output"
         )
+        columns += ["lowbit compiled GB/s", "torchao compiled GB/s", "compiled lowbit/torchao"]
+    columns += ["lowbit fake GB/s", "torchao function"]
+    lines = [header + ".", "", "| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 2) + "---|"]
+    for r in rows:
+        cells = [r.preset, _number(r.lowbit_gbs), _number(r.torchao_gbs), _number(r.ratio)]
+        if compile:
+            cells += [
+                _compiled_cell(r.lowbit_compiled_gbs, r.lowbit_compiled_differ),
+                _compiled_cell(r.torchao_compiled_gbs, r.torchao_compiled_differ),
+                _number(r.compiled_ratio),
+            ]
+        cells += [_number(r.fake_gbs), r.torchao_function]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -242,7 +307,8 @@ def _parse_size(text: str) -> tuple[int, ...]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``lowbit bench numerics [--size N|RxC] [--repeats K] [--warmup W] [--dtype D] [--threads T] [--out FILE]``"""
+    """``lowbit bench numerics [--size N|RxC] [--repeats K] [--warmup W] [--dtype D] [--threads T] [--out FILE]
+    [--no-compile]``"""
     parser = argparse.ArgumentParser(
         prog="lowbit bench numerics",
         description="Quantize + dequantize throughput of every preset on CPU, beside torchao.",
@@ -254,6 +320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--presets", default=None, help="comma-separated presets (default: all)")
     parser.add_argument("--out", default=None, help="also write the markdown table to this file")
+    parser.add_argument(
+        "--no-compile", dest="compile", action="store_false", help="leave out the compiled columns (no compiling)"
+    )
     args = parser.parse_args(list(argv or []))
     shape = _parse_size(args.size)
     if args.repeats < 1 or args.warmup < 0:
@@ -272,8 +341,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(args.threads or threads)
-        rows = run(shape, dtype=dtype, repeats=args.repeats, warmup=args.warmup, presets=presets)
-        table = markdown(rows, shape, dtype, args.repeats, args.warmup)
+        rows = run(shape, dtype=dtype, repeats=args.repeats, warmup=args.warmup, presets=presets, compile=args.compile)
+        table = markdown(rows, shape, dtype, args.repeats, args.warmup, args.compile)
     finally:
         torch.set_num_threads(threads)  # called as a library, leave the process as it was
     print(table, end="")

@@ -217,20 +217,24 @@ def decode(element: ElementFormat, codes: torch.Tensor) -> torch.Tensor | None:
         return codes.float()
     if element.grid_spacing is not None:
         return element.decode(codes)
-    magnitude_bits = element.bits - 1
-    c = codes.to(torch.int16)
-    magnitude = c & ((1 << magnitude_bits) - 1)
-    if element.special != "none":
-        first_special = element.nan_code if element.special == "fn" else element.inf_code
-        if int(magnitude.max()) >= first_special:
-            return None
-    # the code's exponent and mantissa fields, moved into float16's: value * 2^(bias - 15)
-    if element.ebits == 5:  # sign and fields already sit where float16 has them (E5M2: its top byte)
-        half = c << (10 - element.mbits)
-    else:
-        half = (magnitude << (10 - element.mbits)).bitwise_or_((c >> magnitude_bits) << 15)
-    values = half.view(torch.float16).float()
-    return values if element.bias == 15 else values.mul_(2.0 ** (15 - element.bias))
+    c = _code_constants(element)
+    if c.first_special and int(_magnitude(c, codes).max()) >= c.first_special:
+        return None
+    return _finite_values(c, codes)
+
+
+def _magnitude(c: _Codes, codes: torch.Tensor) -> torch.Tensor:
+    return codes.to(torch.int32) & ((1 << (c.bits - 1)) - 1)
+
+
+def _finite_values(c: _Codes, codes: torch.Tensor) -> torch.Tensor:
+    """The float32 values of a float format's codes (uint8) that hold no Inf/NaN. The magnitude's
+    exponent and mantissa fields moved to the top of float32's (sign in bit 31) are the value times
+    2^(bias - 127), subnormal codes too (a float32 subnormal then: m 2^(-126 - mbits)); times
+    2^(127 - bias), exact, gives it. Integer and float32 arithmetic only: a compiled loop vectorizes it."""
+    codes = codes.to(torch.int32)
+    bits = (_magnitude(c, codes) << (23 - c.mbits)).bitwise_or_((codes >> (c.bits - 1)) << 31)
+    return bits.view(torch.float32).mul_(2.0 ** (127 - c.bias))
 
 
 def e8m0_scales(codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -370,19 +374,135 @@ def _fake_quantize_whole(
     (N = n r, C) from ``column_index[col] + row``: with ``column_index = arange(C) * N`` that is
     the index of the element in tᵀ, whose 1 x r blocks these are. (An input rather than an
     arange in the graph: inductor vectorizes a load, not a strided arange.)"""
-    bits = None
-    if keys is not None:
-        if column_index is None:
-            index = torch.arange(blocks.numel(), dtype=torch.int64, device=blocks.device).to(torch.int32)
-            index = index.view(blocks.shape)
-        else:
-            n, r, cols = blocks.shape
-            row = torch.arange(n * r, dtype=torch.int64, device=blocks.device).to(torch.int32).view(n, r, 1)
-            index = row + column_index.view(1, 1, cols)
-        bits = hash_bits(index, keys)
     if prescale is not None:
         options["sr_prescale"] = prescale
+    bits = _whole_bits(blocks, keys, column_index)
     return fake_quantize_blocks(blocks, factor, decode, zero_point, global_scale, bits, **options)
+
+
+def _whole_bits(blocks: torch.Tensor, keys: torch.Tensor | None, column_index: torch.Tensor | None = None):
+    """The SR bits of a whole tensor's blocks hashed in the graph (see ``_fake_quantize_whole``), or None."""
+    if keys is None:
+        return None
+    if column_index is None:
+        index = torch.arange(blocks.numel(), dtype=torch.int64, device=blocks.device).to(torch.int32)
+        return hash_bits(index.view(blocks.shape), keys)
+    n, r, cols = blocks.shape
+    row = torch.arange(n * r, dtype=torch.int64, device=blocks.device).to(torch.int32).view(n, r, 1)
+    return hash_bits(row + column_index.view(1, 1, cols), keys)
+
+
+class _Codes(NamedTuple):
+    """What coding and decoding read of a format, as constants for a compiled graph."""
+
+    integer: bool
+    bits: int
+    emin: int
+    mbits: int
+    ebits: int
+    bias: int
+    first_special: int  # the lowest magnitude code of Inf or NaN; 0: none
+
+
+@functools.cache
+def _code_constants(element: ElementFormat) -> _Codes:
+    if isinstance(element, IntFormat):
+        return _Codes(True, element.bits, 0, 0, 0, 0, 0)
+    special = {"fn": element.nan_code, "ieee": element.inf_code}.get(element.special, 0)
+    return _Codes(False, element.bits, element.emin, element.mbits, element.ebits, element.bias, special)
+
+
+def _codes_of_values(c: _Codes, values: torch.Tensor) -> torch.Tensor:
+    """The codes of float32 values on a format's grid (finite, within its range: what ``_round`` gives),
+    by the fields, as ``encode`` computes them: a value on the grid is its own rounding, so these are
+    ``encode``'s codes of the unrounded elements (int8 for integers, uint8 with the sign in the top bit)."""
+    if c.integer:
+        return values.to(torch.int8)
+    magnitude = values.abs()
+    field = _binade_field(magnitude, c)
+    integer = magnitude * _inverse_ulp(field, c)  # exact: an integer below 2^(mbits + 1)
+    code = (field >> (23 - c.mbits)) + integer.to(torch.int32) - ((c.emin + 127) << c.mbits)
+    sign = (values.view(torch.int32) >> (32 - c.bits)) & (1 << (c.bits - 1))  # bit 31 -> bit (bits - 1)
+    return (code | sign).to(torch.uint8)
+
+
+def _encode_whole(
+    blocks: torch.Tensor,
+    factor: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    keys: torch.Tensor | None,
+    *,
+    element: _Constants,
+    codes: _Codes,
+    rounding: str,
+) -> torch.Tensor:
+    """Codes of blocks (n, r, nb, c): times their encode factors (n, nb) (the SR prescale folded in), plus
+    their zero points, rounded by ``_round`` (``encode``'s values) and coded, SR bits hashed in the graph."""
+    scaled = blocks.float() * _per_block(factor, blocks)
+    if zero_point is not None:
+        scaled = scaled + _per_block(zero_point, blocks)
+    return _codes_of_values(codes, _round(element, scaled, rounding, _whole_bits(blocks, keys)))
+
+
+def compiled_encode(
+    blocks: torch.Tensor,
+    factor: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    rng: RandomBits | None,
+    *,
+    element: ElementFormat,
+    rounding: str,
+) -> torch.Tensor | None:
+    """``encode`` of every element of finite blocks (n, r, nb, c) scaled by their factors, in one compiled
+    kernel: the same codes (tests/framework/numerics/test_numerics_compiled.py). None where it does not
+    apply (a plugin format, whose codes are its own encode's; a chunk of a larger SR stream) or cannot be built."""
+    if element.grid_spacing is not None or (rng is not None and rng.offset):
+        return None
+    keys = None if rng is None else rng.keys
+    bound = {"element": _constants(element), "codes": _code_constants(element), "rounding": rounding}
+    return run_compiled(_encode_whole, (blocks, factor, zero_point, keys), ((0, 2), (0, 1), (0, 1), ()), **bound)
+
+
+def _decode_whole(
+    codes: torch.Tensor,
+    decode: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    prescale: torch.Tensor | None,
+    *,
+    c: _Codes,
+    out_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Codes (n, r, nb, c) -> (values, whether a code holds Inf/NaN): decoded by ``decode``'s arithmetic
+    (integers as themselves) and unscaled by ``unscale``, as ``dequantize``; where a code holds Inf or NaN
+    the caller decodes by the format's own ``decode`` instead."""
+    values = codes.float() if c.integer else _finite_values(c, codes)
+    special = (_magnitude(c, codes) >= c.first_special).any() if c.first_special else None
+    return _unscale_whole(values, decode, zero_point, global_scale, prescale, out_dtype=out_dtype), special
+
+
+def compiled_decode(
+    codes: torch.Tensor,
+    decode: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    *,
+    element: ElementFormat,
+    sr_prescale: float,
+    out_dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """``dequantize``'s decode and ``unscale`` of codes (n, r, nb, c) with their blocks' decode scales (n, nb)
+    in one compiled kernel: the same values. None where a code holds Inf or NaN, for a format outside
+    ``decode``'s arithmetic (a plugin's), or where it cannot be built."""
+    if element.grid_spacing is not None:
+        return None
+    c = _code_constants(element)
+    prescale = None if sr_prescale == 1.0 else torch.tensor(sr_prescale, dtype=torch.float32, device=codes.device)
+    tensors = (codes, decode, zero_point, global_scale, prescale)
+    out = run_compiled(_decode_whole, tensors, ((0, 2), (0, 1), (0, 1), (), ()), c=c, out_dtype=out_dtype)
+    if out is None or (out[1] is not None and bool(out[1])):
+        return None
+    return out[0]
 
 
 def _block_amax(blocks: torch.Tensor) -> torch.Tensor:

@@ -232,8 +232,15 @@ def _fill(shape: torch.Size, dtype: torch.dtype, device: torch.device, parts) ->
 def _finite_factors(scaling: _Scaling) -> bool:
     """Finite input times a finite factor is never NaN, what the arithmetic path needs. Factors
     are finite except from a scale override (Inf/NaN) or a degenerate global scale."""
-    factor = scaling.factor
-    return math.isfinite(factor.item()) if factor.numel() == 1 else bool(torch.isfinite(factor).all())
+    return _all_finite(scaling.factor)
+
+
+def _all_finite(*tensors: torch.Tensor | None) -> bool:
+    """Whether every element of the tensors given (None: none) is finite."""
+    for t in tensors:
+        if t is not None and not (math.isfinite(t.item()) if t.numel() == 1 else bool(torch.isfinite(t).all())):
+            return False
+    return True
 
 
 @dataclass
@@ -458,10 +465,17 @@ def _quantize(
     compile: bool = False,
 ) -> QTensor:
     """``quantize``; ``fast=False`` forces the general element path (the tests' reference); ``compile``:
-    the RHT and block scales as compiled kernels where ``_fake_quantize`` compiles them (same values)."""
+    the RHT, block scales and codes as compiled kernels where they apply (same values)."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
     plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales=scales, zero_points=zero_points)
-    return _qtensor(x, plan, plan.encode_codes(stats))
+    codes = None
+    if compile and stats is None and plan.fast and plan.finite_rows is None:
+        zero_point = plan.scaling.zero_point
+        blocks = plan.layout.blocks(plan.rows)
+        codes = _fast.compiled_encode(
+            blocks, plan.factor, zero_point, plan.rng, element=plan.element, rounding=spec.rounding
+        )
+    return _qtensor(x, plan, plan.encode_codes(stats) if codes is None else codes.view(plan.rows.shape))
 
 
 def _qtensor(x: torch.Tensor, plan: _Plan, codes: torch.Tensor) -> QTensor:
@@ -492,6 +506,7 @@ def quantize(
     scale: torch.Tensor | float | None = None,
     scales: torch.Tensor | None = None,
     zero_points: torch.Tensor | None = None,
+    compile: bool = False,
 ) -> QTensor:
     """Quantize ``x`` (any float dtype; computed in float32) as ``spec`` describes.
 
@@ -502,14 +517,19 @@ def quantize(
         scale); scale: FP8 encode scale to use (``block="tensor"``, fp32 scales; delayed scaling).
     scales / zero_points: given FP32 decode block scales (shape ``block_layout(...).scale_shape``)
         and integer zero points, e.g. a learned or calibrated quantizer's, instead of measured ones.
+    compile: on CPU, a finite tensor of 2^16 elements or more gets its RHT, block scales and codes
+        from ``torch.compile``d kernels instead of eager passes over chunks (same codes and scales;
+        the first call of each format, rounding and shape kind compiles, seconds each; without a
+        working C++ compiler a warning, then eager), as ``fake_quantize(compile=True)``.
     Blocks run along the last dim (or the last two); move another dim last to block along it.
     """
-    return _quantize(x, get_spec(spec), generator, seed, amax, scale, scales=scales, zero_points=zero_points)
+    spec = get_spec(spec)
+    return _quantize(x, spec, generator, seed, amax, scale, scales=scales, zero_points=zero_points, compile=compile)
 
 
 def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True, compile: bool = False) -> torch.Tensor:
     """``dequantize``; ``fast=False`` forces the general decode (the tests' reference); ``compile``: the
-    inverse RHT as a compiled kernel where ``_fake_quantize`` compiles it (same values)."""
+    decode and rescale, and the inverse RHT, as compiled kernels (same values)."""
     if not isinstance(q, QTensor):
         raise LowbitError(f"dequantize needs a QTensor (from lowbit.numerics.quantize), got {type(q).__name__}")
     spec = q.spec
@@ -521,6 +541,16 @@ def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True,
     scales = q.scales.reshape(n_scale_rows, -1)
     zero_points = None if q.zero_points is None else q.zero_points.reshape(n_scale_rows, -1)
     fast = fast and q.device.type == "cpu" and _fast.supported(element, saturate=True)
+    compile = compile and fast and q.device.type == "cpu" and codes.numel() >= _COMPILE_MIN_ELEMENTS
+    out = None
+    # NaN scales (a NaN input's) leave NaN payloads to the kernel's operand order: eager, as specified
+    if compile and _all_finite(scales, q.global_scale):
+        options = {
+            "element": element,
+            "sr_prescale": spec.sr_prescale,
+            "out_dtype": torch.float32 if spec.rht_size else out_dtype,
+        }
+        out = _fast.compiled_decode(layout.blocks(codes), scales, zero_points, q.global_scale, **options)
 
     def parts():
         for sl in row_chunks(codes.shape[0], codes[0].numel(), codes.device):
@@ -531,16 +561,20 @@ def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True,
             zp = None if zero_points is None else zero_points[blocks_of]
             yield sl, _fast.unscale(layout.blocks(values), scales[blocks_of], zp, q.global_scale, spec.sr_prescale)
 
-    out = _fill(codes.shape, torch.float32 if spec.rht_size else out_dtype, q.device, parts()).view(q.shape)
+    if out is None:
+        out = _fill(codes.shape, torch.float32 if spec.rht_size else out_dtype, q.device, parts())
+    out = out.view(q.shape)
     if spec.rht_size:
         compile = compile and out.device.type == "cpu" and out.numel() >= _COMPILE_MIN_ELEMENTS
         out = _rht(out, spec.rht_size, spec.rht_seed, compile, inverse=True).to(out_dtype)
     return out
 
 
-def dequantize(q: QTensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """Decode a QTensor back to a tensor of ``dtype`` (default: the original dtype)."""
-    return _dequantize(q, dtype)
+def dequantize(q: QTensor, dtype: torch.dtype | None = None, *, compile: bool = False) -> torch.Tensor:
+    """Decode a QTensor back to a tensor of ``dtype`` (default: the original dtype). ``compile``: on
+    CPU, 2^16 codes or more decoded and rescaled in one ``torch.compile``d kernel (same values; see
+    ``quantize``)."""
+    return _dequantize(q, dtype, compile=compile)
 
 
 def _fake_quantize(

@@ -1,4 +1,5 @@
-"""``lowbit bench numerics``: a row per preset with positive throughputs, torchao beside MX and NVFP4."""
+"""``lowbit bench numerics``: a row per preset with positive throughputs, torchao beside MX and NVFP4, the
+compiled columns checked bit for bit against the eager functions."""
 
 import sys
 
@@ -10,7 +11,7 @@ from lowbit.errors import LowbitError
 from lowbit.numerics import preset_names
 
 WITH_TORCHAO = ["mxfp8_e4m3", "mxfp8_e5m2", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "nvfp4"]
-FAST = ["--size", "64", "--repeats", "2", "--warmup", "1", "--threads", "1"]
+FAST = ["--size", "64", "--repeats", "2", "--warmup", "1", "--threads", "1", "--no-compile"]
 
 
 def _rows(table: str) -> dict[str, list[str]]:
@@ -78,3 +79,26 @@ def test_the_cli_finds_the_bench():
     from lowbit.cli import _benches
 
     assert _benches()["numerics"] == "lowbit.bench.numerics"
+
+
+def test_the_compiled_columns_time_both_sides_compiled_and_count_wrong_values(capsys):
+    pytest.importorskip("torchao")
+    # 256 x 256 = 2^16 elements: lowbit's compiled path runs (it starts there)
+    assert bench.main(["--size", "256", "--repeats", "1", "--warmup", "0", "--presets", "int8_channel"]) == 0
+    printed = capsys.readouterr().out
+    assert "compiled = lowbit `quantize`/`dequantize(compile=True)`" in printed
+    (lowbit, torchao, ratio, lowbit_c, torchao_c, ratio_c, fake, function) = _rows(printed)["int8_channel"]
+    assert float(lowbit_c) > 0 and float(torchao_c) > 0  # bare numbers: no value differs from eager
+    assert float(ratio_c) == pytest.approx(float(lowbit_c) / float(torchao_c), rel=0.02)
+    assert function.startswith("choose_qparams_affine")
+
+
+def test_a_compiled_function_that_changes_values_is_reported_not_hidden():
+    a = torch.tensor([1.0, 2.0, -0.0, float("nan")])
+    assert bench._differ(a, a.clone()) == 0
+    assert bench._differ(a, torch.tensor([1.0, 2.0, 0.0, float("nan")])) == 1  # the sign of zero counts
+    assert bench._differ(a, torch.tensor([1.0, float("inf"), -0.0, float("nan")])) == 1
+    row = bench.Row("mxfp8_e5m2", 1.0, 0.5, 1.0, "to_mx + to_dtype", 2.0, 4.0, 0, 15511)
+    table = bench.markdown([row], (64, 64), torch.float32, 1, 0)
+    assert "| 2 | 4 (15,511 values differ from eager) | 0.5 |" in table
+    assert "lowbit compiled" not in bench.markdown([row], (64, 64), torch.float32, 1, 0, compile=False)

@@ -1,11 +1,13 @@
-"""The compiled CPU path (``fake_quantize(compile=True)``, ``fake_quantize_columns``) gives the eager
-path's bits, and the float-only pieces it relies on are exact.
+"""The compiled CPU path (``fake_quantize(compile=True)``, ``fake_quantize_columns``,
+``quantize``/``dequantize(compile=True)``) gives the eager path's bits, and the float-only pieces it
+relies on are exact.
 
 Compiled kernels come from inductor's C++ backend; these tests compile a handful of variants
 (seconds each, cached on disk afterwards). Bits are compared as integers, so the sign of zero
 and NaN payloads count.
 """
 
+import dataclasses
 import math
 import shutil
 import warnings
@@ -14,7 +16,7 @@ import pytest
 import torch
 
 import lowbit.numerics._fast as fast
-from lowbit.numerics import get_spec
+from lowbit.numerics import dequantize, get_spec, preset_names, quantize
 from lowbit.numerics.blocks import global_encode_scale, lowp_block_scales
 from lowbit.numerics.formats import E2M1, E4M3, UE5M3
 from lowbit.numerics.hadamard import _butterfly, _butterfly_by_output, random_signs, rht, rotate_columns
@@ -328,3 +330,91 @@ def test_scales_and_elements_are_one_compiled_call_with_the_eager_bits(monkeypat
         _fake_quantize(x, spec, gen, None, None, None, compile=True), _fake_quantize(x, spec, ref_gen, None, None, None)
     )
     assert torch.equal(gen.get_state(), ref_gen.get_state())
+
+
+def _same_qtensor(a, b) -> bool:
+    same = torch.equal(a.codes, b.codes) and _same(a.scales, b.scales) and torch.equal(a.scale_codes, b.scale_codes)
+    globals_ = (a.global_scale is None and b.global_scale is None) or _same(a.global_scale, b.global_scale)
+    zero_points = (a.zero_points is None and b.zero_points is None) or torch.equal(a.zero_points, b.zero_points)
+    return same and globals_ and zero_points and a.codes.dtype == b.codes.dtype
+
+
+@pytest.mark.parametrize("preset", preset_names())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_compiled_quantize_and_dequantize_give_the_eager_codes_scales_and_values(preset, dtype):
+    x = _adversarial(512, 256, dtype)
+    eager = quantize(x, preset)
+    compiled = quantize(x, preset, compile=True)
+    assert _same_qtensor(compiled, eager)
+    assert _same(dequantize(compiled, compile=True), dequantize(eager))
+    assert _same(dequantize(compiled, torch.float32, compile=True), dequantize(eager, torch.float32))
+
+
+@pytest.mark.parametrize(
+    ("preset", "changes"),
+    [
+        ("nvfp4", {"rounding": "sr"}),
+        ("nvfp4", {"rounding": "sr", "rht_size": 16}),
+        ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75, "rht_size": 32}),
+        ("mxfp8_e5m2", {"rounding": "sr"}),
+        ("int8_channel", {"rounding": "sr"}),
+        ("int4_group32", {"asymmetric": True}),
+        ("int4_group32", {"asymmetric": True, "rounding": "sr"}),
+        ("nvfp4", {"scale_format": "ue5m3", "global_scale": False}),
+        ("mxfp6_e3m2", {"rounding": "ta"}),
+    ],
+)
+def test_compiled_quantize_takes_the_same_sr_bits_and_variants(preset, changes):
+    spec = get_spec(preset).replace(**changes)
+    x = _adversarial(512, 256, torch.float32).view(4, 128, 256)  # 3-D: blocks along the last dim
+    eager = quantize(x, spec, generator=torch.Generator().manual_seed(7))
+    compiled = quantize(x, spec, generator=torch.Generator().manual_seed(7), compile=True)
+    assert _same_qtensor(compiled, eager)
+    assert _same(dequantize(compiled, compile=True), dequantize(eager))
+
+
+def test_compiled_codes_are_made_by_one_kernel_and_decoded_by_one(monkeypatch):
+    calls = []
+    for name in ("compiled_encode", "compiled_decode"):
+        original = getattr(fast, name)
+        monkeypatch.setattr(fast, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    x = _adversarial(512, 256, torch.float32)
+    q = quantize(x, "mxfp4", compile=True)
+    dequantize(q, compile=True)
+    assert calls == ["compiled_encode", "compiled_decode"]
+    calls.clear()
+    dequantize(quantize(x, "mxfp4"))  # not asked: eager
+    assert calls == []
+
+
+def test_nan_input_and_special_codes_fall_back_to_the_eager_bits():
+    x = _adversarial(512, 256, torch.float32)
+    x[100, 7], x[300, 200] = math.nan, math.inf
+    for preset in ("nvfp4", "fp8_e4m3_row", "mxfp8_e5m2"):
+        eager, compiled = quantize(x, preset), quantize(x, preset, compile=True)
+        assert _same_qtensor(compiled, eager)
+        assert _same(dequantize(compiled, compile=True), dequantize(eager))
+    # codes holding NaN (E4M3 0x7F/0xFF) and Inf/NaN (E5M2): decoded by the format's own decode
+    for preset, special in (("fp8_e4m3_tensor", [0x7F, 0xFF]), ("fp8_e5m2_tensor", [0x7C, 0xFC, 0x7E, 0xFD])):
+        q = quantize(_adversarial(512, 256, torch.float32), preset)
+        codes = q.codes.clone()
+        codes.view(-1)[: len(special)] = torch.tensor(special, dtype=torch.uint8)
+        q = dataclasses.replace(q, codes=codes)
+        out = dequantize(q, compile=True)
+        assert _same(out, dequantize(q))
+        assert not torch.isfinite(out.view(-1)[: len(special)]).any()
+
+
+def test_every_code_of_every_format_decodes_as_the_eager_dequantize():
+    for preset in ("fp8_e4m3_tensor", "fp8_e5m2_tensor", "mxfp6_e2m3", "mxfp6_e3m2", "mxfp4", "int8_channel"):
+        q = quantize(torch.randn(512, 256, generator=torch.Generator().manual_seed(3)), preset)
+        element = get_spec(preset).element
+        n = 1 << (4 if preset == "mxfp4" else 6 if "mxfp6" in preset else 8)
+        codes = torch.arange(q.codes.numel(), dtype=torch.int32) % n
+        if element == "e4m3":
+            codes = codes[(codes & 0x7F) != 0x7F]  # no NaN: these run the compiled decode
+        elif element == "e5m2":
+            codes = codes[(codes & 0x7C) != 0x7C]  # no Inf/NaN
+        codes = codes.repeat(2)[: q.codes.numel()].to(q.codes.dtype).view(q.codes.shape)
+        q = dataclasses.replace(q, codes=codes)
+        assert _same(dequantize(q, compile=True), dequantize(q))
