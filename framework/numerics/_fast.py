@@ -51,6 +51,7 @@ from lowbit.numerics.blocks import (
 )
 from lowbit.numerics.formats import ElementFormat, FloatFormat, IntFormat
 from lowbit.numerics.rounding import RandomBits, hash_bits, round_to_integer, sr_round_up
+from lowbit.numerics.scaling import current_scale
 
 __all__ = [
     "compiled_fake_quantize",
@@ -217,6 +218,10 @@ def decode(element: ElementFormat, codes: torch.Tensor) -> torch.Tensor | None:
         return codes.float()
     if element.grid_spacing is not None:
         return element.decode(codes)
+    if element.native == "float8_e5m2" and codes.dtype == torch.uint8:
+        # torch's E5M2 cast is the format's decode (Inf, NaN too) and one fast pass (through float16);
+        # its E4M3 cast is slower than the arithmetic below
+        return codes.view(torch.float8_e5m2).float()
     c = _code_constants(element)
     if c.first_special and int(_magnitude(c, codes).max()) >= c.first_special:
         return None
@@ -656,6 +661,16 @@ def _e8m0_block_scales(blocks: torch.Tensor, *, element: _MXConstants, rule: str
     return decode, factor, None, codes, torch.isfinite(amax).all()
 
 
+def _fp32_block_scales(blocks: torch.Tensor, target: torch.Tensor, *, pow2: bool):
+    """Block amax -> FP32 scales by ``blocks.fp32_scales`` (``current_scale``, the function the eager path
+    calls, with ``target``, the element max or the spec's amax target, as a 0-d input) -> (decode, factor,
+    no global scale, the decode scales' bits as their codes, every amax finite)."""
+    amax = _block_amax(blocks)
+    factor = current_scale(amax, target, pow2=pow2)
+    decode = torch.reciprocal(factor)
+    return decode, factor, None, decode.view(torch.int32), torch.isfinite(amax).all()
+
+
 @functools.cache
 def _scale_inputs(element: ElementFormat, scale_format: ElementFormat) -> tuple[torch.Tensor, torch.Tensor]:
     emax = torch.tensor(element.max, dtype=torch.float32)
@@ -663,19 +678,33 @@ def _scale_inputs(element: ElementFormat, scale_format: ElementFormat) -> tuple[
 
 
 def _scale_graph(
-    element: ElementFormat, scale_format: ElementFormat, global_scale: bool, rule: str, device: torch.device
+    element: ElementFormat,
+    scale_format: ElementFormat,
+    global_scale: bool,
+    rule: str,
+    device: torch.device,
+    pow2: bool = False,
+    target: float = 0.0,
 ) -> tuple[str, object, torch.Tensor | None, torch.Tensor | None] | None:
-    """Which compiled scale graph serves these scales: (kind, its constants, E.max and S.max * E.max as
-    0-d inputs or None), or None: E8M0 (MX, scale ``rule`` other than rceil, whose division stays eager) or
-    a minifloat (E4M3 as NVFP4's, UE5M3, ...: up to 5 exponent and 10 mantissa bits, with or without a
-    global scale)."""
+    """Which compiled scale graph serves these scales: (kind, its constants, its 0-d inputs or None), or
+    None: E8M0 (MX, scale ``rule`` other than rceil, whose division stays eager), FP32 (current scaling
+    from each block's amax to the element max or ``target``, ``pow2``: rounded down to a power of two;
+    input: that max) or a minifloat (E4M3 as NVFP4's, UE5M3, ...: up to 5 exponent and 10 mantissa bits,
+    with or without a global scale; inputs: E.max and S.max * E.max)."""
     if device.type != "cpu":
         return None
     if scale_format.name == "e8m0" and not global_scale and rule != "rceil" and type(element) is FloatFormat:
         return "e8m0", _MXConstants(float(element.max), element.mbits, element.emax), None, None
+    if scale_format.name == "fp32" and not global_scale:
+        return "fp32", pow2, _fp32_target(target or float(element.max)), None
     if type(scale_format) is not FloatFormat or scale_format.ebits > 5 or scale_format.mbits > 10:
         return None
     return ("minifloat", _constants(scale_format), *_scale_inputs(element, scale_format))
+
+
+@functools.cache
+def _fp32_target(value: float) -> torch.Tensor:
+    return torch.tensor(value, dtype=torch.float32)
 
 
 def _block_scales(blocks, emax, numerator, *, kind: str, constants, global_scale: bool, rule: str):
@@ -683,17 +712,25 @@ def _block_scales(blocks, emax, numerator, *, kind: str, constants, global_scale
     every amax finite)."""
     if kind == "e8m0":
         return _e8m0_block_scales(blocks, element=constants, rule=rule)
+    if kind == "fp32":
+        return _fp32_block_scales(blocks, emax, pow2=constants)
     return _minifloat_block_scales(blocks, emax, numerator, scale=constants, global_scale=global_scale)
 
 
 def compiled_block_scales(
-    blocks: torch.Tensor, element: ElementFormat, scale_format: ElementFormat, global_scale: bool, rule: str = "floor"
+    blocks: torch.Tensor,
+    element: ElementFormat,
+    scale_format: ElementFormat,
+    global_scale: bool,
+    rule: str = "floor",
+    pow2: bool = False,
+    target: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None] | None:
-    """E8M0 or minifloat block scales (see ``_scale_graph``) of blocks (n, r, nb, c) or (n, r, nb) straight
-    from the elements, in one compiled graph: (decode scales, encode factors, global encode scale or None,
-    E8M0 codes or None), each block's (n, nb), or None when no scale graph serves them, an amax is not
-    finite, or it cannot be built (callers then take the eager path, the same numbers)."""
-    graph = _scale_graph(element, scale_format, global_scale, rule, blocks.device)
+    """E8M0, FP32 or minifloat block scales (see ``_scale_graph``) of blocks (n, r, nb, c) or (n, r, nb)
+    straight from the elements, in one compiled graph: (decode scales, encode factors, global encode scale
+    or None, E8M0 or FP32 codes or None), each block's (n, nb), or None when no scale graph serves them, an
+    amax is not finite, or it cannot be built (callers then take the eager path, the same numbers)."""
+    graph = _scale_graph(element, scale_format, global_scale, rule, blocks.device, pow2, target)
     if graph is None:
         return None
     kind, constants, emax, numerator = graph
@@ -744,13 +781,15 @@ def compiled_scaled_fake_quantize(
     out_dtype: torch.dtype,
     columns: bool = False,
     container: torch.dtype | None = None,
+    pow2: bool = False,
+    target: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """``compiled_block_scales`` and ``compiled_fake_quantize`` of the same blocks in one compiled graph:
     one call and one graph where they were two, the same bits (tested). -> (fake-quantized values, or the
     kept element values in ``container``; decode scales (n, nb); global decode scale or None), or None
     where either would not apply or an amax is not finite (the caller takes the two-step path, which
     finds the same and falls back as it does)."""
-    graph = _scale_graph(element, scale_format, global_scale, rule, blocks.device)
+    graph = _scale_graph(element, scale_format, global_scale, rule, blocks.device, pow2, target)
     inputs = _element_inputs(blocks, rng, sr_prescale, columns)
     if graph is None or inputs is None:
         return None

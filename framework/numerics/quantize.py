@@ -162,6 +162,12 @@ def _block_reduce(rows: torch.Tensor, layout: BlockLayout, reduce, absolute: boo
     return out
 
 
+def _scale_options(spec: QuantSpec) -> tuple[bool, str, bool, float]:
+    """What the compiled scale graphs read of a spec besides its formats: (global scale, scale rule,
+    power-of-two FP32 scales, amax target)."""
+    return spec.global_scale, spec.scale_rule, spec.pow2_scale, spec.amax_target
+
+
 def _compiled_scales(
     rows: torch.Tensor, layout: BlockLayout, spec: QuantSpec
 ) -> tuple[_Scaling, torch.Tensor | None] | None:
@@ -169,7 +175,7 @@ def _compiled_scales(
     graph, when they apply (:func:`._fast.compiled_block_scales`); minifloat codes are left out
     (fake_quantize needs none; ``_qtensor`` encodes them)."""
     element, scale_format = _formats(spec)
-    out = _fast.compiled_block_scales(layout.blocks(rows), element, scale_format, spec.global_scale, spec.scale_rule)
+    out = _fast.compiled_block_scales(layout.blocks(rows), element, scale_format, *_scale_options(spec))
     if out is None:
         return None
     decode, factor, global_encode, codes = out
@@ -626,7 +632,8 @@ def _scaled_fake_quantize(
     layout = block_layout(x.shape, spec.block)
     if layout.per_tensor or spec.asymmetric or not _fast.supported(element, spec.saturating):
         return None
-    if _fast._scale_graph(element, scale_format, spec.global_scale, spec.scale_rule, x.device) is None:
+    global_scale, rule, pow2, target = _scale_options(spec)
+    if _fast._scale_graph(element, scale_format, global_scale, rule, x.device, pow2, target) is None:
         return None
     src = _rht(x, spec.rht_size, spec.rht_seed, True) if spec.rht_size else x
     out = _fast.compiled_scaled_fake_quantize(
@@ -634,8 +641,10 @@ def _scaled_fake_quantize(
         rng,
         element=element,
         scale_format=scale_format,
-        global_scale=spec.global_scale,
-        rule=spec.scale_rule,
+        global_scale=global_scale,
+        rule=rule,
+        pow2=pow2,
+        target=target,
         rounding=spec.rounding,
         sr_prescale=spec.sr_prescale,
         out_dtype=out_dtype,
@@ -751,7 +760,7 @@ def _columns_scales(
     """The blocks' scales, each block's as (N/c, C): (encode factors with the SR prescale folded in, decode
     scales, global decode scale or None); None for a non-finite block (the caller takes the reference)."""
     # every block's scales as (N/c, C), tᵀ's (C, N/c) transposed: elementwise from the amax, so either layout
-    scales = _fast.compiled_block_scales(blocks, element, scale_format, spec.global_scale, spec.scale_rule)
+    scales = _fast.compiled_block_scales(blocks, element, scale_format, *_scale_options(spec))
     if scales is not None:
         decode, factor, global_encode, _ = scales
     else:
@@ -802,6 +811,8 @@ def _columns_values(
         scale_format=scale_format,
         global_scale=spec.global_scale,
         rule=spec.scale_rule,
+        pow2=spec.pow2_scale,
+        target=spec.amax_target,
         **options,
     )
     if fused is not None:

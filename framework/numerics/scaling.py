@@ -46,10 +46,13 @@ def round_scale_to_pow2(scale: torch.Tensor) -> torch.Tensor:
     return (scale.float().view(torch.int32) & ~0x7FFFFF).view(torch.float32)
 
 
-def current_scale(amax: torch.Tensor | float, fmt_max: float, *, margin: int = 0, pow2: bool = False) -> torch.Tensor:
-    """Encode scale ``fmt_max / amax / 2^margin`` (float32), TE current scaling; see module doc."""
+def current_scale(
+    amax: torch.Tensor | float, fmt_max: float | torch.Tensor, *, margin: int = 0, pow2: bool = False
+) -> torch.Tensor:
+    """Encode scale ``fmt_max / amax / 2^margin`` (float32), TE current scaling; see module doc.
+    ``fmt_max`` may be a 0-d float32 tensor (a compiled graph's input)."""
     amax = torch.as_tensor(amax, dtype=torch.float32)
-    scale = torch.tensor(fmt_max, dtype=torch.float32, device=amax.device) / amax
+    scale = torch.as_tensor(fmt_max, dtype=torch.float32, device=amax.device) / amax
     if margin:
         scale = scale / float(2**margin)
     scale = torch.clamp(scale, max=FLT_MAX)  # amax tiny: scale overflowed to Inf

@@ -362,6 +362,9 @@ def test_compiled_quantize_and_dequantize_give_the_eager_codes_scales_and_values
         ("int4_group32", {"asymmetric": True, "rounding": "sr"}),
         ("nvfp4", {"scale_format": "ue5m3", "global_scale": False}),
         ("mxfp6_e3m2", {"rounding": "ta"}),
+        ("fp8_e4m3_row", {"pow2_scale": True}),
+        ("fp8_e5m2_tensor", {"block": [1, 64], "amax_target": 240.0}),
+        ("int8_channel", {"rounding": "sr", "pow2_scale": True}),
     ],
 )
 def test_compiled_quantize_takes_the_same_sr_bits_and_variants(preset, changes):
@@ -418,3 +421,21 @@ def test_every_code_of_every_format_decodes_as_the_eager_dequantize():
         codes = codes.repeat(2)[: q.codes.numel()].to(q.codes.dtype).view(q.codes.shape)
         q = dataclasses.replace(q, codes=codes)
         assert _same(dequantize(q, compile=True), dequantize(q))
+
+
+@pytest.mark.parametrize(
+    ("element", "pow2", "target"), [("e4m3", False, 0.0), ("e5m2", True, 0.0), ("int8", False, 100.0)]
+)
+def test_compiled_fp32_block_scales_are_the_eager_scales(element, pow2, target):
+    from lowbit.numerics.blocks import fp32_scales
+    from lowbit.numerics.formats import get_format
+
+    fmt, fp32 = get_format(element), get_format("fp32")
+    blocks = _adversarial(512, 256, torch.float32).view(512, 1, 8, 32)
+    blocks[0, 0, 0] = 1e-44  # a subnormal amax: the factor overflows and is clamped to FLT_MAX
+    out = fast.compiled_block_scales(blocks, fmt, fp32, False, "amax", pow2, target)
+    assert out is not None  # the FP32 graph serves them
+    decode, factor, global_encode, codes = out
+    eager_decode, eager_factor = fp32_scales(blocks.abs().amax(dim=(1, 3)), fmt, pow2, target)
+    assert _same(decode, eager_decode) and _same(factor, eager_factor)
+    assert global_encode is None and torch.equal(codes, eager_decode.view(torch.int32))
