@@ -171,8 +171,8 @@ def _scale_options(spec: QuantSpec) -> tuple[bool, str, bool, float]:
 def _compiled_scales(
     rows: torch.Tensor, layout: BlockLayout, spec: QuantSpec
 ) -> tuple[_Scaling, torch.Tensor | None] | None:
-    """Block amax, global and minifloat (E4M3, UE5M3) or E8M0 block scales of the block rows in one compiled
-    graph, when they apply (:func:`._fast.compiled_block_scales`); minifloat codes are left out
+    """Block amax, global and minifloat (E4M3, UE5M3), E8M0 or FP32 block scales of the block rows in one
+    compiled graph, when they apply (:func:`._fast.compiled_block_scales`); minifloat codes are left out
     (fake_quantize needs none; ``_qtensor`` encodes them)."""
     element, scale_format = _formats(spec)
     out = _fast.compiled_block_scales(layout.blocks(rows), element, scale_format, *_scale_options(spec))
@@ -353,7 +353,7 @@ def _plan(
     scales: torch.Tensor | None = None,
     zero_points: torch.Tensor | None = None,
 ) -> _Plan:
-    """``compile``: the RHT, block amax and E4M3 block scales as compiled kernels (same values); the
+    """``compile``: the RHT, block amax and block scales as compiled kernels (same values); the
     caller decides where that applies (``_fake_quantize``: CPU, 2^16 elements or more)."""
     _check_input(x)
     element, scale_format = _formats(spec)
