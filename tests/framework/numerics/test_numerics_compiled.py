@@ -339,8 +339,11 @@ def _same_qtensor(a, b) -> bool:
     return same and globals_ and zero_points and a.codes.dtype == b.codes.dtype
 
 
-@pytest.mark.parametrize("preset", preset_names())
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    ("preset", "dtype"),
+    [(p, torch.float32) for p in preset_names()]
+    + [(p, torch.bfloat16) for p in ("nvfp4", "mxfp8_e4m3", "fp8_e4m3_row", "int4_group32")],
+)
 def test_compiled_quantize_and_dequantize_give_the_eager_codes_scales_and_values(preset, dtype):
     x = _adversarial(512, 256, dtype)
     eager = quantize(x, preset)
