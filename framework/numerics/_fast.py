@@ -281,6 +281,12 @@ def unscale(
     return values
 
 
+def _scaled(blocks: torch.Tensor, factor: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
+    """Elements (n, r, nb, c) times their blocks' encode factors (n, nb), plus their zero points, float32."""
+    scaled = blocks.float() * _per_block(factor, blocks)
+    return scaled if zero_point is None else scaled + _per_block(zero_point, blocks)
+
+
 def fake_quantize_blocks(
     blocks: torch.Tensor,
     factor: torch.Tensor,
@@ -299,9 +305,7 @@ def fake_quantize_blocks(
     times the block's encode factor (n, nb) (the SR prescale folded in), plus its zero point,
     rounded to the format, unscaled. ``bits``: the SR bits of the elements (int32, their shape).
     ``container``: the rounded element values instead, in that 8-bit dtype (``container``), not unscaled."""
-    scaled = blocks.float() * _per_block(factor, blocks)
-    if zero_point is not None:
-        scaled = scaled + _per_block(zero_point, blocks)
+    scaled = _scaled(blocks, factor, zero_point)
     values = _round(element if isinstance(element, _Constants) else _constants(element), scaled, rounding, bits)
     if container is not None:
         return values.to(container)
@@ -443,9 +447,7 @@ def _encode_whole(
 ) -> torch.Tensor:
     """Codes of blocks (n, r, nb, c): times their encode factors (n, nb) (the SR prescale folded in), plus
     their zero points, rounded by ``_round`` (``encode``'s values) and coded, SR bits hashed in the graph."""
-    scaled = blocks.float() * _per_block(factor, blocks)
-    if zero_point is not None:
-        scaled = scaled + _per_block(zero_point, blocks)
+    scaled = _scaled(blocks, factor, zero_point)
     return _codes_of_values(codes, _round(element, scaled, rounding, _whole_bits(blocks, keys)))
 
 

@@ -285,7 +285,7 @@ class _Plan:
     def scaled(self, sl: slice, blocks_of: slice) -> torch.Tensor:
         """Elements of block rows ``sl`` times their encode factor, plus their zero point, (n, r, nb, c) float32."""
         zero_point = None if self.scaling.zero_point is None else self.scaling.zero_point[blocks_of]
-        return _scale_blocks(self.layout.blocks(self.rows[sl]), self.factor[blocks_of], zero_point)
+        return _fast._scaled(self.layout.blocks(self.rows[sl]), self.factor[blocks_of], zero_point)
 
     def scaled_chunks(self):
         """Yield (block-row slice, ``scaled`` elements, whether the arithmetic path applies) over
@@ -316,12 +316,6 @@ class _Plan:
                 yield sl, self.encode(scaled, fast, sl)
 
         return _fill(self.rows.shape, self.element.code_dtype, self.rows.device, parts())
-
-
-def _scale_blocks(blocks: torch.Tensor, factor: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
-    """Elements of blocks (n, r, nb, c) times their blocks' encode factors (n, nb), plus zero points, float32."""
-    scaled = blocks.float() * factor[:, None, :, None]
-    return scaled if zero_point is None else scaled + zero_point[:, None, :, None]
 
 
 def _saturated(scaled: torch.Tensor, element: Any, asymmetric: bool) -> torch.Tensor:
@@ -699,7 +693,7 @@ def _saturated_count(
     blocks: torch.Tensor, factor: torch.Tensor, zero_point: torch.Tensor | None, *, element: Any, asymmetric: bool
 ) -> torch.Tensor:
     """``encode_codes``' saturation count of blocks (n, r, nb, c), by the same functions."""
-    return _saturated(_scale_blocks(blocks, factor, zero_point), element, asymmetric).sum()
+    return _saturated(_fast._scaled(blocks, factor, zero_point), element, asymmetric).sum()
 
 
 def _fake_quantize_stats(
