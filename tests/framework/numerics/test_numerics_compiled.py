@@ -442,3 +442,26 @@ def test_compiled_fp32_block_scales_are_the_eager_scales(element, pow2, target):
     eager_decode, eager_factor = fp32_scales(blocks.abs().amax(dim=(1, 3)), fmt, pow2, target)
     assert _same(decode, eager_decode) and _same(factor, eager_factor)
     assert global_encode is None and torch.equal(codes, eager_decode.view(torch.int32))
+
+
+def test_compiled_quantize_with_overrides_and_given_scales_is_the_eager_quantize():
+    x = _adversarial(512, 256, torch.float32)
+    cases = [
+        ("fp8_e4m3_tensor", {"scale": 0.01}),
+        ("fp8_e4m3_tensor", {"amax": 5.0}),
+        ("nvfp4", {"amax": 3.0}),
+        ("fp8_e5m2_tensor", {"scale": math.nan}),  # a factor that is not finite: eager
+        ("nvfp4", {"amax": math.inf}),
+        ("int8_channel", {"scales": torch.rand(512, 1, generator=torch.Generator().manual_seed(1)) + 0.01}),
+    ]
+    for preset, kwargs in cases:
+        eager, compiled = quantize(x, preset, **kwargs), quantize(x, preset, compile=True, **kwargs)
+        assert _same_qtensor(compiled, eager), (preset, kwargs)
+        assert _same(dequantize(compiled, compile=True), dequantize(eager)), (preset, kwargs)
+    spec = get_spec("int4_group32").replace(asymmetric=True)
+    scales = torch.rand(512, 8, generator=torch.Generator().manual_seed(2)) * 1e3
+    zero_points = torch.randint(-8, 8, (512, 8), generator=torch.Generator().manual_seed(3), dtype=torch.int32)
+    eager = quantize(x, spec, scales=scales, zero_points=zero_points)
+    compiled = quantize(x, spec, scales=scales, zero_points=zero_points, compile=True)
+    assert _same_qtensor(compiled, eager)
+    assert _same(dequantize(compiled, compile=True), dequantize(eager))
