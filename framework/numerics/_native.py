@@ -11,6 +11,11 @@ the compiler vectorizes it: the same float32 operations in the same order as ``h
 bits. It is built without FMA contraction or fast-math, so nothing is fused or reordered, and the tests
 compare it to the eager reference bit for bit on adversarial inputs.
 
+The library holds one more loop: the stochastic-rounding bits of a run of flat indices
+(``rounding.hash_bits``: MurmurHash3's finalizer twice, integer arithmetic, so exactly the bits of the
+int32 tensor ops), which ``RandomBits.bits`` takes on CPU: eagerly, the hash's ~20 tensor ops a chunk
+were the largest cost of an eager SR quantization (the compiled kernels hash inside their own loops).
+
 Compiled once per machine with the system C compiler (the one inductor's CPU kernels need too) into
 inductor's cache directory, keyed by the source, the flags and the CPU's feature flags, and loaded with
 ctypes. Where it cannot be built or does not apply (no compiler, a dtype other than float32/BFloat16,
@@ -31,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["rotate_blocks", "rotate_columns"]
+__all__ = ["rotate_blocks", "rotate_columns", "sr_bits"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -111,6 +116,23 @@ void lowbit_fwht(const void *x, int bf16, const float *signs, float *y, int64_t 
         }
     }
 }
+
+static inline uint32_t fmix32(uint32_t h) {
+    h ^= h >> 16;
+    h *= 0x85EBCA6Bu;
+    h ^= h >> 13;
+    h *= 0xC2B2AE35u;
+    return h ^ (h >> 16);
+}
+
+/* rounding.hash_bits of the int32 indices offset, offset + 1, ..., offset + n - 1 (each index taken mod
+   2^32, as torch's int64 -> int32 cast): the SR bits of n elements, unsigned arithmetic mod 2^32 as the
+   int32 tensor ops compute it (their shifts masked to be logical). */
+void lowbit_sr_bits(int64_t offset, int64_t n, uint32_t k0, uint32_t k1, int32_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t i = 0; i < n; i++)
+        out[i] = (int32_t)(fmix32(fmix32((uint32_t)(offset + i) + k0) ^ k1) & 0x7FFFFFFFu);
+}
 """
 
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c11")
@@ -180,6 +202,8 @@ def _library() -> ctypes.CDLL | None:
         c_int,
         c_int,
     ]
+    lib.lowbit_sr_bits.restype = None
+    lib.lowbit_sr_bits.argtypes = [i64, i64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, c_int]
     return lib
 
 
@@ -209,11 +233,26 @@ def rotate_columns(x: torch.Tensor, signs: torch.Tensor, inverse: bool = False) 
     return _run(x, signs, inverse, (rows // n, n, cols, n * cols, cols, 1))
 
 
-def rotate_blocks(blocks: torch.Tensor, signs: torch.Tensor, inverse: bool = False) -> torch.Tensor | None:
+def rotate_blocks(
+    blocks: torch.Tensor, signs: torch.Tensor, inverse: bool = False, narrow: bool = False
+) -> torch.Tensor | None:
     """``hadamard.rotate_blocks`` (``unrotate_blocks`` with ``inverse``) of contiguous (M, n) float32 or
     BFloat16 blocks, float32 (M, n), same bits; None where the kernel does not apply (or, below 32
-    lanes, is not the faster)."""
+    lanes, is not faster than the compiled kernel; ``narrow``: there too, for a caller that would
+    otherwise run the eager butterfly)."""
     n = signs.numel()
-    if blocks.dim() != 2 or blocks.shape[1] != n or n < _MIN_ROW_LANES:
+    if blocks.dim() != 2 or blocks.shape[1] != n or (n < _MIN_ROW_LANES and not narrow):
         return None
     return _run(blocks, signs, inverse, (1, n, blocks.shape[0], 0, 1, n))
+
+
+def sr_bits(offset: int, n: int, keys: torch.Tensor) -> torch.Tensor | None:
+    """``rounding.hash_bits`` of the flat indices offset .. offset + n - 1 under ``keys`` (int32 (2,)), an
+    int32 tensor (n,) with the same bits; None where the kernel does not run (not CPU, not built)."""
+    lib = _library() if keys.device.type == "cpu" else None
+    if lib is None:
+        return None
+    k0, k1 = (int(k) & 0xFFFFFFFF for k in keys.tolist())
+    out = torch.empty(n, dtype=torch.int32)
+    lib.lowbit_sr_bits(int(offset), int(n), k0, k1, out.data_ptr(), torch.get_num_threads())
+    return out

@@ -200,9 +200,14 @@ def _fast_rotation(x: torch.Tensor, signs: torch.Tensor, columns: bool, inverse:
 
 
 def _rht(x: torch.Tensor, size: int, seed: int, compile: bool, inverse: bool = False) -> torch.Tensor:
-    """``rht`` (or ``inverse_rht``) of ``x``; ``compile``: by a C or compiled CPU kernel (same values)."""
-    if compile and x.dim() and x.shape[-1] % size == 0:  # else the eager call raises the clear error
-        out = _fast_rotation(x.reshape(-1, size), _shared_signs(size, int(seed), x.device), False, inverse)
+    """``rht`` (or ``inverse_rht``) of ``x`` by the C kernel (:mod:`._native`) where it runs, else with
+    ``compile`` by a compiled CPU kernel, else eagerly (the same values)."""
+    if x.device.type == "cpu" and x.dim() and x.shape[-1] % size == 0:  # else the eager call raises the clear error
+        blocks, signs = x.reshape(-1, size), _shared_signs(size, int(seed), x.device)
+        if compile:
+            out = _fast_rotation(blocks, signs, False, inverse)
+        else:  # the C kernel at any width beats the eager butterfly
+            out = _native.rotate_blocks(blocks.contiguous(), signs, inverse, narrow=True)
         if out is not None:
             return out.view(x.shape)
     return (inverse_rht if inverse else rht)(x, size, seed)

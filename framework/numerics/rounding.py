@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from lowbit.errors import LowbitError
+from lowbit.numerics import _native
 
 __all__ = ["ROUNDING_MODES", "RandomBits", "check_rounding", "make_generator", "round_to_integer", "sr_round_up"]
 
@@ -110,6 +111,9 @@ class RandomBits:
         n = 1
         for size in shape:
             n *= size
+        native = _native.sr_bits(self.offset, n, self.keys)  # the same bits by a C loop, on CPU
+        if native is not None:
+            return native.view(shape)
         index = torch.arange(self.offset, self.offset + n, dtype=torch.int64, device=self.keys.device)
         return hash_bits(index.to(torch.int32), self.keys).view(shape)
 

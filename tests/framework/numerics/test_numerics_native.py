@@ -1,5 +1,6 @@
-"""The C butterfly (``lowbit.numerics._native``): the reference RHT's bits for every layout, size, dtype
-and direction, on adversarial inputs, and None (the compiled path) wherever it does not apply."""
+"""The C kernels (``lowbit.numerics._native``): the butterfly gives the reference RHT's bits for every
+layout, size, dtype and direction, on adversarial inputs, and None (the compiled path) wherever it does
+not apply; the SR hash gives ``hash_bits``' bits for any offset and keys."""
 
 import shutil
 
@@ -8,8 +9,18 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.numerics import _native
-from lowbit.numerics.hadamard import random_signs, rotate_blocks, rotate_columns, unrotate_blocks, unrotate_columns
+from lowbit.numerics import _native, get_spec
+from lowbit.numerics.hadamard import (
+    inverse_rht,
+    random_signs,
+    rht,
+    rotate_blocks,
+    rotate_columns,
+    unrotate_blocks,
+    unrotate_columns,
+)
+from lowbit.numerics.quantize import _fake_quantize, _rht
+from lowbit.numerics.rounding import RandomBits, hash_bits
 
 pytestmark = pytest.mark.skipif(
     shutil.which("cc") is None and shutil.which("gcc") is None, reason="no C compiler: the kernel is never used"
@@ -82,6 +93,7 @@ def test_any_shape_and_scale_gives_the_reference_bits(log_n, groups, cols, seed,
         assert _same(got, rotate_blocks(blocks, signs))
     else:
         assert got is None  # 16 lanes along rows: the compiled kernel is the faster
+    assert _same(_native.rotate_blocks(blocks, signs, narrow=True), rotate_blocks(blocks, signs))  # any width
 
 
 def test_where_it_does_not_apply_it_returns_none():
@@ -107,3 +119,54 @@ def test_without_a_compiler_or_when_turned_off_the_callers_take_the_compiled_pat
         _native._library.cache_clear()
     monkeypatch.delenv("LOWBIT_NATIVE")
     assert _same(_native.rotate_columns(x, signs), rotate_columns(x, signs))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_eager_quantization_rotates_by_the_c_kernel_with_the_reference_bits(monkeypatch, dtype):
+    x = _adversarial(256, 512, dtype)
+    calls = []
+    original = _native.rotate_blocks
+    monkeypatch.setattr(_native, "rotate_blocks", lambda *a, **k: calls.append(a[0].shape) or original(*a, **k))
+    for size in (16, 32):
+        assert _same(_rht(x, size, 5, compile=False), rht(x, size, 5))
+        assert _same(_rht(x, size, 5, compile=False, inverse=True), inverse_rht(x, size, 5))
+    assert len(calls) == 4  # not the eager butterfly
+    spec = get_spec("nvfp4").replace(rht_size=16, rounding="sr")  # eager quantization, the reference's RHT
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    _native._library.cache_clear()
+    try:
+        reference = _fake_quantize(x, spec, torch.Generator().manual_seed(1), None, None, None)
+    finally:
+        _native._library.cache_clear()
+    monkeypatch.delenv("LOWBIT_NATIVE")
+    assert _same(_fake_quantize(x, spec, torch.Generator().manual_seed(1), None, None, None), reference)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    offset=st.sampled_from([0, 1, 2**31 - 5, 2**31, 2**32 - 3, 2**32, 7 * 2**32 + 11]) | st.integers(0, 2**40),
+    n=st.integers(1, 3000),
+    k0=st.integers(-(2**31), 2**31 - 1),
+    k1=st.integers(-(2**31), 2**31 - 1),
+)
+def test_sr_bits_are_the_hash_of_each_index(offset, n, k0, k1):
+    keys = torch.tensor([k0, k1], dtype=torch.int32)
+    index = torch.arange(offset, offset + n, dtype=torch.int64).to(torch.int32)  # wraps mod 2^32, as the kernel
+    assert torch.equal(_native.sr_bits(offset, n, keys), hash_bits(index, keys))
+
+
+def test_random_bits_take_the_c_hash_and_fall_back_to_the_same_bits(monkeypatch):
+    bits = RandomBits(torch.tensor([12345, -678], dtype=torch.int32), offset=2**32 - 100)
+    calls = []
+    original = _native.sr_bits
+    monkeypatch.setattr(_native, "sr_bits", lambda *a: calls.append(a[:2]) or original(*a))
+    got = bits.bits((40, 50))
+    assert calls == [(2**32 - 100, 2000)]
+    monkeypatch.undo()
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    _native._library.cache_clear()
+    try:
+        assert _native.sr_bits(0, 10, bits.keys) is None
+        assert torch.equal(bits.bits((40, 50)), got)  # the tensor ops' bits
+    finally:
+        _native._library.cache_clear()
