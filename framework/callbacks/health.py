@@ -6,7 +6,7 @@ and ``QATLinear`` (its fake-quantized ``fprop.x`` and ``fprop.w``) for one train
 ``every_n_steps``; each quantized operand then reports amax, block-scale range, underflow and
 saturation (clipped) fractions and SNR (dB) (``lowbit.quant.operand_health``,
 ``lowbit.quant.qat.FakeQuant.stats``); a process's first record is computed eagerly, the later ones
-in compiled kernels (the same numbers, the SNR's float64 sums in another order), so the first step
+in compiled kernels (the same numbers; on CPU both sum the error in the same C kernel), so the first step
 does not wait for their compilation. Every record goes to ``<run_dir>/health.csv`` (long format:
 one row per step, layer and operand); scalar summaries (``health/snr_db_min``,
 ``health/underflow_max``, ``health/saturation_max``, and the same per operand kind) go to every

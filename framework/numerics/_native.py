@@ -15,6 +15,11 @@ The library holds one more loop: the stochastic-rounding bits of a run of flat i
 (``rounding.hash_bits``: MurmurHash3's finalizer twice, integer arithmetic, so exactly the bits of the
 int32 tensor ops), which ``RandomBits.bits`` takes on CPU: eagerly, the hash's ~20 tensor ops a chunk
 were the largest cost of an eager SR quantization (the compiled kernels hash inside their own loops).
+And one more: the error sums of quantization health (``error._error_sums``: sum x², sum (q - x)², the
+underflowed and non-zero counts, max |q - x|, in double) in one pass over x and q, where the tensor
+ops make six float64 passes: each thread sums fixed chunks in 8 lanes and the chunks are added in order,
+so the sums do not depend on the thread count (their order differs from torch's, as the compiled
+kernel's does: the SNR may differ in its last digits; the counts and the max are exact).
 
 Compiled once per machine with the system C compiler (the one inductor's CPU kernels need too) into
 inductor's cache directory, keyed by the source, the flags and the CPU's feature flags, and loaded with
@@ -36,10 +41,12 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["rotate_blocks", "rotate_columns", "sr_bits"]
+__all__ = ["error_sums", "rotate_blocks", "rotate_columns", "sr_bits"]
 
 _SOURCE = r"""
 #include <stdint.h>
+#include <math.h>
+#include <stdlib.h>
 #include <string.h>
 
 #define TILE 64
@@ -133,6 +140,78 @@ void lowbit_sr_bits(int64_t offset, int64_t n, uint32_t k0, uint32_t k1, int32_t
     for (int64_t i = 0; i < n; i++)
         out[i] = (int32_t)(fmix32(fmix32((uint32_t)(offset + i) + k0) ^ k1) & 0x7FFFFFFFu);
 }
+
+/* error.py's _error_sums of n elements: sum x^2 and sum (q - x)^2 in double, the counts of non-zero x and
+   of non-zero x whose q is zero (x + (q - x) == 0 in double, as the tensor ops test it), max |q - x| (NaN
+   where any difference is NaN); x float32 or BFloat16, q float32. Fixed chunks, each summed in 8 lanes,
+   the chunks' partial sums then added in order: the same result for any number of threads. */
+#define ECHUNK 32768
+void lowbit_error_sums(const void *x, int bf16, const float *q, int64_t n, double *sums, int64_t *counts,
+                       int threads) {
+    int64_t chunks = (n + ECHUNK - 1) / ECHUNK;
+    double (*part)[3] = malloc(sizeof(double[3]) * (chunks > 0 ? chunks : 1));
+    int64_t (*cnt)[3] = malloc(sizeof(int64_t[3]) * (chunks > 0 ? chunks : 1));
+    if (part == NULL || cnt == NULL) {
+        free(part);
+        free(cnt);
+        sums[0] = NAN; /* the caller takes the tensor ops */
+        counts[0] = -1;
+        return;
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < chunks; k++) {
+        double s[8] = {0}, e2[8] = {0}, m[8] = {0};
+        int64_t z[8] = {0}, u[8] = {0}, bad = 0;
+        int64_t lo = k * ECHUNK, hi = lo + ECHUNK < n ? lo + ECHUNK : n;
+        for (int64_t i = lo; i < hi; i += 8) {
+            int64_t w = hi - i < 8 ? hi - i : 8;
+            for (int64_t j = 0; j < w; j++) {
+                double r = bf16 ? (double)from_bf16(((const uint16_t *)x)[i + j]) : (double)((const float *)x)[i + j];
+                double e = (double)q[i + j] - r;
+                double a = e < 0 ? -e : e;
+                int64_t nz = r != 0;
+                s[j] += r * r;
+                e2[j] += e * e;
+                z[j] += nz;
+                u[j] += nz & (r + e == 0);
+                m[j] = a > m[j] ? a : m[j];
+                bad |= a != a;
+            }
+        }
+        double ss = 0, ee = 0, mm = 0;
+        int64_t zz = 0, uu = 0;
+        for (int j = 0; j < 8; j++) {
+            ss += s[j];
+            ee += e2[j];
+            zz += z[j];
+            uu += u[j];
+            mm = m[j] > mm ? m[j] : mm;
+        }
+        part[k][0] = ss;
+        part[k][1] = ee;
+        part[k][2] = mm;
+        cnt[k][0] = zz;
+        cnt[k][1] = uu;
+        cnt[k][2] = bad;
+    }
+    double ss = 0, ee = 0, mm = 0;
+    int64_t zz = 0, uu = 0, bad = 0;
+    for (int64_t k = 0; k < chunks; k++) {
+        ss += part[k][0];
+        ee += part[k][1];
+        mm = part[k][2] > mm ? part[k][2] : mm;
+        zz += cnt[k][0];
+        uu += cnt[k][1];
+        bad |= cnt[k][2];
+    }
+    free(part);
+    free(cnt);
+    sums[0] = ss;
+    sums[1] = ee;
+    sums[2] = bad ? (double)NAN : mm;
+    counts[0] = uu;
+    counts[1] = zz;
+}
 """
 
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c11")
@@ -204,6 +283,16 @@ def _library() -> ctypes.CDLL | None:
     ]
     lib.lowbit_sr_bits.restype = None
     lib.lowbit_sr_bits.argtypes = [i64, i64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, c_int]
+    lib.lowbit_error_sums.restype = None
+    lib.lowbit_error_sums.argtypes = [
+        ctypes.c_void_p,
+        c_int,
+        ctypes.c_void_p,
+        i64,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        c_int,
+    ]
     return lib
 
 
@@ -256,3 +345,30 @@ def sr_bits(offset: int, n: int, keys: torch.Tensor) -> torch.Tensor | None:
     out = torch.empty(n, dtype=torch.int32)
     lib.lowbit_sr_bits(int(offset), int(n), k0, k1, out.data_ptr(), torch.get_num_threads())
     return out
+
+
+def error_sums(x: torch.Tensor, q: torch.Tensor) -> tuple[float, float, int, int, float] | None:
+    """``error._error_sums`` of flat ``x`` (float32 or BFloat16) against flat float32 ``q``: sum x², sum
+    (q - x)², the underflowed and non-zero counts, max |q - x|, as Python numbers (the counts and the max
+    exact, the sums in the kernel's fixed order); None where the kernel does not run."""
+    lib = _library() if x.device.type == "cpu" and q.device.type == "cpu" else None
+    if lib is None or x.dtype not in (torch.float32, torch.bfloat16) or q.dtype != torch.float32:
+        return None
+    if x.dim() != 1 or q.shape != x.shape or not (x.is_contiguous() and q.is_contiguous()):
+        return None
+    sums, counts = torch.empty(3, dtype=torch.float64), torch.empty(2, dtype=torch.int64)
+    x, q = x.detach(), q.detach()
+    lib.lowbit_error_sums(
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        q.data_ptr(),
+        x.numel(),
+        sums.data_ptr(),
+        counts.data_ptr(),
+        torch.get_num_threads(),
+    )
+    signal, noise, max_abs = sums.tolist()
+    underflowed, nonzero = counts.tolist()
+    if underflowed < 0:  # the kernel could not allocate its partial sums
+        return None
+    return signal, noise, underflowed, nonzero, max_abs

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lowbit.numerics import _fast
+from lowbit.numerics import _fast, _native
 from lowbit.numerics.qtensor import QTensor
 from lowbit.numerics.quantize import (
     _COMPILE_MIN_ELEMENTS,
@@ -52,8 +52,12 @@ def _error_sums(x: torch.Tensor, deq: torch.Tensor) -> tuple[torch.Tensor, ...]:
 
 
 def _error(x: torch.Tensor, deq: torch.Tensor, saturated: int, compile: bool) -> QuantError:
-    """The error of ``deq`` (float32) against ``x``; ``compile``: its sums in one compiled kernel."""
-    sums = _fast.run_compiled(_error_sums, (x.reshape(-1), deq.reshape(-1)), ((0,), (0,))) if compile else None
+    """The error of ``deq`` (float32) against ``x``: its sums in one pass of the C kernel on CPU
+    (``_native.error_sums``), else in one compiled kernel (``compile``) or the tensor ops."""
+    flat, deq_flat = x.reshape(-1), deq.reshape(-1)
+    sums = _native.error_sums(flat, deq_flat)
+    if sums is None and compile:
+        sums = _fast.run_compiled(_error_sums, (flat, deq_flat), ((0,), (0,)))
     signal, noise, underflowed, nonzero, max_abs_error = (float(s) for s in (sums or _error_sums(x, deq)))
     return QuantError(
         snr_db=math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf),
@@ -69,7 +73,8 @@ def quant_error_and_scales(
     """``quant_error`` and the scales it measured (the QTensor's ``scales`` and ``global_scale``),
     from compiled kernels that write no codes where ``x`` is a large CPU tensor (the quantization
     health of a GEMM operand; the same values, scales and counts as ``quant_error_and_codes``, the
-    float64 sums in another order); elsewhere by ``quant_error_and_codes(compile=True)``."""
+    float64 sums from the same C kernel on CPU, elsewhere in another order); elsewhere by
+    ``quant_error_and_codes(compile=True)``."""
     spec = get_spec(spec)
     fast = _fake_quantize_stats(x, spec, seed)
     if fast is None:
@@ -87,10 +92,11 @@ def quant_error_and_codes(
     seed: int | None = None,
     compile: bool = False,
 ) -> tuple[QuantError, QTensor]:
-    """``quant_error`` and the QTensor it measured: one quantization for both. ``compile``: the RHT,
-    block scales and error sums as compiled CPU kernels on large tensors (the same codes and scales
-    as ``fake_quantize(compile=True)``'s; the float64 sums in another order, so the SNR may differ
-    from the eager one in its last digits)."""
+    """``quant_error`` and the QTensor it measured: one quantization for both. ``compile``: the RHT and
+    block scales as compiled CPU kernels on large tensors (the same codes and scales as
+    ``fake_quantize(compile=True)``'s). The error sums run in the C kernel on CPU either way; where it is
+    not built, compiled with ``compile`` (float64 sums in another order: the SNR may differ from the
+    eager one in its last digits)."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
     stats = {"saturated": torch.zeros((), dtype=torch.int64)}
     q = _quantize(x, get_spec(spec), generator, seed, None, None, stats, compile=compile)

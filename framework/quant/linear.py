@@ -86,7 +86,7 @@ def _pad_rows(t: torch.Tensor, multiple: int) -> torch.Tensor:
 def operand_health(t: torch.Tensor, spec: QuantSpec, compile: bool = True) -> dict[str, float]:
     """Quantization health of one operand: amax, block-scale range, underflow, saturation, SNR (dB).
     ``compile``: in compiled kernels that write no codes (``quant_error_and_scales``: the same
-    numbers, the SNR's float64 sums in another order), else eagerly (nothing to compile).
+    numbers; off CPU the SNR's float64 sums in another order), else eagerly (nothing to compile).
 
     Stochastic rounding here draws from a fixed seed, never torch's global generator: recording
     health must not change what training draws next (a DiT's noise and timesteps did move)."""

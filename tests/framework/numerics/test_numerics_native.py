@@ -1,7 +1,9 @@
 """The C kernels (``lowbit.numerics._native``): the butterfly gives the reference RHT's bits for every
 layout, size, dtype and direction, on adversarial inputs, and None (the compiled path) wherever it does
-not apply; the SR hash gives ``hash_bits``' bits for any offset and keys."""
+not apply; the SR hash gives ``hash_bits``' bits for any offset and keys; the error sums give the tensor
+ops' counts and max exactly and their sums to the last digits, independent of the thread count."""
 
+import math
 import shutil
 
 import pytest
@@ -10,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.numerics import _native, get_spec
+from lowbit.numerics.error import _error_sums, quant_error, quant_error_and_scales
 from lowbit.numerics.hadamard import (
     inverse_rht,
     random_signs,
@@ -170,3 +173,84 @@ def test_random_bits_take_the_c_hash_and_fall_back_to_the_same_bits(monkeypatch)
         assert torch.equal(bits.bits((40, 50)), got)  # the tensor ops' bits
     finally:
         _native._library.cache_clear()
+
+
+def _error_case(n: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x over 2^-100..2^100 with zeros, subnormals and Inf; q: x with some elements zeroed (underflow),
+    perturbed, and a NaN where the sums must show it."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen) * torch.logspace(-30, 30, n, base=10.0)[torch.randperm(n, generator=gen)]
+    x[::11] = 0.0
+    x[1::13] = 1e-42
+    x = x.to(dtype)
+    q = x.float().clone()
+    q[2::7] = 0.0
+    q[3::5] *= 1.0 + 2.0**-10
+    return x, q
+
+
+@settings(max_examples=30, deadline=None)
+@given(n=st.integers(0, 100_000), seed=st.integers(0, 2**16), bf16=st.booleans())
+def test_error_sums_are_the_tensor_ops_sums(n, seed, bf16):
+    x, q = _error_case(n, torch.bfloat16 if bf16 else torch.float32, seed)
+    signal, noise, underflowed, nonzero, max_abs = _native.error_sums(x, q)
+    ref = [float(t) for t in _error_sums(x, q)] if n else [0.0, 0.0, 0, 0, 0.0]
+    assert (underflowed, nonzero, max_abs) == (ref[2], ref[3], ref[4])  # counts and max: exact
+    assert signal == pytest.approx(ref[0], rel=1e-12) and noise == pytest.approx(ref[1], rel=1e-12)
+
+
+def test_error_sums_show_nan_and_inf_as_the_tensor_ops_do():
+    x, q = _error_case(5000, torch.float32, 0)
+    q[4321] = float("nan")
+    got = _native.error_sums(x, q)
+    assert math.isnan(got[1]) and math.isnan(got[4]) and got[2:4] == tuple(int(t) for t in _error_sums(x, q)[2:4])
+    x[17], q[17] = float("inf"), float("inf")  # inf - inf: a NaN difference, as in float64 tensors
+    assert math.isnan(_native.error_sums(x, torch.where(torch.isnan(q), 0.0, q))[4])
+    x2, q2 = _error_case(5000, torch.float32, 1)
+    q2[9] = float("inf")
+    assert _native.error_sums(x2, q2)[1] == math.inf == _native.error_sums(x2, q2)[4]
+
+
+def test_error_sums_do_not_depend_on_the_thread_count():
+    x, q = _error_case(300_000, torch.float32, 3)
+    threads = torch.get_num_threads()
+    try:
+        results = set()
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            results.add(_native.error_sums(x, q))
+    finally:
+        torch.set_num_threads(threads)
+    assert len(results) == 1
+
+
+def test_error_sums_decline_what_they_do_not_cover():
+    x = torch.randn(64)
+    assert _native.error_sums(x.half(), x) is None
+    assert _native.error_sums(x, x.double()) is None
+    assert _native.error_sums(x.reshape(8, 8), x.reshape(8, 8)) is None  # flat inputs only
+    assert _native.error_sums(x[::2], x[::2]) is None  # not contiguous
+
+
+def test_quantization_error_takes_the_c_sums_and_falls_back_to_the_same_numbers(monkeypatch):
+    x = _adversarial(256, 512, torch.bfloat16)
+    x[64:96, 11] = 1.0  # a finite signal sum, so the SNR is a number
+    calls = []
+    original = _native.error_sums
+    monkeypatch.setattr(_native, "error_sums", lambda *a: calls.append(a[0].shape) or original(*a))
+    eager, compiled = quant_error(x, "nvfp4"), quant_error_and_scales(x, "nvfp4", seed=0)[0]
+    assert calls == [(256 * 512,)] * 2
+    monkeypatch.undo()
+    monkeypatch.setenv("LOWBIT_NATIVE", "0")
+    _native._library.cache_clear()
+    try:
+        reference = quant_error(x, "nvfp4")  # the tensor ops
+    finally:
+        _native._library.cache_clear()
+    for got in (eager, compiled):
+        assert (got.underflow, got.saturation, got.max_abs_error) == (
+            reference.underflow,
+            reference.saturation,
+            reference.max_abs_error,
+        )
+        assert got.snr_db == pytest.approx(reference.snr_db, rel=1e-12)
