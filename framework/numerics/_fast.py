@@ -42,6 +42,7 @@ from typing import NamedTuple
 
 import torch
 
+from lowbit.numerics import _native
 from lowbit.numerics.blocks import (
     _block_scale_target,
     _element_encode_factor,
@@ -200,11 +201,15 @@ def encode(
         return round_to_format(element, x, rounding, rng).to(torch.int8)
     if element.grid_spacing is not None:  # a plugin's arithmetic covers values; its codes are its encode's
         return element.encode(x, rounding=rounding, saturate=True, generator=rng)
-    if element.native and rounding == "rne":  # torch's float8 cast: same codes, faster still
+    bits = _sr_bits(rounding, x, rng)
+    if rounding in ("rne", "sr") and x.dtype == torch.float32:  # the same arithmetic in one C pass
+        codes = _native.encode_float(x, element.bits, element.mbits, element.emin, float(element.max), bits)
+        if codes is not None:
+            return codes
+    if element.native and rounding == "rne":  # torch's float8 cast: same codes, faster than the ops below
         return element.encode(x, rounding=rounding, saturate=True)
     magnitude = torch.clamp(x.abs(), max=element.max)
     field = _binade_field(magnitude, element)
-    bits = _sr_bits(rounding, x, rng)
     integer = _round_magnitude(magnitude.mul_(_inverse_ulp(field, element)), rounding, bits)
     # code = ((b - emin) << mbits) + integer; (field >> (23 - mbits)) is (b + 127) << mbits
     code = (field >> (23 - element.mbits)).add_(integer.to(torch.int32)).sub_((element.emin + 127) << element.mbits)
@@ -218,11 +223,15 @@ def decode(element: ElementFormat, codes: torch.Tensor) -> torch.Tensor | None:
         return codes.float()
     if element.grid_spacing is not None:
         return element.decode(codes)
+    c = _code_constants(element)
+    if codes.dtype == torch.uint8:  # the fields' arithmetic in one C pass (Inf/NaN codes: the reference's values)
+        values = _native.decode_float(codes, c.bits, c.mbits, c.bias, c.first_special, _code_table(element))
+        if values is not None:
+            return values
     if element.native == "float8_e5m2" and codes.dtype == torch.uint8:
         # torch's E5M2 cast is the format's decode (Inf, NaN too) and one fast pass (through float16);
         # its E4M3 cast is slower than the arithmetic below
         return codes.view(torch.float8_e5m2).float()
-    c = _code_constants(element)
     half_codes = codes.to(torch.int16)
     magnitude = half_codes & ((1 << (c.bits - 1)) - 1)
     if c.first_special and int(magnitude.max()) >= c.first_special:
@@ -235,6 +244,13 @@ def decode(element: ElementFormat, codes: torch.Tensor) -> torch.Tensor | None:
         half = (magnitude << (10 - c.mbits)).bitwise_or_((half_codes >> (c.bits - 1)) << 15)
     values = half.view(torch.float16).float()
     return values if c.bias == 15 else values.mul_(2.0 ** (15 - c.bias))
+
+
+@functools.cache
+def _code_table(element: FloatFormat) -> torch.Tensor:
+    """The float32 value of every uint8 code (code mod 2^bits: the format's codes, Inf and NaN included),
+    by the format's own decode."""
+    return element.decode(torch.arange(256, dtype=torch.int64).remainder(2**element.bits).to(torch.uint8)).float()
 
 
 def _magnitude(c: _Codes, codes: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The Walsh-Hadamard butterfly as a small C kernel on CPU (an implementation detail, not an API).
+"""The Walsh-Hadamard butterfly and a few eager loops as small C kernels on CPU (an implementation detail,
+not an API).
 
 Inductor writes the butterfly as one expression per output lane (``hadamard._butterfly_by_output``), and
 so evaluates each lane's whole tree: n - 1 additions and n - 1 sign products an element where the
@@ -15,16 +16,24 @@ The library holds one more loop: the stochastic-rounding bits of a run of flat i
 (``rounding.hash_bits``: MurmurHash3's finalizer twice, integer arithmetic, so exactly the bits of the
 int32 tensor ops), which ``RandomBits.bits`` takes on CPU: eagerly, the hash's ~20 tensor ops a chunk
 were the largest cost of an eager SR quantization (the compiled kernels hash inside their own loops).
+Eager minifloat codes come from two more loops: ``_fast.encode``'s arithmetic (clamp to max, the binade,
+the scaled magnitude rounded to nearest even or stochastically by the given bits, the code's fields and
+sign) in one vectorized pass instead of ~10 tensor ops, and the decode by the fields (normal codes' fields
+moved into float32's, subnormals' mantissas times a power of two; Inf/NaN codes take the reference
+decode's values from a table), so every code's value is the reference's, bit for bit (tested on every
+code and on inputs around every grid point, both roundings).
+
 And one more: the error sums of quantization health (``error._error_sums``: sum x², sum (q - x)², the
-underflowed and non-zero counts, max |q - x|, in double) in one pass over x and q, where the tensor
-ops make six float64 passes: each thread sums fixed chunks in 8 lanes and the chunks are added in order,
+underflowed and non-zero counts, max |q - x|, in double) in one pass over x and q, where the tensor ops
+make six float64 passes: each thread sums fixed chunks in 8 lanes and the chunks are added in order,
 so the sums do not depend on the thread count (their order differs from torch's, as the compiled
 kernel's does: the SNR may differ in its last digits; the counts and the max are exact).
 
 Compiled once per machine with the system C compiler (the one inductor's CPU kernels need too) into
 inductor's cache directory, keyed by the source, the flags and the CPU's feature flags, and loaded with
 ctypes. Where it cannot be built or does not apply (no compiler, a dtype other than float32/BFloat16,
-a non-contiguous input), the functions return None and the callers take the compiled path.
+a non-contiguous input), the functions return None and the callers take the compiled path or the tensor
+ops (``LOWBIT_NATIVE=0`` turns the library off).
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["error_sums", "rotate_blocks", "rotate_columns", "sr_bits"]
+__all__ = ["decode_float", "encode_float", "error_sums", "rotate_blocks", "rotate_columns", "sr_bits"]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -139,6 +148,70 @@ void lowbit_sr_bits(int64_t offset, int64_t n, uint32_t k0, uint32_t k1, int32_t
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < n; i++)
         out[i] = (int32_t)(fmix32(fmix32((uint32_t)(offset + i) + k0) ^ k1) & 0x7FFFFFFFu);
+}
+
+/* _fast.encode of a signed minifloat of `bits` bits (1 + ebits + mbits <= 8) for finite float32 x, saturating:
+   the magnitude clamped to max, its binade field (b + 127) << 23 with b = max(float32 exponent, emin), the
+   magnitude times 2^(mbits - b) rounded to an integer i (to nearest even; with `sr`, up where
+   sr[k] < floor(frac * 2^31)), the code ((b - emin) << mbits) + i with x's sign bit on top: the tensor ops'
+   float32 operations in the same order, so the same codes. */
+void lowbit_encode_float(const float *x, int64_t n, int bits, int mbits, int emin, float maxv, const int32_t *sr,
+                         uint8_t *out, int threads) {
+    const int32_t emin_field = (emin + 127) << 23, offset = (emin + 127) << mbits;
+    const uint32_t sign_mask = 1u << (bits - 1);
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < n; k++) {
+        float v = x[k], m = fabsf(v);
+        m = m < maxv ? m : maxv;
+        uint32_t u, mu;
+        memcpy(&u, &v, sizeof u);
+        memcpy(&mu, &m, sizeof mu);
+        int32_t field = (int32_t)(mu & 0x7F800000u);
+        field = field < emin_field ? emin_field : field;
+        int32_t inv_bits = ((mbits + 254) << 23) - field;
+        float inv, r;
+        memcpy(&inv, &inv_bits, sizeof inv);
+        float y = m * inv;
+        if (sr != NULL) {
+            float f = floorf(y), frac = y - f;
+            r = f + (sr[k] < (int32_t)floorf(frac * 2147483648.0f) ? 1.0f : 0.0f);
+        } else {
+            r = rintf(y); /* the default rounding mode: to nearest, ties to even */
+        }
+        int32_t code = (field >> (23 - mbits)) + (int32_t)r - offset;
+        out[k] = (uint8_t)((uint32_t)code | ((u >> (32 - bits)) & sign_mask));
+    }
+}
+
+/* Decode codes (taken mod 2^bits) of a signed minifloat of `bits` bits (bias, mbits): a normal code's exponent
+   and mantissa fields moved into float32's, a subnormal's mantissa times 2^(1 - bias - mbits) (exact), x's
+   sign on top; codes whose magnitude is first_special or above (Inf, NaN; 0: none) take their value from
+   `table` (every code's value, the reference decode) in a second pass, which runs only where one occurs. */
+void lowbit_decode_float(const uint8_t *codes, int64_t n, int bits, int mbits, int bias, int first_special,
+                         const float *table, float *out, int threads) {
+    const uint32_t code_mask = bits >= 8 ? 0xFFu : (1u << bits) - 1, mag_mask = (1u << (bits - 1)) - 1;
+    const uint32_t man_mask = (1u << mbits) - 1;
+    float sub_scale;
+    int32_t sub_bits = (127 + 1 - bias - mbits) << 23;
+    memcpy(&sub_scale, &sub_bits, sizeof sub_scale);
+    const uint32_t first = first_special ? (uint32_t)first_special : 256u; /* 256: no magnitude reaches it */
+    int64_t special = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : special) firstprivate(sub_scale)
+    for (int64_t k = 0; k < n; k++) {
+        uint32_t c = codes[k] & code_mask, mag = c & mag_mask, e = mag >> mbits, m = mag & man_mask;
+        uint32_t normal = ((e + 127 - bias) << 23) | (m << (23 - mbits)), sub;
+        float subnormal = (float)(int32_t)m * sub_scale; /* exact: a small integer times a power of two */
+        memcpy(&sub, &subnormal, sizeof sub);
+        uint32_t is_normal = 0u - (uint32_t)(e != 0); /* select without a branch, so the loop vectorizes */
+        uint32_t vb = (normal & is_normal) | (sub & ~is_normal) | ((c >> (bits - 1)) << 31);
+        memcpy(out + k, &vb, sizeof vb);
+        special += mag >= first;
+    }
+    if (special)
+        for (int64_t k = 0; k < n; k++) {
+            uint32_t c = codes[k] & code_mask;
+            if ((c & mag_mask) >= first) out[k] = table[c];
+        }
 }
 
 /* error.py's _error_sums of n elements: sum x^2 and sum (q - x)^2 in double, the counts of non-zero x and
@@ -283,6 +356,30 @@ def _library() -> ctypes.CDLL | None:
     ]
     lib.lowbit_sr_bits.restype = None
     lib.lowbit_sr_bits.argtypes = [i64, i64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, c_int]
+    lib.lowbit_encode_float.restype = None
+    lib.lowbit_encode_float.argtypes = [
+        ctypes.c_void_p,
+        i64,
+        c_int,
+        c_int,
+        c_int,
+        ctypes.c_float,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        c_int,
+    ]
+    lib.lowbit_decode_float.restype = None
+    lib.lowbit_decode_float.argtypes = [
+        ctypes.c_void_p,
+        i64,
+        c_int,
+        c_int,
+        c_int,
+        c_int,
+        ctypes.c_void_p,
+        ctypes.c_void_p,
+        c_int,
+    ]
     lib.lowbit_error_sums.restype = None
     lib.lowbit_error_sums.argtypes = [
         ctypes.c_void_p,
@@ -372,3 +469,36 @@ def error_sums(x: torch.Tensor, q: torch.Tensor) -> tuple[float, float, int, int
     if underflowed < 0:  # the kernel could not allocate its partial sums
         return None
     return signal, noise, underflowed, nonzero, max_abs
+
+
+def encode_float(x: torch.Tensor, bits: int, mbits: int, emin: int, max_value: float, sr: torch.Tensor | None):
+    """``_fast.encode``'s codes (uint8, x's shape) of finite float32 ``x`` for a signed minifloat of
+    ``bits`` bits, ``mbits`` mantissa bits and minimum exponent ``emin``, saturating at ``max_value``,
+    rounded to nearest even or, with ``sr`` (int32 bits of x's elements), stochastically; None where
+    the kernel does not run."""
+    lib = _library() if x.device.type == "cpu" else None
+    if lib is None or x.dtype != torch.float32 or not x.is_contiguous() or bits > 8:
+        return None
+    if sr is not None and (sr.dtype != torch.int32 or sr.shape != x.shape or not sr.is_contiguous()):
+        return None
+    out = torch.empty(x.shape, dtype=torch.uint8)
+    sr_ptr = None if sr is None else sr.data_ptr()
+    lib.lowbit_encode_float(
+        x.data_ptr(), x.numel(), bits, mbits, emin, max_value, sr_ptr, out.data_ptr(), torch.get_num_threads()
+    )
+    return out
+
+
+def decode_float(codes: torch.Tensor, bits: int, mbits: int, bias: int, first_special: int, table: torch.Tensor):
+    """float32 values of uint8 ``codes`` of a signed minifloat (``bits``, ``mbits``, exponent ``bias``;
+    magnitudes from ``first_special`` on are Inf/NaN, 0: none), one pass; ``table``: every code's float32
+    value (256: code mod 2^bits), which the Inf/NaN codes take; None where the kernel does not run."""
+    lib = _library() if codes.device.type == "cpu" else None
+    if lib is None or codes.dtype != torch.uint8 or not codes.is_contiguous() or not 2 <= bits <= 8:
+        return None
+    if table.dtype != torch.float32 or table.shape != (256,) or not table.is_contiguous():
+        return None
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    args = (codes.data_ptr(), codes.numel(), bits, mbits, bias, first_special, table.data_ptr(), out.data_ptr())
+    lib.lowbit_decode_float(*args, torch.get_num_threads())
+    return out

@@ -1,7 +1,8 @@
 """The C kernels (``lowbit.numerics._native``): the butterfly gives the reference RHT's bits for every
 layout, size, dtype and direction, on adversarial inputs, and None (the compiled path) wherever it does
 not apply; the SR hash gives ``hash_bits``' bits for any offset and keys; the error sums give the tensor
-ops' counts and max exactly and their sums to the last digits, independent of the thread count."""
+ops' counts and max exactly and their sums to the last digits, independent of the thread count; the
+minifloat encode gives the format's codes (RNE and SR) and the decode table every code's value."""
 
 import math
 import shutil
@@ -11,7 +12,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.numerics import _native, get_spec
+from lowbit.numerics import E2M1, E2M3, E3M2, E4M3, E5M2, _fast, _native, get_spec
 from lowbit.numerics.error import _error_sums, quant_error, quant_error_and_scales
 from lowbit.numerics.hadamard import (
     inverse_rht,
@@ -254,3 +255,23 @@ def test_quantization_error_takes_the_c_sums_and_falls_back_to_the_same_numbers(
             reference.max_abs_error,
         )
         assert got.snr_db == pytest.approx(reference.snr_db, rel=1e-12)
+
+
+@pytest.mark.parametrize("fmt", [E2M1, E2M3, E3M2, E4M3, E5M2], ids=lambda f: f.name)
+def test_eager_codes_come_from_the_c_kernels_with_the_reference_bits(fmt):
+    gen = torch.Generator().manual_seed(0)
+    values = fmt.values().float()
+    x = torch.cat([values, (values[1:] + values[:-1]) / 2, torch.randn(5000, generator=gen) * fmt.max / 4])
+    x = torch.cat([x, -x, x * 2.0**-7, torch.tensor([fmt.max * 3, 0.0, -0.0, 1e-45])])
+    rne = _native.encode_float(x, fmt.bits, fmt.mbits, fmt.emin, float(fmt.max), None)
+    assert torch.equal(rne, fmt.encode(x, rounding="rne", saturate=True))
+    bits = RandomBits(torch.tensor([7, -9], dtype=torch.int32))
+    sr = _native.encode_float(x, fmt.bits, fmt.mbits, fmt.emin, float(fmt.max), bits.bits(x.shape))
+    assert torch.equal(sr, fmt.encode(x, rounding="sr", saturate=True, generator=bits))
+    c = _fast._code_constants(fmt)
+    for codes in (fmt.all_codes(), fmt.all_codes()[torch.randint(0, 2**fmt.bits, (10_000,), generator=gen)]):
+        values = _native.decode_float(codes, c.bits, c.mbits, c.bias, c.first_special, _fast._code_table(fmt))
+        assert _same(values, fmt.decode(codes).float())  # every code, Inf and NaN bits too
+        finite = codes[torch.isfinite(fmt.decode(codes))]
+        values = _native.decode_float(finite, c.bits, c.mbits, c.bias, c.first_special, torch.full((256,), 7.0))
+        assert _same(values, fmt.decode(finite).float())  # finite codes by the fields' arithmetic, not the table
