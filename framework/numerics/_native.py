@@ -294,6 +294,17 @@ _MAX_LANES = 256  # the largest RHT size: the tile buffer is lanes x 64 floats o
 _MIN_ROW_LANES = 32
 
 
+# each function's argument types, a letter an argument: p pointer, l int64, i int, f float, u uint32
+_CTYPES = {"p": ctypes.c_void_p, "l": ctypes.c_int64, "i": ctypes.c_int, "f": ctypes.c_float, "u": ctypes.c_uint32}
+_SIGNATURES = {
+    "lowbit_fwht": "pippllllllfii",
+    "lowbit_sr_bits": "lluupi",
+    "lowbit_encode_float": "pliiifppi",
+    "lowbit_decode_float": "pliiiippi",
+    "lowbit_error_sums": "piplppi",
+}
+
+
 def _cpu_flags() -> str:
     try:
         with open("/proc/cpuinfo") as f:
@@ -337,59 +348,10 @@ def _library() -> ctypes.CDLL | None:
             continue
     else:
         return None
-    i64, c_int = ctypes.c_int64, ctypes.c_int
-    lib.lowbit_fwht.restype = None
-    lib.lowbit_fwht.argtypes = [
-        ctypes.c_void_p,
-        c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        i64,
-        ctypes.c_float,
-        c_int,
-        c_int,
-    ]
-    lib.lowbit_sr_bits.restype = None
-    lib.lowbit_sr_bits.argtypes = [i64, i64, ctypes.c_uint32, ctypes.c_uint32, ctypes.c_void_p, c_int]
-    lib.lowbit_encode_float.restype = None
-    lib.lowbit_encode_float.argtypes = [
-        ctypes.c_void_p,
-        i64,
-        c_int,
-        c_int,
-        c_int,
-        ctypes.c_float,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        c_int,
-    ]
-    lib.lowbit_decode_float.restype = None
-    lib.lowbit_decode_float.argtypes = [
-        ctypes.c_void_p,
-        i64,
-        c_int,
-        c_int,
-        c_int,
-        c_int,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        c_int,
-    ]
-    lib.lowbit_error_sums.restype = None
-    lib.lowbit_error_sums.argtypes = [
-        ctypes.c_void_p,
-        c_int,
-        ctypes.c_void_p,
-        i64,
-        ctypes.c_void_p,
-        ctypes.c_void_p,
-        c_int,
-    ]
+    for name, signature in _SIGNATURES.items():
+        function = getattr(lib, name)
+        function.restype = None
+        function.argtypes = [_CTYPES[letter] for letter in signature]
     return lib
 
 
