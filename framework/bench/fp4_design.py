@@ -13,7 +13,10 @@ recipe's: the 16-point random Hadamard transform on wgrad, the head and the last
 high precision. E4M3 with block 16 and SR is the ``nvfp4_1d_w`` variant of ``lowbit bench quality``.
 
 Seeds pair as in ``lowbit bench quality`` (same initialisation and data order for every point): each
-point's gap to BF16 per seed, their mean and 95% Student-t interval. The quantization error (SNR in
+point's gap to BF16 per seed, their mean and 95% Student-t interval. Each factor (SR, block size) is
+also tested on matched pairs, two points that differ in it alone, seed by seed; points whose mean loss
+is more than ``DIVERGED`` above BF16's did not train and stay out of those comparisons and the main
+effects (the training table shows them). The quantization error (SNR in
 dB, 10 log10 of signal over error energy, summed over the layers the recipe quantizes) is measured
 on one training batch of the first seed's trained BF16 model: its activations, weights and output
 gradients as the forward and dgrad GEMMs see them, so it is the format's error on real tensors,
@@ -224,10 +227,20 @@ def quantization_snr(
 # ---- report ---------------------------------------------------------------------------------------
 
 
+DIVERGED = 0.25  # a point whose mean loss is this far above BF16's did not train; comparisons leave it out
+
+
+def _trained(points: list[DesignPoint], gaps: dict[str, list[float]]) -> list[DesignPoint]:
+    """The points that trained: mean gap to BF16 at most ``DIVERGED`` (a diverged point's loss says
+    nothing about the factors that a working one's does, and would swamp every mean it enters)."""
+    return [p for p in points if statistics.fmean(gaps[p.name]) <= DIVERGED]
+
+
 def _factor_rows(points: list[DesignPoint], gaps: dict[str, list[float]]) -> list[list[str]]:
-    """Each factor level's mean gap over the points that have it (a main effect): every other factor
-    is balanced across the levels when the grid is full."""
+    """Each factor level's mean gap over the trained points that have it (a main effect): every other
+    factor is balanced across the levels when the grid is full and every point trained."""
     rows = []
+    points = _trained(points, gaps)
     for factor, levels in (
         ("scale", sorted({p.scale for p in points}, key=list(SCALES).index)),
         ("block", sorted({p.block for p in points})),
@@ -243,6 +256,38 @@ def _factor_rows(points: list[DesignPoint], gaps: dict[str, list[float]]) -> lis
     return rows
 
 
+_FACTORS = (  # (what, the point's field, the level tested, the other level)
+    ("SR against RNE gradients", "sr", True, False),
+    ("blocks of 16 against 32", "block", 16, 32),
+)
+
+
+def _pair_rows(points: list[DesignPoint], losses: dict[str, list[float]], gaps: dict[str, list[float]]):
+    """Each factor tested on matched pairs: two trained points that differ in that factor alone, on the
+    same seed; the relative difference (a_s - b_s) / b_s of every pair and seed, their mean, a 95%
+    Student-t interval over them (pairs and seeds taken as independent draws), and how many are below 0."""
+    trained = {p.name: p for p in _trained(points, gaps)}
+    rows = []
+    for what, field_name, level, other in _FACTORS:
+        diffs, pairs = [], 0
+        for p in trained.values():
+            if getattr(p, field_name) != level:
+                continue
+            match = DesignPoint(**{**p.__dict__, field_name: other})
+            if match.name not in trained:
+                continue
+            pairs += 1
+            diffs += [(a - b) / b for a, b in zip(losses[p.name], losses[match.name])]
+        interval = quality._interval(diffs, 0.95)
+        if interval is None:
+            continue
+        mean, half = interval
+        verdict = "not resolved" if abs(mean) <= half else ("lower loss" if mean < 0 else "higher loss")
+        below = sum(d < 0 for d in diffs)
+        rows.append([what, str(pairs), f"{100 * mean:+.2f}% ± {100 * half:.2f}%", f"{below} of {len(diffs)}", verdict])
+    return rows
+
+
 def tables(outcomes: list[quality.Outcome], points: list[DesignPoint], snr: dict[str, dict[str, float]]) -> str:
     """The training table (quality's: val loss, gap, paired interval), the main effects, and the
     SNRs; only the SNRs when ``outcomes`` holds the BF16 baseline alone (``--snr-only``)."""
@@ -251,11 +296,25 @@ def tables(outcomes: list[quality.Outcome], points: list[DesignPoint], snr: dict
     if trained:
         gaps = {o.variant.name: [(v - b) / b for v, b in zip(o.val_loss, base.val_loss, strict=True)] for o in trained}
         parts.append(quality.table(outcomes))
+        diverged = [p.name for p in points if p not in _trained(points, gaps)]
+        left_out = f" (left out, diverged: {', '.join(f'`{n}`' for n in diverged)})" if diverged else ""
         factor_rows = _factor_rows(points, gaps)
         if factor_rows:
             parts.append(
-                "Main effects: each level's mean gap to BF16 over the points (and seeds) that have it\n\n"
+                "Main effects: each level's mean gap to BF16 over the trained points (and seeds) that have it"
+                + left_out
+                + "\n\n"
                 + markdown_table(["factor", "level", "mean gap", "points"], factor_rows)
+            )
+        losses = {o.variant.name: o.val_loss for o in trained}
+        pair_rows = _pair_rows(points, losses, gaps)
+        if pair_rows:
+            head = ["factor", "matched pairs", "paired difference, 95% CI", "below 0", "reading"]
+            parts.append(
+                "Each factor on matched pairs (two trained points that differ in it alone, same seed)"
+                + left_out
+                + "\n\n"
+                + markdown_table(head, pair_rows)
             )
         best = min(trained, key=lambda o: o.mean)
         parts.append(f"Lowest mean val loss: `{best.variant.name}` ({format_gap(best.mean, base.mean)} to BF16).")

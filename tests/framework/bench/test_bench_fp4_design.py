@@ -110,6 +110,55 @@ def test_main_effects_average_each_level_over_the_points_that_have_it():
     }  # one rounding level: no row for it
 
 
+def test_diverged_points_leave_the_main_effects_and_factors_are_tested_on_matched_pairs():
+    points = bench.design_points("e8m0,ue5m3,fp32", "16,32", "on,off")
+    base = [1.0, 2.0]  # BF16's loss per seed
+    losses = {
+        "e8m0_b16_sr": [1.02, 2.02],
+        "e8m0_b16_rne": [1.03, 2.08],
+        "e8m0_b32_sr": [1.04, 2.04],
+        "e8m0_b32_rne": [1.04, 2.06],
+        "fp32_b16_sr": [1.0, 2.0],
+        "fp32_b16_rne": [1.01, 2.02],
+        "fp32_b32_sr": [1.01, 2.02],
+        "fp32_b32_rne": [1.02, 2.02],
+        **{p.name: [2.0, 4.0] for p in points if p.scale == "ue5m3"},  # +100%: diverged
+    }
+    gaps = {name: [(v - b) / b for v, b in zip(values, base)] for name, values in losses.items()}
+    effects = {(r[0], r[1]): r[2:] for r in bench._factor_rows(points, gaps)}
+    assert set(effects) == {
+        ("scale", "e8m0"),
+        ("scale", "fp32"),
+        ("block", "16"),
+        ("block", "32"),
+        ("gradients", "SR"),
+        ("gradients", "RNE"),
+    }  # no ue5m3 row
+    assert effects[("block", "16")][1] == "4"  # e8m0 and fp32, SR and RNE: the diverged points left out
+    rows = {r[0]: r[1:] for r in bench._pair_rows(points, losses, gaps)}
+    sr = [
+        (a - b) / b
+        for a, b in [
+            (1.02, 1.03),
+            (2.02, 2.08),
+            (1.04, 1.04),
+            (2.04, 2.06),
+            (1.0, 1.01),
+            (2.0, 2.02),
+            (1.01, 1.02),
+            (2.02, 2.02),
+        ]
+    ]
+    mean, half = bench.quality._interval(sr, 0.95)
+    assert rows["SR against RNE gradients"] == [
+        "4",
+        f"{100 * mean:+.2f}% ± {100 * half:.2f}%",
+        f"{sum(d < 0 for d in sr)} of 8",
+        "lower loss" if abs(mean) > half else "not resolved",
+    ]
+    assert rows["blocks of 16 against 32"][0] == "4" and rows["blocks of 16 against 32"][2] == "6 of 8"
+
+
 def test_the_report_restates_each_run_and_its_operands_snr(tmp_path, capsys):
     out = tmp_path / "d"
     assert bench.main(["--scales", "ue5m3_ts", "--blocks", "32", "--sr", "on", "--out", str(out), "debug=smoke"]) == 0
