@@ -353,9 +353,19 @@ def plot(outcomes: list[quality.Outcome], points: list[DesignPoint], snr: dict[s
             errors.append(100 * gap[1] if gap else 0.0)
         colors = {name: f"C{i}" for i, name in enumerate(SCALES)}
         left = axes[0, 0]
-        left.barh(ys, means, xerr=errors, color=[colors[p.scale] for p in points])
+        diverged = [m > 100 * DIVERGED for m in means]
+        # the axis spans the trained points' intervals; a diverged point's bar runs off it, its gap written
+        shown = [(m - e, m + e) for m, e, d in zip(means, errors, diverged) if not d] or [(0.0, 100 * DIVERGED)]
+        low, high = min(0.0, *(a for a, _ in shown)), max(0.0, *(b for _, b in shown))
+        pad = 0.08 * (high - low or 1.0)
+        bar_errors = [0.0 if d else e for e, d in zip(errors, diverged)]
+        left.barh(ys, means, xerr=bar_errors, color=[colors[p.scale] for p in points])
+        for y, m, d in zip(ys, means, diverged):
+            if d:
+                left.text(high + pad, y, f"diverged: {m:+.0f}% ", ha="right", va="center", fontsize=8)
+        left.set_xlim(low - pad, high + pad)
         left.axvline(0, color="k", lw=0.8)
-        left.set(xlabel="val loss gap to BF16 (%)")
+        left.set(xlabel="val loss gap to BF16 (%), mean over seeds with its 95% paired interval")
         right.sharey(left)
     for k, operand in enumerate(("x", "w", "dy")):
         right.plot([snr[n][operand] for n in names], ys, "o", label=operand, color=f"C{k + 4}")
