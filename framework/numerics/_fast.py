@@ -253,6 +253,48 @@ def _code_table(element: FloatFormat) -> torch.Tensor:
     return element.decode(torch.arange(256, dtype=torch.int64).remainder(2**element.bits).to(torch.uint8)).float()
 
 
+@functools.cache
+def block_codec(element: ElementFormat) -> _native.Codec | None:
+    """The format as the C block kernels code it (``_native.quantize_blocks``: ``encode``'s codes, one byte
+    each, and every code byte's ``decode`` value), or None where they do not cover it (a plugin's
+    arithmetic rounding, over 8 bits, a format the arithmetic path does not take)."""
+    if type(element) is IntFormat and element.bits <= 8:
+        table = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.int8).float()
+        return _native.Codec(True, element.bits, 0, 0, 0, 0, 0.0, element.qmin, element.qmax, table)
+    if type(element) is not FloatFormat or element.bits > 8 or not supported(element, saturate=True):
+        return None
+    c = _code_constants(element)
+    values = (element.bits, c.mbits, c.emin, c.bias, c.first_special, float(element.max), 0, 0, _code_table(element))
+    return _native.Codec(False, *values)
+
+
+def quantize_blocks(
+    element: ElementFormat,
+    rows: torch.Tensor,
+    cols: int,
+    factor: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    rounding: str,
+    rng: RandomBits | None,
+    *,
+    codes: bool = True,
+    unscale: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """``encode`` of finite block rows (B, r, C) times their blocks' encode factors (plus zero points), and
+    with ``unscale`` (decode scales, global decode scale, prescale) the values dequantizing gives, in one C
+    pass (``_native.quantize_blocks``): (codes in ``element``'s code dtype or None, float32 values or None);
+    None where it does not run (RNE and SR only)."""
+    codec = block_codec(element)
+    if codec is None or rounding not in ("rne", "sr") or (rounding == "sr") != (rng is not None):
+        return None
+    sr = None if rng is None else (rng.offset, rng.keys)
+    out = _native.quantize_blocks(rows, cols, factor, zero_point, codec, sr, codes=codes, unscale=unscale)
+    if out is None:
+        return None
+    code_bytes, values = out
+    return None if code_bytes is None else code_bytes.view(element.code_dtype), values
+
+
 def _magnitude(c: _Codes, codes: torch.Tensor) -> torch.Tensor:
     return codes.to(torch.int32) & ((1 << (c.bits - 1)) - 1)
 

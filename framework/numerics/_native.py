@@ -47,10 +47,22 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 
-__all__ = ["decode_float", "encode_float", "error_sums", "rotate_blocks", "rotate_columns", "sr_bits"]
+__all__ = [
+    "Codec",
+    "block_extrema",
+    "decode_blocks",
+    "decode_float",
+    "encode_float",
+    "error_sums",
+    "quantize_blocks",
+    "rotate_blocks",
+    "rotate_columns",
+    "sr_bits",
+]
 
 _SOURCE = r"""
 #include <stdint.h>
@@ -150,68 +162,111 @@ void lowbit_sr_bits(int64_t offset, int64_t n, uint32_t k0, uint32_t k1, int32_t
         out[i] = (int32_t)(fmix32(fmix32((uint32_t)(offset + i) + k0) ^ k1) & 0x7FFFFFFFu);
 }
 
-/* _fast.encode of a signed minifloat of `bits` bits (1 + ebits + mbits <= 8) for finite float32 x, saturating:
-   the magnitude clamped to max, its binade field (b + 127) << 23 with b = max(float32 exponent, emin), the
-   magnitude times 2^(mbits - b) rounded to an integer i (to nearest even; with `sr`, up where
-   sr[k] < floor(frac * 2^31)), the code ((b - emin) << mbits) + i with x's sign bit on top: the tensor ops'
-   float32 operations in the same order, so the same codes. */
-void lowbit_encode_float(const float *x, int64_t n, int bits, int mbits, int emin, float maxv, const int32_t *sr,
-                         uint8_t *out, int threads) {
+/* The code of finite float32 v in a signed minifloat of `bits` bits (1 + ebits + mbits <= 8), saturating
+   (_fast.encode): the magnitude clamped to max, its binade field (b + 127) << 23 with b = max(float32
+   exponent, emin), the magnitude times 2^(mbits - b) rounded to an integer i (to nearest even; with `sr`, up
+   where bit < floor(frac * 2^31)), the code ((b - emin) << mbits) + i with v's sign bit on top: the tensor
+   ops' float32 operations in the same order, so the same codes. */
+static inline uint8_t minifloat_code(float v, int bits, int mbits, int emin, float maxv, int sr, int32_t bit) {
     const int32_t emin_field = (emin + 127) << 23, offset = (emin + 127) << mbits;
-    const uint32_t sign_mask = 1u << (bits - 1);
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t k = 0; k < n; k++) {
-        float v = x[k], m = fabsf(v);
-        m = m < maxv ? m : maxv;
-        uint32_t u, mu;
-        memcpy(&u, &v, sizeof u);
-        memcpy(&mu, &m, sizeof mu);
-        int32_t field = (int32_t)(mu & 0x7F800000u);
-        field = field < emin_field ? emin_field : field;
-        int32_t inv_bits = ((mbits + 254) << 23) - field;
-        float inv, r;
-        memcpy(&inv, &inv_bits, sizeof inv);
-        float y = m * inv;
-        if (sr != NULL) {
-            float f = floorf(y), frac = y - f;
-            r = f + (sr[k] < (int32_t)floorf(frac * 2147483648.0f) ? 1.0f : 0.0f);
-        } else {
-            r = rintf(y); /* the default rounding mode: to nearest, ties to even */
-        }
-        int32_t code = (field >> (23 - mbits)) + (int32_t)r - offset;
-        out[k] = (uint8_t)((uint32_t)code | ((u >> (32 - bits)) & sign_mask));
+    float m = fabsf(v);
+    m = m < maxv ? m : maxv;
+    uint32_t u, mu;
+    memcpy(&u, &v, sizeof u);
+    memcpy(&mu, &m, sizeof mu);
+    int32_t field = (int32_t)(mu & 0x7F800000u);
+    field = field < emin_field ? emin_field : field;
+    int32_t inv_bits = ((mbits + 254) << 23) - field;
+    float inv, r;
+    memcpy(&inv, &inv_bits, sizeof inv);
+    float y = m * inv;
+    if (sr) {
+        float f = floorf(y), frac = y - f;
+        r = f + (bit < (int32_t)floorf(frac * 2147483648.0f) ? 1.0f : 0.0f);
+    } else {
+        r = rintf(y); /* the default rounding mode: to nearest, ties to even */
     }
+    int32_t code = (field >> (23 - mbits)) + (int32_t)r - offset;
+    return (uint8_t)((uint32_t)code | ((u >> (32 - bits)) & (1u << (bits - 1))));
 }
 
-/* Decode codes (taken mod 2^bits) of a signed minifloat of `bits` bits (bias, mbits): a normal code's exponent
-   and mantissa fields moved into float32's, a subnormal's mantissa times 2^(1 - bias - mbits) (exact), x's
-   sign on top; codes whose magnitude is first_special or above (Inf, NaN; 0: none) take their value from
-   `table` (every code's value, the reference decode) in a second pass, which runs only where one occurs. */
-void lowbit_decode_float(const uint8_t *codes, int64_t n, int bits, int mbits, int bias, int first_special,
-                         const float *table, float *out, int threads) {
+/* The code (two's complement, in a byte) of finite float32 v in a signed integer format [qmin, qmax]
+   (_fast._round's integer case): to nearest even, or with `sr` the magnitude clamped to -qmin rounded up
+   where bit < floor(frac * 2^31) and v's sign put back; then clamped to [qmin, qmax]. */
+static inline uint8_t integer_code(float v, int qmin, int qmax, int sr, int32_t bit) {
+    float r;
+    if (sr) {
+        float m = fabsf(v), limit = (float)-qmin;
+        m = m < limit ? m : limit;
+        float f = floorf(m), frac = m - f;
+        r = copysignf(f + (bit < (int32_t)floorf(frac * 2147483648.0f) ? 1.0f : 0.0f), v);
+    } else {
+        r = rintf(v);
+    }
+    r = r < (float)qmin ? (float)qmin : r;
+    r = r > (float)qmax ? (float)qmax : r;
+    return (uint8_t)(int8_t)(int32_t)r;
+}
+
+/* _fast.encode of a minifloat for finite float32 x (see minifloat_code); sr: the bits of each element, or NULL. */
+void lowbit_encode_float(const float *x, int64_t n, int bits, int mbits, int emin, float maxv, const int32_t *sr,
+                         uint8_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t k = 0; k < n; k++) out[k] = minifloat_code(x[k], bits, mbits, emin, maxv, sr != NULL, sr ? sr[k] : 0);
+}
+
+/* The value of a minifloat code (taken mod 2^bits) of `bits` bits (bias, mbits) that is not Inf or NaN: the
+   exponent and mantissa fields moved into float32's, a subnormal's mantissa times 2^(1 - bias - mbits)
+   (exact: a small integer times a power of two), the sign on top; without a branch, so loops vectorize. */
+static inline float minifloat_value(uint32_t code, int bits, int mbits, int bias) {
     const uint32_t code_mask = bits >= 8 ? 0xFFu : (1u << bits) - 1, mag_mask = (1u << (bits - 1)) - 1;
     const uint32_t man_mask = (1u << mbits) - 1;
-    float sub_scale;
+    float sub_scale, value;
     int32_t sub_bits = (127 + 1 - bias - mbits) << 23;
     memcpy(&sub_scale, &sub_bits, sizeof sub_scale);
+    uint32_t c = code & code_mask, mag = c & mag_mask, e = mag >> mbits, m = mag & man_mask;
+    uint32_t normal = ((e + 127 - bias) << 23) | (m << (23 - mbits)), sub;
+    float subnormal = (float)(int32_t)m * sub_scale;
+    memcpy(&sub, &subnormal, sizeof sub);
+    uint32_t is_normal = 0u - (uint32_t)(e != 0);
+    uint32_t vb = (normal & is_normal) | (sub & ~is_normal) | ((c >> (bits - 1)) << 31);
+    memcpy(&value, &vb, sizeof value);
+    return value;
+}
+
+/* The values of n codes of a minifloat (integer = 0: bits, mbits, bias; magnitudes from first_special on are
+   Inf/NaN, 0: none) or of a signed integer's codes (integer = 1, two's complement bytes): minifloat_value,
+   then the codes of Inf/NaN take their value from `table` (every code's value, the reference decode) in a
+   second pass, which runs only where one occurs. */
+static void decode_codes(const uint8_t *codes, int64_t n, int integer, int bits, int mbits, int bias, int first_special,
+                         const float *table, float *out) {
+    if (integer) {
+        for (int64_t k = 0; k < n; k++) out[k] = (float)(int8_t)codes[k];
+        return;
+    }
+    const uint32_t code_mask = bits >= 8 ? 0xFFu : (1u << bits) - 1, mag_mask = (1u << (bits - 1)) - 1;
     const uint32_t first = first_special ? (uint32_t)first_special : 256u; /* 256: no magnitude reaches it */
     int64_t special = 0;
-#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : special) firstprivate(sub_scale)
     for (int64_t k = 0; k < n; k++) {
-        uint32_t c = codes[k] & code_mask, mag = c & mag_mask, e = mag >> mbits, m = mag & man_mask;
-        uint32_t normal = ((e + 127 - bias) << 23) | (m << (23 - mbits)), sub;
-        float subnormal = (float)(int32_t)m * sub_scale; /* exact: a small integer times a power of two */
-        memcpy(&sub, &subnormal, sizeof sub);
-        uint32_t is_normal = 0u - (uint32_t)(e != 0); /* select without a branch, so the loop vectorizes */
-        uint32_t vb = (normal & is_normal) | (sub & ~is_normal) | ((c >> (bits - 1)) << 31);
-        memcpy(out + k, &vb, sizeof vb);
-        special += mag >= first;
+        out[k] = minifloat_value(codes[k], bits, mbits, bias);
+        special += (codes[k] & mag_mask) >= first;
     }
     if (special)
         for (int64_t k = 0; k < n; k++) {
             uint32_t c = codes[k] & code_mask;
             if ((c & mag_mask) >= first) out[k] = table[c];
         }
+}
+
+/* Decode n codes of a signed minifloat (see decode_codes), in chunks across threads. */
+void lowbit_decode_float(const uint8_t *codes, int64_t n, int bits, int mbits, int bias, int first_special,
+                         const float *table, float *out, int threads) {
+    int64_t chunks = (n + 65535) / 65536;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < chunks; t++) {
+        int64_t lo = t * 65536, w = n - lo < 65536 ? n - lo : 65536;
+        decode_codes(codes + lo, w, 0, bits, mbits, bias, first_special, table, out + lo);
+    }
 }
 
 /* error.py's _error_sums of n elements: sum x^2 and sum (q - x)^2 in double, the counts of non-zero x and
@@ -285,6 +340,177 @@ void lowbit_error_sums(const void *x, int bf16, const float *q, int64_t n, doubl
     counts[0] = uu;
     counts[1] = zz;
 }
+
+/* Blocks of B block rows, each r rows of C = nb * c elements: element (b, i, j, k) lies at
+   (b * r + i) * C + j * c + k, block (b, j)'s scale, encode factor and zero point at b * fb + j * fj
+   (fb = fj = 0: one for the whole tensor). x float32 or BFloat16 (bf16 = 1). */
+
+static inline uint32_t bits_at(const void *x, int bf16, int64_t k) {
+    if (bf16) return (uint32_t)((const uint16_t *)x)[k] << 16;
+    uint32_t u;
+    memcpy(&u, (const float *)x + k, sizeof u);
+    return u;
+}
+
+static inline float value_at(const void *x, int bf16, int64_t k) {
+    return bf16 ? from_bf16(((const uint16_t *)x)[k]) : ((const float *)x)[k];
+}
+
+/* A negative float's bits with their low 31 flipped order as signed integers as the floats do (-0 just
+   below +0); the map is its own inverse. */
+static inline int32_t ordered(uint32_t u) { return (int32_t)(u ^ ((uint32_t)((int32_t)u >> 31) & 0x7FFFFFFFu)); }
+
+/* Every block's max |x| (with minmax: min x into out0 and max x into out1), float32, from the bits: the bits
+   of |x| order as its values, and ordered(x) as x. Into bad[0] the number of blocks holding a NaN or an
+   Inf, whose results mean nothing (the caller takes the tensor ops for them, which say which NaN). */
+void lowbit_block_extrema(const void *x, int bf16, int64_t B, int64_t r, int64_t C, int64_t c, int minmax,
+                          float *out0, float *out1, int64_t *bad, int threads) {
+    int64_t nb = C / c, nonfinite = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : nonfinite)
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t j = 0; j < nb; j++) {
+            uint32_t top = 0;
+            int32_t lo = INT32_MAX, hi = INT32_MIN;
+            for (int64_t i = 0; i < r; i++) {
+                int64_t at = (b * r + i) * C + j * c;
+                for (int64_t k = 0; k < c; k++) {
+                    uint32_t u = bits_at(x, bf16, at + k), a = u & 0x7FFFFFFFu;
+                    top = a > top ? a : top;
+                    if (minmax) {
+                        int32_t o = ordered(u);
+                        lo = o < lo ? o : lo;
+                        hi = o > hi ? o : hi;
+                    }
+                }
+            }
+            nonfinite += top >= 0x7F800000u;
+            uint32_t first = minmax ? (uint32_t)ordered((uint32_t)lo) : top, second = (uint32_t)ordered((uint32_t)hi);
+            memcpy(out0 + b * nb + j, &first, sizeof first);
+            if (minmax) memcpy(out1 + b * nb + j, &second, sizeof second);
+        }
+    bad[0] = nonfinite;
+}
+
+/* Walks flat elements a block's run at a time without a division per run (a run of 16 elements costs
+   less than the divisions that would find its block): block row b, row i in it, block j in the row, and
+   the offset of the next element within its block. */
+typedef struct {
+    int64_t b, i, j, off;
+} Runs;
+
+static inline Runs runs_at(int64_t p, int64_t r, int64_t C, int64_t c) {
+    int64_t q = p / C, col = p % C;
+    Runs at = {q / r, q % r, col / c, col % c};
+    return at;
+}
+
+/* The length of the run from element p (before hi), and then on to the next block. */
+static inline int64_t run_length(const Runs *at, int64_t c, int64_t p, int64_t hi) {
+    return c - at->off < hi - p ? c - at->off : hi - p;
+}
+
+static inline void next_run(Runs *at, int64_t r, int64_t nb) {
+    at->off = 0;
+    if (++at->j == nb) {
+        at->j = 0;
+        if (++at->i == r) {
+            at->i = 0;
+            at->b++;
+        }
+    }
+}
+
+/* _fast.unscale of the decoded elements lo .. hi - 1 (v[0] is element lo), a block's run at a time:
+   (v - zero point) * decode scale, times the global scale, over the prescale. */
+static void unscale_run(float *v, int64_t lo, int64_t hi, int64_t r, int64_t C, int64_t c, int64_t fb, int64_t fj,
+                        const float *scales, const int32_t *zp, int has_global, float global, int has_prescale,
+                        float prescale) {
+    Runs at = runs_at(lo, r, C, c);
+    for (int64_t p = lo, w; p < hi; p += w, next_run(&at, r, C / c)) {
+        int64_t blk = at.b * fb + at.j * fj;
+        float *u = v + (p - lo), s = scales[blk];
+        w = run_length(&at, c, p, hi);
+        if (zp) {
+            float z = (float)zp[blk];
+            for (int64_t k = 0; k < w; k++) u[k] = u[k] - z;
+        }
+        for (int64_t k = 0; k < w; k++) u[k] = u[k] * s;
+        if (has_global)
+            for (int64_t k = 0; k < w; k++) u[k] = u[k] * global;
+        if (has_prescale)
+            for (int64_t k = 0; k < w; k++) u[k] = u[k] / prescale;
+    }
+}
+
+/* Quantize finite blocks: each element times its block's encode factor (plus its zero point, zp not NULL),
+   coded as a minifloat (minifloat_code: bits, mbits, emin, maxv) or an integer (integer_code: qmin, qmax,
+   with `integer`), rounded to nearest even or (sr) stochastically by rounding.hash_bits of its flat index
+   plus `offset` under the keys k0, k1. Into `codes` (not NULL) the codes; into `values` (not NULL) what
+   dequantize makes of them (decode_codes, with `bias`; no code is Inf or NaN) unscaled by its block's
+   decode scale. Tiles of QTILE elements, a step at a time over a tile (scale, bits, codes, values), each
+   a loop without branches that the compiler vectorizes. */
+#define QTILE 4096
+void lowbit_quantize_blocks(const void *x, int bf16, int64_t B, int64_t r, int64_t C, int64_t c, const float *factor,
+                            int64_t fb, int64_t fj, const int32_t *zp, int integer, int bits, int mbits, int emin,
+                            int bias, float maxv, int qmin, int qmax, int sr, int64_t offset, uint32_t k0, uint32_t k1,
+                            uint8_t *codes, const float *scales, int has_global, float global, int has_prescale,
+                            float prescale, float *values, int threads) {
+    int64_t n = B * r * C, tiles = (n + QTILE - 1) / QTILE;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        float buf[QTILE];
+        int32_t rbits[QTILE];
+        uint8_t tile_codes[QTILE];
+        int64_t lo = t * QTILE, hi = lo + QTILE < n ? lo + QTILE : n, w = hi - lo;
+        Runs at = runs_at(lo, r, C, c);
+        for (int64_t p = lo, w; p < hi; p += w, next_run(&at, r, C / c)) { /* scaled elements, a run at a time */
+            int64_t blk = at.b * fb + at.j * fj;
+            float f = factor[blk], *out = buf + (p - lo);
+            w = run_length(&at, c, p, hi);
+            if (bf16) {
+                const uint16_t *in = (const uint16_t *)x + p;
+                for (int64_t k = 0; k < w; k++) out[k] = from_bf16(in[k]) * f;
+            } else {
+                const float *in = (const float *)x + p;
+                for (int64_t k = 0; k < w; k++) out[k] = in[k] * f;
+            }
+            if (zp) {
+                float z = (float)zp[blk];
+                for (int64_t k = 0; k < w; k++) out[k] = out[k] + z;
+            }
+        }
+        if (sr)
+            for (int64_t k = 0; k < w; k++)
+                rbits[k] = (int32_t)(fmix32(fmix32((uint32_t)(offset + lo + k) + k0) ^ k1) & 0x7FFFFFFFu);
+        uint8_t *out = codes ? codes + lo : tile_codes;
+        if (integer && sr)
+            for (int64_t k = 0; k < w; k++) out[k] = integer_code(buf[k], qmin, qmax, 1, rbits[k]);
+        else if (integer)
+            for (int64_t k = 0; k < w; k++) out[k] = integer_code(buf[k], qmin, qmax, 0, 0);
+        else if (sr)
+            for (int64_t k = 0; k < w; k++) out[k] = minifloat_code(buf[k], bits, mbits, emin, maxv, 1, rbits[k]);
+        else
+            for (int64_t k = 0; k < w; k++) out[k] = minifloat_code(buf[k], bits, mbits, emin, maxv, 0, 0);
+        if (values == NULL) continue;
+        decode_codes(out, w, integer, bits, mbits, bias, 0, NULL, values + lo);
+        unscale_run(values + lo, lo, hi, r, C, c, fb, fj, scales, zp, has_global, global, has_prescale, prescale);
+    }
+}
+
+/* Dequantize blocks: decode_codes (Inf and NaN codes too) unscaled by the block's finite decode scale
+   (unscale_run), float32, a tile at a time. */
+void lowbit_decode_blocks(const uint8_t *codes, int integer, int bits, int mbits, int bias, int first_special,
+                          const float *table, int64_t B, int64_t r, int64_t C, int64_t c, const float *scales,
+                          int64_t fb, int64_t fj, const int32_t *zp, int has_global, float global, int has_prescale,
+                          float prescale, float *out, int threads) {
+    int64_t n = B * r * C, tiles = (n + QTILE - 1) / QTILE;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < tiles; t++) {
+        int64_t lo = t * QTILE, hi = lo + QTILE < n ? lo + QTILE : n;
+        decode_codes(codes + lo, hi - lo, integer, bits, mbits, bias, first_special, table, out + lo);
+        unscale_run(out + lo, lo, hi, r, C, c, fb, fj, scales, zp, has_global, global, has_prescale, prescale);
+    }
+}
 """
 
 _FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-ffp-contract=off", "-fno-fast-math", "-std=c11")
@@ -302,6 +528,9 @@ _SIGNATURES = {
     "lowbit_encode_float": "pliiifppi",
     "lowbit_decode_float": "pliiiippi",
     "lowbit_error_sums": "piplppi",
+    "lowbit_block_extrema": "pillllipppi",
+    "lowbit_quantize_blocks": "pillllpllpiiiiifiiiluuppififpi",
+    "lowbit_decode_blocks": "piiiiipllllpllpififpi",
 }
 
 
@@ -463,4 +692,169 @@ def decode_float(codes: torch.Tensor, bits: int, mbits: int, bias: int, first_sp
     out = torch.empty(codes.shape, dtype=torch.float32)
     args = (codes.data_ptr(), codes.numel(), bits, mbits, bias, first_special, table.data_ptr(), out.data_ptr())
     lib.lowbit_decode_float(*args, torch.get_num_threads())
+    return out
+
+
+class Codec(NamedTuple):
+    """A format as the block kernels code it: a signed minifloat (``bits``, ``mbits``, ``emin``, ``bias``,
+    ``max``; magnitudes from ``first_special`` on are Inf/NaN, 0: none) or, with ``integer``, a signed
+    integer in [``qmin``, ``qmax``]; ``table``: the float32 value of every code byte (256,), which
+    Inf/NaN codes take."""
+
+    integer: bool
+    bits: int
+    mbits: int
+    emin: int
+    bias: int
+    first_special: int
+    max: float
+    qmin: int
+    qmax: int
+    table: torch.Tensor
+
+
+def _blocks(rows: torch.Tensor, cols: int, dtypes: tuple[torch.dtype, ...]) -> tuple[int, int, int, int] | None:
+    """(B, r, C, c) of contiguous CPU block rows (B, r, C) of a dtype in ``dtypes`` with blocks c wide; None
+    where the kernels do not apply."""
+    if rows.device.type != "cpu" or rows.dim() != 3 or rows.dtype not in dtypes or not rows.is_contiguous():
+        return None
+    if cols < 1 or rows.shape[2] % cols:
+        return None
+    return (*rows.shape, cols)
+
+
+def _per_block(t: torch.Tensor | None, shape: tuple[int, int, int, int], dtype: torch.dtype) -> tuple[int, int] | None:
+    """The (block row, block) strides of a per-block tensor (B, C/c), or (0, 0) for one value of the whole
+    tensor; None where ``t`` is neither (or not a contiguous CPU tensor of ``dtype``)."""
+    if t is None or t.device.type != "cpu" or t.dtype != dtype or not t.is_contiguous():
+        return None
+    n_rows, _, width, cols = shape
+    if t.numel() == 1:
+        return 0, 0
+    return (width // cols, 1) if t.shape == (n_rows, width // cols) else None
+
+
+def block_extrema(rows: torch.Tensor, cols: int, signed: bool = False) -> tuple[torch.Tensor, ...] | None:
+    """Every block's max |x| of float32 or BFloat16 block rows (B, r, C) with blocks r x ``cols`` as float32
+    (B, C/cols), or with ``signed`` its (min x, max x); one pass. None where the kernel does not run or a
+    block holds a NaN or an Inf (the tensor ops say which NaN)."""
+    shape = _blocks(rows, cols, (torch.float32, torch.bfloat16))
+    lib = None if shape is None else _library()
+    if lib is None:
+        return None
+    n_rows, _, width, _ = shape
+    out = [torch.empty(n_rows, width // cols, dtype=torch.float32) for _ in range(2 if signed else 1)]
+    bad = torch.zeros(1, dtype=torch.int64)
+    second = out[-1].data_ptr() if signed else None
+    bf16 = int(rows.dtype == torch.bfloat16)
+    lib.lowbit_block_extrema(
+        rows.data_ptr(), bf16, *shape, int(signed), out[0].data_ptr(), second, bad.data_ptr(), torch.get_num_threads()
+    )
+    return None if int(bad) else tuple(out)
+
+
+def _unscale_args(global_scale: torch.Tensor | None, prescale: float) -> tuple[int, float, int, float]:
+    has_global = global_scale is not None
+    return int(has_global), float(global_scale) if has_global else 0.0, int(prescale != 1.0), float(prescale)
+
+
+def quantize_blocks(
+    rows: torch.Tensor,
+    cols: int,
+    factor: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    codec: Codec,
+    sr: tuple[int, torch.Tensor] | None,
+    *,
+    codes: bool = True,
+    unscale: tuple[torch.Tensor, torch.Tensor | None, float] | None = None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None] | None:
+    """One pass over finite float32 or BFloat16 block rows (B, r, C) with blocks r x ``cols``: each element
+    times its block's encode ``factor`` (float32 (B, C/cols), or one for the tensor), plus its int32
+    ``zero_point``, rounded into ``codec``'s codes, to nearest even or with ``sr`` (flat index offset,
+    int32 keys (2,)) stochastically by ``rounding.hash_bits``. Returns (codes (B, r, C) uint8 bytes, or None
+    without ``codes``; with ``unscale`` = (decode scales like ``factor``, global decode scale or None,
+    prescale), the values dequantizing those codes gives, float32 (B, r, C)); None where the kernel does
+    not run."""
+    shape = _blocks(rows, cols, (torch.float32, torch.bfloat16))
+    strides = None if shape is None else _per_block(factor, shape, torch.float32)
+    lib = None if strides is None else _library()
+    if lib is None or not (codes or unscale):
+        return None
+    if zero_point is not None and _per_block(zero_point, shape, torch.int32) != strides:
+        return None
+    if unscale is not None and _per_block(unscale[0], shape, torch.float32) != strides:
+        return None
+    if sr is not None and (sr[1].device.type != "cpu" or sr[1].numel() != 2):
+        return None
+    offset, (k0, k1) = (0, (0, 0)) if sr is None else (int(sr[0]), (int(k) & 0xFFFFFFFF for k in sr[1].tolist()))
+    out = torch.empty(rows.shape, dtype=torch.uint8) if codes else None
+    values = torch.empty(rows.shape, dtype=torch.float32) if unscale is not None else None
+    scales, global_scale, prescale = unscale if unscale is not None else (None, None, 1.0)
+    lib.lowbit_quantize_blocks(
+        rows.data_ptr(),
+        int(rows.dtype == torch.bfloat16),
+        *shape,
+        factor.data_ptr(),
+        *strides,
+        None if zero_point is None else zero_point.data_ptr(),
+        int(codec.integer),
+        codec.bits,
+        codec.mbits,
+        codec.emin,
+        codec.bias,
+        codec.max,
+        codec.qmin,
+        codec.qmax,
+        int(sr is not None),
+        offset,
+        k0,
+        k1,
+        None if out is None else out.data_ptr(),
+        None if scales is None else scales.data_ptr(),
+        *_unscale_args(global_scale, prescale),
+        None if values is None else values.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out, values
+
+
+def decode_blocks(
+    codes: torch.Tensor,
+    cols: int,
+    codec: Codec,
+    scales: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    global_scale: torch.Tensor | None,
+    prescale: float,
+) -> torch.Tensor | None:
+    """Dequantized float32 (B, r, C) of one-byte block-row codes (B, r, C) of ``codec`` with blocks r x
+    ``cols``: each code's value (Inf/NaN codes: ``codec.table``'s), minus its block's int32 ``zero_point``,
+    times its finite decode scale (float32 (B, C/cols) or one), times the global scale, over the prescale;
+    None where the kernel does not run."""
+    shape = _blocks(codes, cols, (torch.uint8, torch.int8))
+    strides = None if shape is None else _per_block(scales, shape, torch.float32)
+    lib = None if strides is None else _library()
+    table = codec.table
+    if lib is None or table.dtype != torch.float32 or table.shape != (256,) or not table.is_contiguous():
+        return None
+    if zero_point is not None and _per_block(zero_point, shape, torch.int32) != strides:
+        return None
+    out = torch.empty(codes.shape, dtype=torch.float32)
+    lib.lowbit_decode_blocks(
+        codes.data_ptr(),
+        int(codec.integer),
+        codec.bits,
+        codec.mbits,
+        codec.bias,
+        codec.first_special,
+        table.data_ptr(),
+        *shape,
+        scales.data_ptr(),
+        *strides,
+        None if zero_point is None else zero_point.data_ptr(),
+        *_unscale_args(global_scale, prescale),
+        out.data_ptr(),
+        torch.get_num_threads(),
+    )
     return out

@@ -147,6 +147,8 @@ def _block_reduce(rows: torch.Tensor, layout: BlockLayout, reduce, absolute: boo
     r rows: the same values as one reduction over both dims, 2-3x faster for 2-D blocks on CPU.
     The inner max of ``|x|`` on CPU is a max-pool with stride c: the same maxima (NaN propagates,
     every zero is +0 after abs), 2.5x faster than amax over an inner dim of 16 or 32."""
+    if absolute and reduce is torch.amax and (native := _native.block_extrema(rows, layout.cols)) is not None:
+        return native[0]  # one C pass where every block is finite
     out = torch.empty(rows.shape[0], layout.blocks_per_row, dtype=torch.float32, device=rows.device)
     pool = absolute and reduce is torch.amax and rows.device.type == "cpu" and layout.cols <= _POOL_MAX_COLS
     for sl in row_chunks(rows.shape[0], rows[0].numel(), rows.device):
@@ -216,13 +218,13 @@ def _rht(x: torch.Tensor, size: int, seed: int, compile: bool, inverse: bool = F
 def _finite_rows(n_rows: int, *extrema: torch.Tensor) -> torch.Tensor | None:
     """(B,) bool: block rows whose extrema (each (B, nb) or (1, 1)) are finite, i.e. rows without
     NaN/Inf input; None when every row is."""
-    if all(e.numel() == 1 for e in extrema):  # one tensor scale: no tensor ops
-        return None if all(math.isfinite(e.item()) for e in extrema) else torch.zeros(n_rows, dtype=torch.bool)
+    if _all_finite(*extrema):
+        return None
+    if all(e.numel() == 1 for e in extrema):  # one tensor scale
+        return torch.zeros(n_rows, dtype=torch.bool)
     ok = torch.isfinite(extrema[0])
     for e in extrema[1:]:
         ok = ok & torch.isfinite(e)
-    if bool(ok.all()):
-        return None
     return ok.all(dim=1).expand(n_rows)
 
 
@@ -247,9 +249,13 @@ def _finite_factors(scaling: _Scaling) -> bool:
 
 
 def _all_finite(*tensors: torch.Tensor | None) -> bool:
-    """Whether every element of the tensors given (None: none) is finite."""
+    """Whether every element of the tensors given (None: none) is finite: their min and max are (NaN
+    propagates through ``aminmax``, one pass without a mask: on CPU 15x faster than ``isfinite().all()``)."""
     for t in tensors:
-        if t is not None and not (math.isfinite(t.item()) if t.numel() == 1 else bool(torch.isfinite(t).all())):
+        if t is None:
+            continue
+        extrema = (t.item(),) if t.numel() == 1 else [v.item() for v in torch.aminmax(t)]
+        if not all(math.isfinite(v) for v in extrema):
             return False
     return True
 
@@ -387,7 +393,10 @@ def _plan(
         if fast:
             finite_rows = _finite_rows(rows.shape[0], data_amax.reshape(1, 1))
     elif spec.asymmetric:
-        block_min, block_max = _block_reduce(rows, layout, torch.amin), _block_reduce(rows, layout, torch.amax)
+        extrema = _native.block_extrema(rows, layout.cols, signed=True)  # one C pass where every block is finite
+        if extrema is None:
+            extrema = _block_reduce(rows, layout, torch.amin), _block_reduce(rows, layout, torch.amax)
+        block_min, block_max = extrema
         decode, zero_point = int_asymmetric_scales(block_min, block_max, element)
         scaling = _Scaling(decode, decode.view(torch.int32), _encode_factor(decode), zero_point)
         if fast:
@@ -474,12 +483,18 @@ def _quantize(
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
     plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales=scales, zero_points=zero_points)
     codes = None
-    if compile and stats is None and plan.fast and plan.finite_rows is None:
+    if stats is None and plan.fast and plan.finite_rows is None:
         zero_point = plan.scaling.zero_point
-        blocks = plan.layout.blocks(plan.rows)
-        codes = _fast.compiled_encode(
-            blocks, plan.factor, zero_point, plan.rng, element=plan.element, rounding=spec.rounding
-        )
+        if compile:
+            blocks = plan.layout.blocks(plan.rows)
+            codes = _fast.compiled_encode(
+                blocks, plan.factor, zero_point, plan.rng, element=plan.element, rounding=spec.rounding
+            )
+        else:  # one C pass
+            fused = _fast.quantize_blocks(
+                plan.element, plan.rows, plan.layout.cols, plan.factor, zero_point, spec.rounding, plan.rng
+            )
+            codes = None if fused is None else fused[0]
     return _qtensor(x, plan, plan.encode_codes(stats) if codes is None else codes.view(plan.rows.shape))
 
 
@@ -556,6 +571,11 @@ def _dequantize(q: QTensor, dtype: torch.dtype | None = None, fast: bool = True,
             "out_dtype": torch.float32 if spec.rht_size else out_dtype,
         }
         out = _fast.compiled_decode(layout.blocks(codes), scales, zero_points, q.global_scale, **options)
+    codec = _fast.block_codec(element) if out is None and fast else None
+    if codec is not None and _all_finite(scales, q.global_scale):  # one C pass, float32
+        out = _native.decode_blocks(codes, layout.cols, codec, scales, zero_points, q.global_scale, spec.sr_prescale)
+        if out is not None and not spec.rht_size:
+            out = out.to(out_dtype)
 
     def parts():
         for sl in row_chunks(codes.shape[0], codes[0].numel(), codes.device):
@@ -677,6 +697,20 @@ def _planned_fake_quantize(
         out = _fast.compiled_fake_quantize(
             layout.blocks(plan.rows), factor, scaling.decode, scaling.zero_point, global_scale, plan.rng, **options
         )
+    elif plan.fast and plan.finite_rows is None:  # one C pass: codes, their values, unscaled
+        unscale = (scaling.decode, global_scale, spec.sr_prescale)
+        fused = _fast.quantize_blocks(
+            element,
+            plan.rows,
+            layout.cols,
+            factor,
+            scaling.zero_point,
+            spec.rounding,
+            plan.rng,
+            codes=False,
+            unscale=unscale,
+        )
+        out = None if fused is None else fused[1].to(out_dtype)
 
     def parts():
         for sl, blocks_of, fast_chunk in plan.chunks():

@@ -2,7 +2,8 @@
 layout, size, dtype and direction, on adversarial inputs, and None (the compiled path) wherever it does
 not apply; the SR hash gives ``hash_bits``' bits for any offset and keys; the error sums give the tensor
 ops' counts and max exactly and their sums to the last digits, independent of the thread count; the
-minifloat encode gives the format's codes (RNE and SR) and the decode table every code's value."""
+minifloat encode gives the format's codes (RNE and SR) and the decode table every code's value; the block
+kernels (extrema, quantize, dequantize) give the formats' own codes, scales and values for every preset."""
 
 import math
 import shutil
@@ -12,8 +13,24 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lowbit.numerics import E2M1, E2M3, E3M2, E4M3, E5M2, _fast, _native, get_spec
+from lowbit.numerics import (
+    E2M1,
+    E2M3,
+    E3M2,
+    E4M3,
+    E5M2,
+    INT4,
+    INT8,
+    _fast,
+    _native,
+    dequantize,
+    fake_quantize,
+    get_spec,
+    preset_names,
+    quantize,
+)
 from lowbit.numerics.error import _error_sums, quant_error, quant_error_and_scales
+from lowbit.numerics.formats import IntFormat
 from lowbit.numerics.hadamard import (
     inverse_rht,
     random_signs,
@@ -23,7 +40,7 @@ from lowbit.numerics.hadamard import (
     unrotate_blocks,
     unrotate_columns,
 )
-from lowbit.numerics.quantize import _fake_quantize, _rht
+from lowbit.numerics.quantize import _dequantize, _fake_quantize, _quantize, _rht
 from lowbit.numerics.rounding import RandomBits, hash_bits
 
 pytestmark = pytest.mark.skipif(
@@ -275,3 +292,127 @@ def test_eager_codes_come_from_the_c_kernels_with_the_reference_bits(fmt):
         finite = codes[torch.isfinite(fmt.decode(codes))]
         values = _native.decode_float(finite, c.bits, c.mbits, c.bias, c.first_special, torch.full((256,), 7.0))
         assert _same(values, fmt.decode(finite).float())  # finite codes by the fields' arithmetic, not the table
+
+
+def _block_input(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    """Blocks whose magnitudes span 2^-60..2^60, all-zero and signed-zero blocks, runs of equal values,
+    float32 subnormals, and values at and between a grid's points (multiples of 1/8)."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * torch.logspace(-18, 18, shape[-1], base=10.0)
+    flat = x.view(-1, shape[-1])
+    flat[:2, :64] = 0.0
+    flat[2:4, :64] = -0.0
+    flat[4:6, :48] = 3.0
+    flat[6:8, 64:96] = 1e-42
+    flat[8:12] = torch.randint(-48, 49, flat[8:12].shape, generator=gen) / 8.0
+    return x.to(dtype)
+
+
+def _count_c_calls(monkeypatch) -> dict[str, int]:
+    """Count the block kernels' calls that ran (returned a result)."""
+    calls = {"block_extrema": 0, "quantize_blocks": 0, "decode_blocks": 0}
+    for name in calls:
+        original = getattr(_native, name)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            out = _original(*args, **kwargs)
+            calls[_name] += out is not None
+            return out
+
+        monkeypatch.setattr(_native, name, counted)
+    return calls
+
+
+_BLOCK_SPECS = [
+    *[(name, rounding) for name in preset_names() for rounding in ("rne", "sr")],
+    ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75}),
+    ("int4_group32", {"asymmetric": True}),
+    ("int8_channel", {"asymmetric": True, "rounding": "sr"}),
+    ("nvfp4", {"rht_size": 16}),
+    ("mxfp8_e4m3", {"scale_rule": "rceil"}),
+    ("fp8_e4m3_tensor", {"pow2_scale": True}),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name, options", _BLOCK_SPECS, ids=lambda v: v if isinstance(v, str) else str(v))
+def test_block_kernels_give_the_reference_codes_scales_and_values(monkeypatch, name, options, dtype):
+    spec = get_spec(name).replace(**({"rounding": options} if isinstance(options, str) else options))
+    x = _block_input((3, 48, 320), dtype, seed=len(name))  # 46,080 elements: tiles of 4,096 do not divide it
+    calls = _count_c_calls(monkeypatch)
+    q, values = quantize(x, spec, seed=11), fake_quantize(x, spec, seed=11)
+    out = dequantize(q)
+    assert calls["quantize_blocks"] == 2 and calls["decode_blocks"] == 1
+    assert calls["block_extrema"] == (0 if spec.block == "tensor" else 2)
+    monkeypatch.undo()
+    reference = _quantize(x, spec, None, 11, None, None, fast=False)  # the formats' own encode and decode
+    assert torch.equal(q.codes, reference.codes) and _same(q.scales, reference.scales)
+    assert torch.equal(q.scale_codes, reference.scale_codes)
+    assert q.zero_points is None or torch.equal(q.zero_points, reference.zero_points)
+    expected = _dequantize(reference, fast=False)
+    assert _same(out.float(), expected.float()) and out.dtype == dtype
+    assert _same(values.float(), _fake_quantize(x, spec, None, 11, None, None, fast=False).float())
+    assert values.dtype == dtype
+
+
+def test_block_kernels_leave_non_finite_blocks_and_scales_to_the_tensor_ops(monkeypatch):
+    x = _block_input((64, 256), torch.float32, seed=1)
+    x[5, 7], x[9, 100], x[20, 3] = float("nan"), float("inf"), -float("inf")
+    calls = _count_c_calls(monkeypatch)
+    for name in ("mxfp4", "nvfp4", "int4_group32", "fp8_e4m3_row"):
+        q = quantize(x, name)
+        reference = _quantize(x, get_spec(name), None, None, None, None, fast=False)
+        assert torch.equal(q.codes, reference.codes) and _same(q.scales, reference.scales)
+        assert _same(dequantize(q), _dequantize(reference, fast=False))
+    assert calls["block_extrema"] == 0 and calls["quantize_blocks"] == 0  # a NaN/Inf block: the general path
+    assert _native.block_extrema(x.view(64, 1, 256), 32) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.integers(1, 6),
+    r=st.sampled_from([1, 2, 16]),
+    nb=st.integers(1, 9),
+    c=st.sampled_from([1, 3, 16, 32, 200]),
+    bf16=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_block_extrema_are_the_blocks_max_abs_min_and_max(rows, r, nb, c, bf16, seed):
+    x = _block_input((rows * r, nb * c), torch.bfloat16 if bf16 else torch.float32, seed)
+    blocks = x.float().view(rows, r, nb, c)
+    (absmax,) = _native.block_extrema(x.view(rows, r, nb * c), c)
+    low, high = _native.block_extrema(x.view(rows, r, nb * c), c, signed=True)
+    assert torch.equal(absmax, blocks.abs().amax(dim=(1, 3)))
+    assert torch.equal(low, blocks.amin(dim=(1, 3))) and torch.equal(high, blocks.amax(dim=(1, 3)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    fmt=st.sampled_from([E2M1, E2M3, E3M2, E4M3, E5M2, INT4, INT8]),
+    shape=st.tuples(st.integers(1, 40), st.sampled_from([16, 32, 96, 4100])),
+    cols=st.sampled_from([16, 32, None]),
+    sr=st.booleans(),
+    offset=st.integers(0, 2**33),
+    seed=st.integers(0, 2**16),
+)
+def test_quantize_blocks_are_the_scaled_elements_codes(fmt, shape, cols, sr, offset, seed):
+    """Any factor per block (or one), zero points for integers, any SR offset: the codes of the scaled
+    elements by the format's encode, and their values unscaled as ``_fast.unscale`` does."""
+    cols = cols if cols and shape[1] % cols == 0 else shape[1]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=gen) * 2.0 ** torch.randint(-20, 20, shape, generator=gen)
+    rows = x.view(shape[0], 1, shape[1])
+    factor = 2.0 ** torch.randint(-20, 20, (shape[0], shape[1] // cols), generator=gen).float()
+    factor = factor * torch.rand(factor.shape, generator=gen).add(0.5)
+    decode = torch.rand(factor.shape, generator=gen) + 0.25
+    integer = isinstance(fmt, IntFormat)
+    zero_point = torch.randint(fmt.qmin, fmt.qmax + 1, factor.shape, dtype=torch.int32) if integer else None
+    bits = RandomBits(torch.randint(-(2**31), 2**31, (2,), generator=gen, dtype=torch.int32), offset) if sr else None
+    rounding = "sr" if sr else "rne"
+    unscale = (decode, torch.tensor(0.375), 0.75)
+    codes, values = _fast.quantize_blocks(fmt, rows, cols, factor, zero_point, rounding, bits, unscale=unscale)
+    scaled = _fast._scaled(rows.view(shape[0], 1, -1, cols), factor, zero_point)
+    expected = fmt.encode(scaled, rounding=rounding, saturate=True, generator=bits)
+    assert torch.equal(codes.view(expected.shape), expected)
+    unscaled = _fast.unscale(fmt.decode(expected).float(), decode, zero_point, torch.tensor(0.375), 0.75)
+    assert _same(values.view(unscaled.shape), unscaled)
