@@ -36,6 +36,7 @@ paths bit for bit on adversarial inputs (tests/framework/numerics/test_numerics_
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 from collections.abc import Callable
 from typing import NamedTuple
@@ -266,6 +267,39 @@ def block_codec(element: ElementFormat) -> _native.Codec | None:
     c = _code_constants(element)
     values = (element.bits, c.mbits, c.emin, c.bias, c.first_special, float(element.max), 0, 0, _code_table(element))
     return _native.Codec(False, *values)
+
+
+_MX_RULES = {"floor": 0, "ceil": 1, "even": 2, "nearest": 3, "rceil": 4}
+
+
+def block_scales(
+    amax: torch.Tensor,
+    element: ElementFormat,
+    scale_format: ElementFormat,
+    rule: str,
+    pow2: bool,
+    target: float,
+    global_encode: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(decode scales, encode factors, scale codes or None for FP32) of finite float32 block ``amax`` as
+    ``quantize._scaling_from_amax`` makes them (E8M0 by ``rule``; a signed minifloat scale format, with
+    NVFP4's ``global_encode``; FP32 with ``pow2`` and ``target``), in one C pass; None where it does not run."""
+    if amax.device.type != "cpu" or type(element) not in (FloatFormat, IntFormat):
+        return None
+    if scale_format.name == "e8m0":
+        if rule not in _MX_RULES or (rule == "even" and type(element) is not FloatFormat):
+            return None
+        mbits = element.mbits if type(element) is FloatFormat else 0
+        options = {"rule": _MX_RULES[rule], "emax": element.emax, "mbits": mbits, "elem_max": float(element.max)}
+        return _native.block_scales(amax, 0, **options)
+    if scale_format.name == "fp32":
+        return _native.block_scales(amax, 2, pow2=pow2, target=float(target or element.max))
+    codec = block_codec(scale_format)
+    if codec is None or codec.integer:
+        return None
+    if global_encode is not None and not 0.0 < float(global_encode) < math.inf:  # e.g. an amax override of -0
+        return None
+    return _native.block_scales(amax, 1, elem_max=float(element.max), scale=codec, global_encode=global_encode)
 
 
 def quantize_blocks(

@@ -54,6 +54,7 @@ import torch
 __all__ = [
     "Codec",
     "block_extrema",
+    "block_scales",
     "decode_blocks",
     "decode_float",
     "encode_float",
@@ -371,17 +372,34 @@ void lowbit_block_extrema(const void *x, int bf16, int64_t B, int64_t r, int64_t
         for (int64_t j = 0; j < nb; j++) {
             uint32_t top = 0;
             int32_t lo = INT32_MAX, hi = INT32_MIN;
-            for (int64_t i = 0; i < r; i++) {
+            for (int64_t i = 0; i < r; i++) { /* one loop per case: a flag tested inside made it slower */
                 int64_t at = (b * r + i) * C + j * c;
-                for (int64_t k = 0; k < c; k++) {
-                    uint32_t u = bits_at(x, bf16, at + k), a = u & 0x7FFFFFFFu;
-                    top = a > top ? a : top;
-                    if (minmax) {
+                if (bf16 && minmax)
+                    for (int64_t k = 0; k < c; k++) {
+                        uint32_t u = bits_at(x, 1, at + k), a = u & 0x7FFFFFFFu;
                         int32_t o = ordered(u);
+                        top = a > top ? a : top;
                         lo = o < lo ? o : lo;
                         hi = o > hi ? o : hi;
                     }
-                }
+                else if (minmax)
+                    for (int64_t k = 0; k < c; k++) {
+                        uint32_t u = bits_at(x, 0, at + k), a = u & 0x7FFFFFFFu;
+                        int32_t o = ordered(u);
+                        top = a > top ? a : top;
+                        lo = o < lo ? o : lo;
+                        hi = o > hi ? o : hi;
+                    }
+                else if (bf16)
+                    for (int64_t k = 0; k < c; k++) {
+                        uint32_t a = bits_at(x, 1, at + k) & 0x7FFFFFFFu;
+                        top = a > top ? a : top;
+                    }
+                else
+                    for (int64_t k = 0; k < c; k++) {
+                        uint32_t a = bits_at(x, 0, at + k) & 0x7FFFFFFFu;
+                        top = a > top ? a : top;
+                    }
             }
             nonfinite += top >= 0x7F800000u;
             uint32_t first = minmax ? (uint32_t)ordered((uint32_t)lo) : top, second = (uint32_t)ordered((uint32_t)hi);
@@ -389,6 +407,123 @@ void lowbit_block_extrema(const void *x, int bf16, int64_t B, int64_t r, int64_t
             if (minmax) memcpy(out1 + b * nb + j, &second, sizeof second);
         }
     bad[0] = nonfinite;
+}
+
+/* Block scales from n finite block amax (blocks.py, _fast.e8m0_scales): decode scales, encode factors and,
+   but for FP32 scales, the scales' codes.
+   kind 0, E8M0 (mx_scale_codes): rule 0 floor, 1 ceil, 2 even (amax rounded to the element's `mbits`
+   first), 3 nearest (log2 rounded), 4 rceil (ceil log2 of amax / elem_max); the exponent less the element's
+   `emax`, clamped to [-127, 127]; decode 2^e and factor 2^-e from the bits (2^-127 the subnormal 1 << 22).
+   kind 1, a signed minifloat scale format (sbits, smbits, semin, sbias, smax; lowp_block_scales): the target
+   amax / elem_max, or with a global encode scale g, amax * (g * (1 / elem_max)) clamped to FLT_MAX, coded
+   to nearest even, saturating; factor 1 / s or 1 / (s * (1 / g)), clamped to FLT_MAX.
+   kind 2, FP32 (fp32_scales, current_scale): factor target / amax clamped to FLT_MAX, 1 for amax 0, its
+   mantissa cleared with pow2; decode 1 / factor. */
+#define FLT_MAX_F 3.40282346638528859812e+38F
+/* The E8M0 code of an exponent e (clamped to [-127, 127]), its decode scale 2^e and encode factor 2^-e. */
+static inline void e8m0_of(int32_t e, int64_t k, float *decode, float *factor, uint8_t *codes) {
+    e = e < -127 ? -127 : (e > 127 ? 127 : e);
+    int32_t c = e + 127, db = c << 23, fb = (254 - c) << 23;
+    db = db < (1 << 22) ? (1 << 22) : db;
+    fb = fb < (1 << 22) ? (1 << 22) : fb;
+    memcpy(decode + k, &db, sizeof db);
+    memcpy(factor + k, &fb, sizeof fb);
+    codes[k] = (uint8_t)c;
+}
+
+static inline int32_t bits_of(float v) {
+    int32_t bits;
+    memcpy(&bits, &v, sizeof bits);
+    return bits;
+}
+
+/* One loop per rule (a rule chosen inside the loop made it ten times slower). */
+static void e8m0_scales(const float *amax, int64_t n, int rule, int emax, int mbits, float elem_max, float *decode,
+                        float *factor, uint8_t *codes) {
+    const int32_t half = 1 << (23 - mbits - 1);
+    switch (rule) {
+    case 0: /* floor */
+        for (int64_t k = 0; k < n; k++) e8m0_of((bits_of(amax[k]) >> 23) - 127 - emax, k, decode, factor, codes);
+        break;
+    case 1: /* ceil */
+        for (int64_t k = 0; k < n; k++) {
+            int32_t b = bits_of(amax[k]);
+            e8m0_of((b >> 23) - 127 + ((b & 0x7FFFFF) != 0) - emax, k, decode, factor, codes);
+        }
+        break;
+    case 2: /* even: amax rounded to the element's mantissa bits (half up on the bits) first */
+        for (int64_t k = 0; k < n; k++)
+            e8m0_of((((bits_of(amax[k]) + half) & 0x7F800000) >> 23) - 127 - emax, k, decode, factor, codes);
+        break;
+    case 3: /* nearest: log2 rounded */
+        for (int64_t k = 0; k < n; k++) {
+            int32_t b = bits_of(amax[k]);
+            e8m0_of((b >> 23) - 127 + ((b & 0x7FFFFF) >= 3474676) - emax, k, decode, factor, codes);
+        }
+        break;
+    default: /* rceil: ceil log2 of amax / elem_max; -127 for a ratio of 2^-127 or less */
+        for (int64_t k = 0; k < n; k++) {
+            int32_t rb = bits_of(amax[k] / elem_max);
+            e8m0_of(rb <= (1 << 22) ? -127 : ((rb >> 23) - 127) + ((rb & 0x7FFFFF) != 0), k, decode, factor, codes);
+        }
+    }
+}
+
+/* The scale's code and value for target t, and its encode factor 1 / (d * inv_g) (inv_g = 1: 1 / d). */
+static inline void minifloat_scale_of(float t, float inv_g, int global, int64_t k, int sbits, int smbits, int semin,
+                                      int sbias, float smax, float *decode, float *factor, uint8_t *codes) {
+    uint8_t c = minifloat_code(t, sbits, smbits, semin, smax, 0, 0);
+    float d = minifloat_value(c, sbits, smbits, sbias);
+    float f = global ? 1.0f / (d * inv_g) : 1.0f / d;
+    decode[k] = d;
+    factor[k] = f < FLT_MAX_F ? f : FLT_MAX_F;
+    codes[k] = c;
+}
+
+static void minifloat_scales(const float *amax, int64_t n, float elem_max, int sbits, int smbits, int semin, int sbias,
+                             float smax, int has_global, float g, float *decode, float *factor, uint8_t *codes) {
+    const float inv_g = 1.0f / g, g_emax = g * (1.0f / elem_max);
+    if (has_global)
+        for (int64_t k = 0; k < n; k++) {
+            float t = amax[k] * g_emax;
+            t = t < FLT_MAX_F ? t : FLT_MAX_F;
+            minifloat_scale_of(t, inv_g, 1, k, sbits, smbits, semin, sbias, smax, decode, factor, codes);
+        }
+    else
+        for (int64_t k = 0; k < n; k++)
+            minifloat_scale_of(amax[k] / elem_max, 1.0f, 0, k, sbits, smbits, semin, sbias, smax, decode, factor, codes);
+}
+
+static void fp32_scales(const float *restrict amax, int64_t n, int pow2, float target, float *restrict decode,
+                        float *restrict factor) {
+    for (int64_t k = 0; k < n; k++) {
+        float f = target / amax[k];
+        f = f < FLT_MAX_F ? f : FLT_MAX_F;
+        f = amax[k] == 0.0f ? 1.0f : f;
+        int32_t fb;
+        memcpy(&fb, &f, sizeof fb);
+        fb = pow2 ? fb & ~0x7FFFFF : fb;
+        memcpy(&f, &fb, sizeof f);
+        factor[k] = f;
+        decode[k] = 1.0f / f;
+    }
+}
+
+void lowbit_block_scales(const float *amax, int64_t n, int kind, int rule, int emax, int mbits, float elem_max,
+                         int sbits, int smbits, int semin, int sbias, float smax, int has_global, float g, int pow2,
+                         float target, float *decode, float *factor, uint8_t *codes, int threads) {
+    int64_t chunks = (n + 65535) / 65536;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t t = 0; t < chunks; t++) {
+        int64_t lo = t * 65536, w = n - lo < 65536 ? n - lo : 65536;
+        if (kind == 0)
+            e8m0_scales(amax + lo, w, rule, emax, mbits, elem_max, decode + lo, factor + lo, codes + lo);
+        else if (kind == 1)
+            minifloat_scales(amax + lo, w, elem_max, sbits, smbits, semin, sbias, smax, has_global, g, decode + lo,
+                             factor + lo, codes + lo);
+        else
+            fp32_scales(amax + lo, w, pow2, target, decode + lo, factor + lo);
+    }
 }
 
 /* Walks flat elements a block's run at a time without a division per run (a run of 16 elements costs
@@ -531,6 +666,7 @@ _SIGNATURES = {
     "lowbit_block_extrema": "pillllipppi",
     "lowbit_quantize_blocks": "pillllpllpiiiiifiiiluuppififpi",
     "lowbit_decode_blocks": "piiiiipllllpllpififpi",
+    "lowbit_block_scales": "pliiiifiiiifififpppi",
 }
 
 
@@ -858,3 +994,35 @@ def decode_blocks(
         torch.get_num_threads(),
     )
     return out
+
+
+def block_scales(
+    amax: torch.Tensor,
+    kind: int,
+    *,
+    rule: int = 0,
+    emax: int = 0,
+    mbits: int = 0,
+    elem_max: float = 1.0,
+    scale: Codec | None = None,
+    global_encode: torch.Tensor | None = None,
+    pow2: bool = False,
+    target: float = 0.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """(decode scales, encode factors, scale codes or None) of finite float32 block ``amax`` in one pass:
+    ``kind`` 0 E8M0 (``rule`` 0-4: floor, ceil, even, nearest, rceil; the element's ``emax``, ``mbits``,
+    ``elem_max``), 1 the signed minifloat ``scale`` format (with NVFP4's ``global_encode``), 2 FP32
+    (``target``, ``pow2``); see the C source. None where the kernel does not run."""
+    lib = _library() if amax.device.type == "cpu" else None
+    if lib is None or amax.dtype != torch.float32 or not amax.is_contiguous() or (kind == 1 and scale is None):
+        return None
+    decode, factor = torch.empty_like(amax), torch.empty_like(amax)
+    codes = torch.empty(amax.shape, dtype=torch.uint8) if kind != 2 else None
+    s = scale or Codec(False, 8, 0, 0, 0, 0, 1.0, 0, 0, torch.empty(0))
+    g = 1.0 if global_encode is None else float(global_encode)
+    lib.lowbit_block_scales(
+        amax.data_ptr(), amax.numel(), kind, rule, emax, mbits, elem_max,
+        s.bits, s.mbits, s.emin, s.bias, s.max, int(global_encode is not None), g, int(pow2), target,
+        decode.data_ptr(), factor.data_ptr(), None if codes is None else codes.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return decode, factor, codes

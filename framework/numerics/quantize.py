@@ -102,7 +102,14 @@ def _scaling_from_amax(
     global_encode: torch.Tensor | None,
     finite: bool = False,
 ) -> _Scaling:
-    """Scales from block amax; ``finite``: every amax is finite (no NaN scale codes to mind)."""
+    """Scales from block amax; ``finite``: every amax is finite (no NaN scale codes to mind; on CPU one C
+    pass makes them, the same bits)."""
+    if finite:
+        options = (spec.scale_rule, spec.pow2_scale, spec.amax_target, global_encode)
+        native = _fast.block_scales(amax, element, scale_format, *options)
+        if native is not None:
+            decode, factor, codes = native
+            return _Scaling(decode, decode.view(torch.int32) if codes is None else codes, factor)
     if scale_format.name == "e8m0":
         codes = mx_scale_codes(amax, element, spec.scale_rule)
         if finite:  # the arithmetic path's where-free E8M0 decode

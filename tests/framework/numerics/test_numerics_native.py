@@ -25,10 +25,12 @@ from lowbit.numerics import (
     _native,
     dequantize,
     fake_quantize,
+    get_format,
     get_spec,
     preset_names,
     quantize,
 )
+from lowbit.numerics.blocks import fp32_scales, lowp_block_scales, mx_scale_codes
 from lowbit.numerics.error import _error_sums, quant_error, quant_error_and_scales
 from lowbit.numerics.formats import IntFormat
 from lowbit.numerics.hadamard import (
@@ -416,3 +418,48 @@ def test_quantize_blocks_are_the_scaled_elements_codes(fmt, shape, cols, sr, off
     assert torch.equal(codes.view(expected.shape), expected)
     unscaled = _fast.unscale(fmt.decode(expected).float(), decode, zero_point, torch.tensor(0.375), 0.75)
     assert _same(values.view(unscaled.shape), unscaled)
+
+
+def _amax_values(seed: int) -> torch.Tensor:
+    """Block amax: 0, float32 subnormals, powers of two and their neighbours, the sqrt(2) mantissa edge of
+    the ``nearest`` rule, FLT_MAX, and random magnitudes over the whole float32 range."""
+    gen = torch.Generator().manual_seed(seed)
+    powers = 2.0 ** torch.arange(-149, 128, dtype=torch.float64)
+    edges = torch.tensor([0.0, 1e-45, 1e-40, 2.0**-127, 2.0**-126, 3.4028234663852886e38, 1.4142135, 1.4142137])
+    bits = powers.float().view(torch.int32)
+    neighbours = torch.cat([(bits[1:] - 1).view(torch.float32), (bits + 1).view(torch.float32)])
+    random = (torch.rand(5000, generator=gen) * 2.0 ** torch.randint(-140, 127, (5000,), generator=gen)).float()
+    return torch.cat([powers.float(), edges, neighbours, random]).contiguous()
+
+
+@pytest.mark.parametrize("rule", ["floor", "ceil", "even", "nearest", "rceil"])
+@pytest.mark.parametrize("element", [E2M1, E2M3, E3M2, E4M3, E5M2, INT8], ids=lambda f: f.name)
+def test_e8m0_block_scales_are_the_reference(rule, element):
+    amax = _amax_values(1)
+    got = _fast.block_scales(amax, element, get_format("e8m0"), rule, False, 0.0, None)
+    if rule == "even" and isinstance(element, IntFormat):
+        assert got is None  # integers have no mantissa to round amax to: the tensor ops
+        return
+    codes = mx_scale_codes(amax, element, rule)
+    decode, factor = _fast.e8m0_scales(codes)
+    assert torch.equal(got[2], codes) and _same(got[0], decode) and _same(got[1], factor)
+
+
+@pytest.mark.parametrize("element", [E2M1, E4M3, E5M2, INT4], ids=lambda f: f.name)
+@pytest.mark.parametrize("global_scale", [None, 2688.0 / 7.5, 1e30, 2688.0 / 3.4e38], ids=str)
+def test_minifloat_block_scales_are_the_reference(element, global_scale):
+    amax = _amax_values(2)
+    g = None if global_scale is None else torch.tensor(global_scale, dtype=torch.float32)
+    got = _fast.block_scales(amax, element, E4M3, "floor", False, 0.0, g)
+    codes, decode, factor = lowp_block_scales(amax, element, E4M3, g)
+    assert torch.equal(got[2], codes) and _same(got[0], decode) and _same(got[1], factor)
+    assert _fast.block_scales(amax, element, E4M3, "floor", False, 0.0, torch.tensor(-math.inf)) is None
+
+
+@pytest.mark.parametrize("element", [E4M3, E5M2, INT4, INT8], ids=lambda f: f.name)
+@pytest.mark.parametrize("pow2, target", [(False, 0.0), (True, 0.0), (False, 1000.0), (True, 3.3)], ids=str)
+def test_fp32_block_scales_are_the_reference(element, pow2, target):
+    amax = _amax_values(3)
+    decode, factor, codes = _fast.block_scales(amax, element, get_format("fp32"), "floor", pow2, target, None)
+    expected_decode, expected_factor = fp32_scales(amax, element, pow2, target)
+    assert codes is None and _same(decode, expected_decode) and _same(factor, expected_factor)
