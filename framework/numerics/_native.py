@@ -29,6 +29,15 @@ make six float64 passes: each thread sums fixed chunks in 8 lanes and the chunks
 so the sums do not depend on the thread count (their order differs from torch's, as the compiled
 kernel's does: the SNR may differ in its last digits; the counts and the max are exact).
 
+The block kernels run eager quantization on CPU in whole-tensor passes (``quantize``, ``dequantize``,
+``fake_quantize``; the chunked tensor ops made ~100 copies of a 2048 x 2048 tensor's chunks a call):
+every block's max |x| or min and max, from the float bits (an integer max, which vectorizes; a block
+with a NaN or an Inf is left to the tensor ops); the block scales from finite amax (E8M0 by each MX rule,
+a minifloat scale format with NVFP4's global scale, FP32 current scaling); the elements times their
+block's factor (plus a zero point) coded as above or as integers, with the SR bits hashed in place,
+and optionally their decoded values unscaled; and the decode and unscale of codes. Each step over a
+tile is its own loop without a flag tested inside (one such flag made the scale loop ten times slower).
+
 Compiled once per machine with the system C compiler (the one inductor's CPU kernels need too) into
 inductor's cache directory, keyed by the source, the flags and the CPU's feature flags, and loaded with
 ctypes. Where it cannot be built or does not apply (no compiler, a dtype other than float32/BFloat16,
@@ -720,6 +729,45 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+_HUGE_PAGE = 2 << 20
+_MADV_HUGEPAGE = 14  # linux/mman.h
+_ADVISE_MIN_BYTES = 8 << 20
+
+
+@functools.cache
+def _madvise():
+    """libc's madvise where transparent huge pages are on only for memory that asks (``madvise`` mode, the
+    usual default), else None."""
+    try:
+        mode = Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text()
+        if "[madvise]" not in mode:
+            return None
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):
+        return None
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    madvise.restype = ctypes.c_int
+    return madvise
+
+
+def _empty(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    """``torch.empty`` for a kernel's output; a large one asks the kernel for transparent huge pages before
+    its first write. A fresh allocation of many MiB is memory the process maps anew (glibc maps allocations
+    over 32 MiB afresh each time), and touching it page by page costs more than the kernel's arithmetic
+    (67 MiB: 50 ms of page faults in 4 KiB pages, ~8 ms in 2 MiB ones, on a 2-core VM). Advice only: the
+    values and the layout are torch.empty's."""
+    out = torch.empty(shape, dtype=dtype)
+    size = out.numel() * out.element_size()
+    madvise = _madvise() if size >= _ADVISE_MIN_BYTES else None
+    if madvise is not None:
+        start = -(-out.data_ptr() // _HUGE_PAGE) * _HUGE_PAGE
+        end = (out.data_ptr() + size) // _HUGE_PAGE * _HUGE_PAGE
+        if end > start:
+            madvise(start, end - start, _MADV_HUGEPAGE)  # a refusal leaves 4 KiB pages: nothing to handle
+    return out
+
+
 def _run(x: torch.Tensor, signs: torch.Tensor, inverse: bool, layout: tuple[int, ...]) -> torch.Tensor | None:
     lib = _library() if x.device.type == "cpu" else None
     if lib is None or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
@@ -729,7 +777,7 @@ def _run(x: torch.Tensor, signs: torch.Tensor, inverse: bool, layout: tuple[int,
     if signs.device.type != "cpu" or n > _MAX_LANES:
         return None
     x = x.detach()
-    y = torch.empty(x.shape, dtype=torch.float32)
+    y = _empty(x.shape, torch.float32)
     scale = 1.0 / math.sqrt(n)  # the Python float ``_hadamard`` multiplies by (ctypes rounds it to float32)
     args = (x.data_ptr(), int(x.dtype == torch.bfloat16), signs.data_ptr(), y.data_ptr(), *layout)
     lib.lowbit_fwht(*args, scale, int(inverse), torch.get_num_threads())
@@ -766,7 +814,7 @@ def sr_bits(offset: int, n: int, keys: torch.Tensor) -> torch.Tensor | None:
     if lib is None:
         return None
     k0, k1 = (int(k) & 0xFFFFFFFF for k in keys.tolist())
-    out = torch.empty(n, dtype=torch.int32)
+    out = _empty((n,), torch.int32)
     lib.lowbit_sr_bits(int(offset), int(n), k0, k1, out.data_ptr(), torch.get_num_threads())
     return out
 
@@ -808,7 +856,7 @@ def encode_float(x: torch.Tensor, bits: int, mbits: int, emin: int, max_value: f
         return None
     if sr is not None and (sr.dtype != torch.int32 or sr.shape != x.shape or not sr.is_contiguous()):
         return None
-    out = torch.empty(x.shape, dtype=torch.uint8)
+    out = _empty(x.shape, torch.uint8)
     sr_ptr = None if sr is None else sr.data_ptr()
     lib.lowbit_encode_float(
         x.data_ptr(), x.numel(), bits, mbits, emin, max_value, sr_ptr, out.data_ptr(), torch.get_num_threads()
@@ -825,7 +873,7 @@ def decode_float(codes: torch.Tensor, bits: int, mbits: int, bias: int, first_sp
         return None
     if table.dtype != torch.float32 or table.shape != (256,) or not table.is_contiguous():
         return None
-    out = torch.empty(codes.shape, dtype=torch.float32)
+    out = _empty(codes.shape, torch.float32)
     args = (codes.data_ptr(), codes.numel(), bits, mbits, bias, first_special, table.data_ptr(), out.data_ptr())
     lib.lowbit_decode_float(*args, torch.get_num_threads())
     return out
@@ -924,8 +972,8 @@ def quantize_blocks(
     if sr is not None and (sr[1].device.type != "cpu" or sr[1].numel() != 2):
         return None
     offset, (k0, k1) = (0, (0, 0)) if sr is None else (int(sr[0]), (int(k) & 0xFFFFFFFF for k in sr[1].tolist()))
-    out = torch.empty(rows.shape, dtype=torch.uint8) if codes else None
-    values = torch.empty(rows.shape, dtype=torch.float32) if unscale is not None else None
+    out = _empty(rows.shape, torch.uint8) if codes else None
+    values = _empty(rows.shape, torch.float32) if unscale is not None else None
     scales, global_scale, prescale = unscale if unscale is not None else (None, None, 1.0)
     lib.lowbit_quantize_blocks(
         rows.data_ptr(),
@@ -976,7 +1024,7 @@ def decode_blocks(
         return None
     if zero_point is not None and _per_block(zero_point, shape, torch.int32) != strides:
         return None
-    out = torch.empty(codes.shape, dtype=torch.float32)
+    out = _empty(codes.shape, torch.float32)
     lib.lowbit_decode_blocks(
         codes.data_ptr(),
         int(codec.integer),

@@ -14,7 +14,11 @@ Two element paths give the same bits. The general one is each format's ``encode`
 ``decode``, the definition. On CPU, chunks without NaN/Inf input in a built-in signed,
 saturating format take the arithmetic-only path of :mod:`lowbit.numerics._fast` (no
 ``torch.where``, no table gathers; 2-5x faster). ``fake_quantize`` rounds elements straight to
-their decoded values there, without codes. The tests compare both paths bit for bit; the
+their decoded values there, without codes. Eagerly on CPU, where every block is finite and the
+format is a built-in one of at most 8 bits rounded RNE or SR, the block amax (or min/max), the
+block scales, the codes (or ``fake_quantize``'s values) and ``dequantize``'s values are each
+one C pass over the whole tensor (:mod:`lowbit.numerics._native`), the same arithmetic in the
+same order. The tests compare all paths bit for bit; the
 private ``_quantize`` / ``_dequantize`` / ``_fake_quantize`` / ``_requantize`` take
 ``fast=False`` to force the general path.
 """

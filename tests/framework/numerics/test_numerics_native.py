@@ -463,3 +463,19 @@ def test_fp32_block_scales_are_the_reference(element, pow2, target):
     decode, factor, codes = _fast.block_scales(amax, element, get_format("fp32"), "floor", pow2, target, None)
     expected_decode, expected_factor = fp32_scales(amax, element, pow2, target)
     assert codes is None and _same(decode, expected_decode) and _same(factor, expected_factor)
+
+
+def test_large_outputs_ask_for_huge_pages_inside_their_own_memory(monkeypatch):
+    calls = []
+    monkeypatch.setattr(
+        _native, "_madvise", lambda: lambda start, length, advice: calls.append((start, length, advice))
+    )
+    small = _native._empty((1000,), torch.float32)
+    large = _native._empty((4096, 1024), torch.float32)  # 16 MiB
+    assert small.shape == (1000,) and large.shape == (4096, 1024) and large.dtype == torch.float32
+    assert len(calls) == 1  # the small one asks nothing
+    start, length, advice = calls[0]
+    assert advice == 14 and start % (2 << 20) == 0 and length % (2 << 20) == 0 and length >= 14 << 20
+    assert large.data_ptr() <= start and start + length <= large.data_ptr() + large.numel() * 4
+    monkeypatch.setattr(_native, "_madvise", lambda: None)
+    assert _native._empty((4096, 1024), torch.uint8).dtype == torch.uint8
