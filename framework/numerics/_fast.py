@@ -272,6 +272,26 @@ def block_codec(element: ElementFormat) -> _native.Codec | None:
 _MX_RULES = {"floor": 0, "ceil": 1, "even": 2, "nearest": 3, "rceil": 4}
 
 
+def _scale_kind(
+    element: ElementFormat, scale_format: ElementFormat, rule: str, pow2: bool, target: float
+) -> tuple[int, dict] | None:
+    """The C kind of a block scale (0 E8M0, 1 a signed minifloat, 2 FP32) and its options, or None where the
+    C kernels do not make it."""
+    if type(element) not in (FloatFormat, IntFormat):
+        return None
+    if scale_format.name == "e8m0":
+        if rule not in _MX_RULES or (rule == "even" and type(element) is not FloatFormat):
+            return None
+        mbits = element.mbits if type(element) is FloatFormat else 0
+        return 0, {"rule": _MX_RULES[rule], "emax": element.emax, "mbits": mbits, "elem_max": float(element.max)}
+    if scale_format.name == "fp32":
+        return 2, {"pow2": pow2, "target": float(target or element.max)}
+    codec = block_codec(scale_format)
+    if codec is None or codec.integer:
+        return None
+    return 1, {"elem_max": float(element.max), "scale": codec}
+
+
 def block_scales(
     amax: torch.Tensor,
     element: ElementFormat,
@@ -284,22 +304,42 @@ def block_scales(
     """(decode scales, encode factors, scale codes or None for FP32) of finite float32 block ``amax`` as
     ``quantize._scaling_from_amax`` makes them (E8M0 by ``rule``; a signed minifloat scale format, with
     NVFP4's ``global_encode``; FP32 with ``pow2`` and ``target``), in one C pass; None where it does not run."""
-    if amax.device.type != "cpu" or type(element) not in (FloatFormat, IntFormat):
-        return None
-    if scale_format.name == "e8m0":
-        if rule not in _MX_RULES or (rule == "even" and type(element) is not FloatFormat):
-            return None
-        mbits = element.mbits if type(element) is FloatFormat else 0
-        options = {"rule": _MX_RULES[rule], "emax": element.emax, "mbits": mbits, "elem_max": float(element.max)}
-        return _native.block_scales(amax, 0, **options)
-    if scale_format.name == "fp32":
-        return _native.block_scales(amax, 2, pow2=pow2, target=float(target or element.max))
-    codec = block_codec(scale_format)
-    if codec is None or codec.integer:
+    kind = _scale_kind(element, scale_format, rule, pow2, target) if amax.device.type == "cpu" else None
+    if kind is None:
         return None
     if global_encode is not None and not 0.0 < float(global_encode) < math.inf:  # e.g. an amax override of -0
         return None
-    return _native.block_scales(amax, 1, elem_max=float(element.max), scale=codec, global_encode=global_encode)
+    options = {**kind[1], "global_encode": global_encode} if kind[0] == 1 else kind[1]
+    return _native.block_scales(amax, kind[0], **options)
+
+
+def quantize_fused(
+    element: ElementFormat,
+    scale_format: ElementFormat,
+    x: torch.Tensor,
+    cols: int,
+    rounding: str,
+    rng: RandomBits | None,
+    *,
+    rule: str,
+    pow2: bool,
+    target: float,
+    prescale: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """The codes (``element``'s code dtype, x's shape), decode scales (flat) and scale codes (flat; None for
+    FP32 scales) of ``x`` in 1-D blocks of ``cols`` without a global scale or zero point, each block's amax,
+    scales and codes in one C pass over x (``_native.quantize_fused``); None where it does not run or a block
+    is not finite."""
+    codec = block_codec(element)
+    kind = _scale_kind(element, scale_format, rule, pow2, target)
+    if codec is None or kind is None or rounding not in ("rne", "sr") or (rounding == "sr") != (rng is not None):
+        return None
+    sr = None if rng is None else (rng.offset, rng.keys)
+    out = _native.quantize_fused(x, cols, kind[0], codec, sr, prescale=prescale, **kind[1])
+    if out is None:
+        return None
+    codes, decode, _, scale_codes = out
+    return codes.view(element.code_dtype), decode, scale_codes
 
 
 def quantize_blocks(

@@ -49,9 +49,11 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import getpass
 import hashlib
 import math
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -69,6 +71,7 @@ __all__ = [
     "encode_float",
     "error_sums",
     "quantize_blocks",
+    "quantize_fused",
     "rotate_blocks",
     "rotate_columns",
     "sr_bits",
@@ -586,6 +589,23 @@ static void unscale_run(float *v, int64_t lo, int64_t hi, int64_t r, int64_t C, 
     }
 }
 
+/* The codes of w scaled elements buf (flat indices first, first + 1, ...; see lowbit_quantize_blocks), SR bits
+   (rbits: scratch of w) hashed from offset + index: one loop per case. */
+static void code_tile(const float *buf, int64_t w, int64_t first, int integer, int bits, int mbits, int emin, float maxv,
+                      int qmin, int qmax, int sr, int64_t offset, uint32_t k0, uint32_t k1, int32_t *rbits, uint8_t *out) {
+    if (sr)
+        for (int64_t k = 0; k < w; k++)
+            rbits[k] = (int32_t)(fmix32(fmix32((uint32_t)(offset + first + k) + k0) ^ k1) & 0x7FFFFFFFu);
+    if (integer && sr)
+        for (int64_t k = 0; k < w; k++) out[k] = integer_code(buf[k], qmin, qmax, 1, rbits[k]);
+    else if (integer)
+        for (int64_t k = 0; k < w; k++) out[k] = integer_code(buf[k], qmin, qmax, 0, 0);
+    else if (sr)
+        for (int64_t k = 0; k < w; k++) out[k] = minifloat_code(buf[k], bits, mbits, emin, maxv, 1, rbits[k]);
+    else
+        for (int64_t k = 0; k < w; k++) out[k] = minifloat_code(buf[k], bits, mbits, emin, maxv, 0, 0);
+}
+
 /* Quantize finite blocks: each element times its block's encode factor (plus its zero point, zp not NULL),
    coded as a minifloat (minifloat_code: bits, mbits, emin, maxv) or an integer (integer_code: qmin, qmax,
    with `integer`), rounded to nearest even or (sr) stochastically by rounding.hash_bits of its flat index
@@ -623,18 +643,8 @@ void lowbit_quantize_blocks(const void *x, int bf16, int64_t B, int64_t r, int64
                 for (int64_t k = 0; k < w; k++) out[k] = out[k] + z;
             }
         }
-        if (sr)
-            for (int64_t k = 0; k < w; k++)
-                rbits[k] = (int32_t)(fmix32(fmix32((uint32_t)(offset + lo + k) + k0) ^ k1) & 0x7FFFFFFFu);
         uint8_t *out = codes ? codes + lo : tile_codes;
-        if (integer && sr)
-            for (int64_t k = 0; k < w; k++) out[k] = integer_code(buf[k], qmin, qmax, 1, rbits[k]);
-        else if (integer)
-            for (int64_t k = 0; k < w; k++) out[k] = integer_code(buf[k], qmin, qmax, 0, 0);
-        else if (sr)
-            for (int64_t k = 0; k < w; k++) out[k] = minifloat_code(buf[k], bits, mbits, emin, maxv, 1, rbits[k]);
-        else
-            for (int64_t k = 0; k < w; k++) out[k] = minifloat_code(buf[k], bits, mbits, emin, maxv, 0, 0);
+        code_tile(buf, w, lo, integer, bits, mbits, emin, maxv, qmin, qmax, sr, offset, k0, k1, rbits, out);
         if (values == NULL) continue;
         decode_codes(out, w, integer, bits, mbits, bias, 0, NULL, values + lo);
         unscale_run(values + lo, lo, hi, r, C, c, fb, fj, scales, zp, has_global, global, has_prescale, prescale);
@@ -654,6 +664,62 @@ void lowbit_decode_blocks(const uint8_t *codes, int integer, int bits, int mbits
         decode_codes(codes + lo, hi - lo, integer, bits, mbits, bias, first_special, table, out + lo);
         unscale_run(out + lo, lo, hi, r, C, c, fb, fj, scales, zp, has_global, global, has_prescale, prescale);
     }
+}
+
+/* lowbit_quantize_blocks with the scales made on the way, for 1-D blocks of c <= QTILE elements and no global
+   scale or zero point: a tile of whole blocks at a time, each block's max |x| from the bits, the tile's block
+   scales (block_scales' kind 0 E8M0, 1 a signed minifloat, 2 FP32) into decode, factor and scale_codes, the
+   factors times the prescale (with has_prescale, as _Plan.factor folds it), then the codes. One read of x
+   where the two kernels make two. Into bad[0] the number of blocks holding a NaN or an Inf: where it is not
+   0, the outputs mean nothing (the caller takes the general path). */
+void lowbit_quantize_fused(const void *x, int bf16, int64_t nblocks, int64_t c, int kind, int rule, int emax,
+                           int el_mbits, float elem_max, int sbits, int smbits, int semin, int sbias, float smax, int pow2,
+                           float target, int has_prescale, float prescale, int integer, int bits, int mbits, int emin,
+                           float maxv, int qmin, int qmax, int sr, int64_t offset, uint32_t k0, uint32_t k1,
+                           float *decode, float *factor, uint8_t *scale_codes, uint8_t *codes, int64_t *bad,
+                           int threads) {
+    int64_t per = QTILE / c, tiles = (nblocks + per - 1) / per, nonfinite = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(+ : nonfinite)
+    for (int64_t t = 0; t < tiles; t++) {
+        float buf[QTILE], amax[QTILE];
+        int32_t rbits[QTILE];
+        int64_t b0 = t * per, nb = b0 + per < nblocks ? per : nblocks - b0, lo = b0 * c;
+        for (int64_t j = 0; j < nb; j++) {
+            uint32_t top = 0;
+            int64_t at = lo + j * c;
+            if (bf16)
+                for (int64_t k = 0; k < c; k++) {
+                    uint32_t a = bits_at(x, 1, at + k) & 0x7FFFFFFFu;
+                    top = a > top ? a : top;
+                }
+            else
+                for (int64_t k = 0; k < c; k++) {
+                    uint32_t a = bits_at(x, 0, at + k) & 0x7FFFFFFFu;
+                    top = a > top ? a : top;
+                }
+            nonfinite += top >= 0x7F800000u;
+            memcpy(amax + j, &top, sizeof top);
+        }
+        if (kind == 0)
+            e8m0_scales(amax, nb, rule, emax, el_mbits, elem_max, decode + b0, factor + b0, scale_codes + b0);
+        else if (kind == 1)
+            minifloat_scales(amax, nb, elem_max, sbits, smbits, semin, sbias, smax, 0, 1.0f, decode + b0, factor + b0,
+                             scale_codes + b0);
+        else
+            fp32_scales(amax, nb, pow2, target, decode + b0, factor + b0);
+        for (int64_t j = 0; j < nb; j++) {
+            float f = has_prescale ? factor[b0 + j] * prescale : factor[b0 + j], *out = buf + j * c;
+            if (bf16) {
+                const uint16_t *in = (const uint16_t *)x + lo + j * c;
+                for (int64_t k = 0; k < c; k++) out[k] = from_bf16(in[k]) * f;
+            } else {
+                const float *in = (const float *)x + lo + j * c;
+                for (int64_t k = 0; k < c; k++) out[k] = in[k] * f;
+            }
+        }
+        code_tile(buf, nb * c, lo, integer, bits, mbits, emin, maxv, qmin, qmax, sr, offset, k0, k1, rbits, codes + lo);
+    }
+    bad[0] = nonfinite;
 }
 """
 
@@ -676,6 +742,7 @@ _SIGNATURES = {
     "lowbit_quantize_blocks": "pillllpllpiiiiifiiiluuppififpi",
     "lowbit_decode_blocks": "piiiiipllllpllpififpi",
     "lowbit_block_scales": "pliiiifiiiifififpppi",
+    "lowbit_quantize_fused": "pilliiiifiiiifififiiiifiiiluupppppi",
 }
 
 
@@ -700,6 +767,20 @@ def _build(compiler: str, openmp: bool, target: Path) -> bool:
     return True
 
 
+def _inductor_cache() -> Path:
+    """Inductor's cache directory (``TORCHINDUCTOR_CACHE_DIR``, else ``torchinductor_<user>`` in the temporary
+    directory), found as inductor finds it but without importing ``torch._inductor``, whose package imports
+    Triton: a CPU-only process that quantizes eagerly never loads it."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if folder is None:
+        try:
+            user = getpass.getuser()
+        except (KeyError, ModuleNotFoundError, OSError):
+            user = f"uid_{os.getuid()}" if hasattr(os, "getuid") else "unknown_user"
+        folder = os.path.join(tempfile.gettempdir(), "torchinductor_" + re.sub(r'[\\/:*?"<>|]', "_", user))
+    return Path(os.path.abspath(folder))
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     """The built kernel, or None where it cannot be built or loaded here."""
@@ -708,10 +789,8 @@ def _library() -> ctypes.CDLL | None:
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
         return None
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
     key = hashlib.sha256("\0".join((_SOURCE, *_FLAGS, compiler, _cpu_flags())).encode()).hexdigest()[:20]
-    folder = Path(cache_dir()) / "lowbit"
+    folder = _inductor_cache() / "lowbit"
     for openmp in (True, False):  # a compiler without OpenMP: one thread, the same numbers
         path = folder / f"fwht-{key}-{'omp' if openmp else 'serial'}.so"
         try:
@@ -1074,3 +1153,52 @@ def block_scales(
         decode.data_ptr(), factor.data_ptr(), None if codes is None else codes.data_ptr(), torch.get_num_threads(),
     )  # fmt: skip
     return decode, factor, codes
+
+
+_QTILE = 4096  # the C source's QTILE: the widest block the fused kernel takes
+
+
+def quantize_fused(
+    x: torch.Tensor,
+    cols: int,
+    kind: int,
+    codec: Codec,
+    sr: tuple[int, torch.Tensor] | None,
+    *,
+    rule: int = 0,
+    emax: int = 0,
+    mbits: int = 0,
+    elem_max: float = 1.0,
+    scale: Codec | None = None,
+    pow2: bool = False,
+    target: float = 0.0,
+    prescale: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+    """``block_scales`` and ``quantize_blocks`` in one read of contiguous float32 or BFloat16 ``x`` with 1-D
+    blocks of ``cols`` (at most 4,096) elements along its flat order, without a global scale or zero point:
+    (codes like x, decode scales, encode factors (before ``prescale``), scale codes or None for FP32), the
+    per-block ones flat; None where the kernel does not run or a block holds a NaN or an Inf."""
+    lib = _library() if x.device.type == "cpu" else None
+    if lib is None or x.dtype not in (torch.float32, torch.bfloat16) or not x.is_contiguous():
+        return None
+    if not 1 <= cols <= _QTILE or x.numel() % cols or (kind == 1 and scale is None):
+        return None
+    if sr is not None and (sr[1].device.type != "cpu" or sr[1].numel() != 2):
+        return None
+    n_blocks = x.numel() // cols
+    codes = _empty(x.shape, torch.uint8)
+    decode, factor = torch.empty(n_blocks, dtype=torch.float32), torch.empty(n_blocks, dtype=torch.float32)
+    scale_codes = torch.empty(n_blocks, dtype=torch.uint8) if kind != 2 else None
+    bad = torch.zeros(1, dtype=torch.int64)
+    s = scale or Codec(False, 8, 0, 0, 0, 0, 1.0, 0, 0, torch.empty(0))
+    offset, (k0, k1) = (0, (0, 0)) if sr is None else (int(sr[0]), (int(k) & 0xFFFFFFFF for k in sr[1].tolist()))
+    lib.lowbit_quantize_fused(
+        x.data_ptr(), int(x.dtype == torch.bfloat16), n_blocks, cols,
+        kind, rule, emax, mbits, elem_max, s.bits, s.mbits, s.emin, s.bias, s.max, int(pow2), target,
+        int(prescale != 1.0), prescale,
+        int(codec.integer), codec.bits, codec.mbits, codec.emin, codec.max, codec.qmin, codec.qmax,
+        int(sr is not None), offset, k0, k1,
+        decode.data_ptr(), factor.data_ptr(), None if scale_codes is None else scale_codes.data_ptr(),
+        codes.data_ptr(), bad.data_ptr(), torch.get_num_threads(),
+    )  # fmt: skip
+    return None if int(bad) else (codes, decode, factor, scale_codes)

@@ -492,6 +492,11 @@ def _quantize(
     """``quantize``; ``fast=False`` forces the general element path (the tests' reference); ``compile``:
     the RHT, block scales and codes as compiled kernels where they apply (same values)."""
     compile = compile and x.device.type == "cpu" and x.numel() >= _COMPILE_MIN_ELEMENTS
+    if fast and not compile and stats is None and all(v is None for v in (amax, scale, scales, zero_points)):
+        _check_input(x)
+        generator, seed = _draw_bits(spec, generator, seed, x.device), None  # a fallback plan takes these bits
+        if (fused := _fused_quantize(x, spec, generator)) is not None:
+            return fused
     plan = _plan(x, spec, generator, seed, amax, scale, fast, compile, scales=scales, zero_points=zero_points)
     codes = None
     if stats is None and plan.fast and plan.finite_rows is None:
@@ -507,6 +512,38 @@ def _quantize(
             )
             codes = None if fused is None else fused[0]
     return _qtensor(x, plan, plan.encode_codes(stats) if codes is None else codes.view(plan.rows.shape))
+
+
+def _fused_quantize(x: torch.Tensor, spec: QuantSpec, rng: RandomBits | None) -> QTensor | None:
+    """``quantize`` of ``x`` on CPU with 1-D blocks of at most 4,096 elements and one level of symmetric
+    scales (no RHT, global scale or zero points): each block's amax, scales and codes in one C pass over x
+    (``_fast.quantize_fused``), the same codes and scales as the plan's passes; None where that does not
+    apply or a block holds a NaN or an Inf (the caller plans it with the same SR bits)."""
+    element, scale_format = _formats(spec)
+    if x.device.type != "cpu" or spec.rht_size or spec.asymmetric or spec.global_scale:
+        return None
+    layout = block_layout(x.shape, spec.block)
+    if layout.per_tensor or layout.rows != 1 or not _fast.supported(element, spec.saturating):
+        return None
+    options = {"rule": spec.scale_rule, "pow2": spec.pow2_scale, "target": spec.amax_target}
+    x = x if x.is_contiguous() else x.contiguous()
+    out = _fast.quantize_fused(
+        element, scale_format, x, layout.cols, spec.rounding, rng, prescale=spec.sr_prescale, **options
+    )
+    if out is None:
+        return None
+    codes, decode, scale_codes = out
+    scale_shape = layout.scale_shape
+    return QTensor(
+        codes=codes.view(x.shape),
+        scales=decode.reshape(scale_shape),
+        scale_codes=(decode.view(torch.int32) if scale_codes is None else scale_codes).reshape(scale_shape),
+        global_scale=None,
+        zero_points=None,
+        spec=spec,
+        shape=tuple(x.shape),
+        dtype=x.dtype,
+    )
 
 
 def _qtensor(x: torch.Tensor, plan: _Plan, codes: torch.Tensor) -> QTensor:

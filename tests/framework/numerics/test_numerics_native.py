@@ -30,7 +30,7 @@ from lowbit.numerics import (
     preset_names,
     quantize,
 )
-from lowbit.numerics.blocks import fp32_scales, lowp_block_scales, mx_scale_codes
+from lowbit.numerics.blocks import block_layout, fp32_scales, lowp_block_scales, mx_scale_codes
 from lowbit.numerics.error import _error_sums, quant_error, quant_error_and_scales
 from lowbit.numerics.formats import IntFormat
 from lowbit.numerics.hadamard import (
@@ -312,7 +312,7 @@ def _block_input(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch
 
 def _count_c_calls(monkeypatch) -> dict[str, int]:
     """Count the block kernels' calls that ran (returned a result)."""
-    calls = {"block_extrema": 0, "quantize_blocks": 0, "decode_blocks": 0}
+    calls = {"block_extrema": 0, "quantize_blocks": 0, "quantize_fused": 0, "decode_blocks": 0}
     for name in calls:
         original = getattr(_native, name)
 
@@ -328,6 +328,9 @@ def _count_c_calls(monkeypatch) -> dict[str, int]:
 _BLOCK_SPECS = [
     *[(name, rounding) for name in preset_names() for rounding in ("rne", "sr")],
     ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75}),
+    ("mxfp6_e2m3", {"rounding": "sr", "sr_prescale": 0.7}),  # not a float32: rounded as torch rounds it
+    ("fp8_e4m3_row", {"block": (1, 4096)}),  # the widest block the fused kernel takes
+    ("int4_group32", {"scale_format": "e4m3"}),  # minifloat block scales without a global scale
     ("int4_group32", {"asymmetric": True}),
     ("int8_channel", {"asymmetric": True, "rounding": "sr"}),
     ("nvfp4", {"rht_size": 16}),
@@ -340,12 +343,15 @@ _BLOCK_SPECS = [
 @pytest.mark.parametrize("name, options", _BLOCK_SPECS, ids=lambda v: v if isinstance(v, str) else str(v))
 def test_block_kernels_give_the_reference_codes_scales_and_values(monkeypatch, name, options, dtype):
     spec = get_spec(name).replace(**({"rounding": options} if isinstance(options, str) else options))
-    x = _block_input((3, 48, 320), dtype, seed=len(name))  # 46,080 elements: tiles of 4,096 do not divide it
+    width = 4096 if spec.block == (1, 4096) else 320
+    x = _block_input((3, 48, width), dtype, seed=len(name))  # 46,080 elements: tiles of 4,096 do not divide it
     calls = _count_c_calls(monkeypatch)
     q, values = quantize(x, spec, seed=11), fake_quantize(x, spec, seed=11)
     out = dequantize(q)
-    assert calls["quantize_blocks"] == 2 and calls["decode_blocks"] == 1
-    assert calls["block_extrema"] == (0 if spec.block == "tensor" else 2)
+    layout = block_layout(x.shape, spec.block)
+    fused = not (layout.per_tensor or layout.rows > 1 or spec.rht_size or spec.asymmetric or spec.global_scale)
+    assert calls["quantize_fused"] == fused and calls["quantize_blocks"] == 2 - fused  # quantize, fake_quantize
+    assert calls["decode_blocks"] == 1 and calls["block_extrema"] == (0 if layout.per_tensor else 2 - fused)
     monkeypatch.undo()
     reference = _quantize(x, spec, None, 11, None, None, fast=False)  # the formats' own encode and decode
     assert torch.equal(q.codes, reference.codes) and _same(q.scales, reference.scales)
@@ -366,7 +372,12 @@ def test_block_kernels_leave_non_finite_blocks_and_scales_to_the_tensor_ops(monk
         reference = _quantize(x, get_spec(name), None, None, None, None, fast=False)
         assert torch.equal(q.codes, reference.codes) and _same(q.scales, reference.scales)
         assert _same(dequantize(q), _dequantize(reference, fast=False))
-    assert calls["block_extrema"] == 0 and calls["quantize_blocks"] == 0  # a NaN/Inf block: the general path
+    assert calls["block_extrema"] + calls["quantize_blocks"] + calls["quantize_fused"] == 0  # the general path
+    spec = get_spec("mxfp4").replace(rounding="sr")
+    gen, reference_gen = torch.Generator().manual_seed(4), torch.Generator().manual_seed(4)
+    q = quantize(x, spec, generator=gen)  # the fused kernel declines: the plan takes the bits it drew
+    reference = _quantize(x, spec, reference_gen, None, None, None, fast=False)
+    assert torch.equal(q.codes, reference.codes) and torch.equal(gen.get_state(), reference_gen.get_state())
     assert _native.block_extrema(x.view(64, 1, 256), 32) is None
 
 
