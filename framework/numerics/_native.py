@@ -365,10 +365,6 @@ static inline uint32_t bits_at(const void *x, int bf16, int64_t k) {
     return u;
 }
 
-static inline float value_at(const void *x, int bf16, int64_t k) {
-    return bf16 ? from_bf16(((const uint16_t *)x)[k]) : ((const float *)x)[k];
-}
-
 /* A negative float's bits with their low 31 flipped order as signed integers as the floats do (-0 just
    below +0); the map is its own inverse. */
 static inline int32_t ordered(uint32_t u) { return (int32_t)(u ^ ((uint32_t)((int32_t)u >> 31) & 0x7FFFFFFFu)); }
@@ -506,8 +502,7 @@ static void minifloat_scales(const float *amax, int64_t n, float elem_max, int s
             minifloat_scale_of(amax[k] / elem_max, 1.0f, 0, k, sbits, smbits, semin, sbias, smax, decode, factor, codes);
 }
 
-static void fp32_scales(const float *restrict amax, int64_t n, int pow2, float target, float *restrict decode,
-                        float *restrict factor) {
+static void fp32_scales(const float *amax, int64_t n, int pow2, float target, float *decode, float *factor) {
     for (int64_t k = 0; k < n; k++) {
         float f = target / amax[k];
         f = f < FLT_MAX_F ? f : FLT_MAX_F;
