@@ -325,17 +325,21 @@ def quantize_fused(
     pow2: bool,
     target: float,
     prescale: float,
+    global_encode: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """The codes (``element``'s code dtype, x's shape), decode scales (flat) and scale codes (flat; None for
-    FP32 scales) of ``x`` in 1-D blocks of ``cols`` without a global scale or zero point, each block's amax,
-    scales and codes in one C pass over x (``_native.quantize_fused``); None where it does not run or a block
-    is not finite."""
+    FP32 scales) of ``x`` in 1-D blocks of ``cols`` without a zero point (NVFP4's ``global_encode`` with a
+    minifloat scale format), each block's amax, scales and codes in one C pass over x
+    (``_native.quantize_fused``); None where it does not run or a block is not finite."""
     codec = block_codec(element)
     kind = _scale_kind(element, scale_format, rule, pow2, target)
     if codec is None or kind is None or rounding not in ("rne", "sr") or (rounding == "sr") != (rng is not None):
         return None
+    if global_encode is not None and (kind[0] != 1 or not 0.0 < float(global_encode) < math.inf):
+        return None
     sr = None if rng is None else (rng.offset, rng.keys)
-    out = _native.quantize_fused(x, cols, kind[0], codec, sr, prescale=prescale, **kind[1])
+    options = {**kind[1], "global_encode": global_encode} if kind[0] == 1 else kind[1]
+    out = _native.quantize_fused(x, cols, kind[0], codec, sr, prescale=prescale, **options)
     if out is None:
         return None
     codes, decode, _, scale_codes = out

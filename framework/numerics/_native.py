@@ -661,15 +661,17 @@ void lowbit_decode_blocks(const uint8_t *codes, int integer, int bits, int mbits
     }
 }
 
-/* lowbit_quantize_blocks with the scales made on the way, for 1-D blocks of c <= QTILE elements and no global
-   scale or zero point: a tile of whole blocks at a time, each block's max |x| from the bits, the tile's block
-   scales (block_scales' kind 0 E8M0, 1 a signed minifloat, 2 FP32) into decode, factor and scale_codes, the
+/* lowbit_quantize_blocks with the scales made on the way, for 1-D blocks of c <= QTILE elements and no zero
+   point: a tile of whole blocks at a time, each block's max |x| from the bits, the tile's block scales
+   (block_scales' kind 0 E8M0, 1 a signed minifloat, with NVFP4's global encode scale g where has_global, 2 FP32)
+   into decode, factor and scale_codes, the
    factors times the prescale (with has_prescale, as _Plan.factor folds it), then the codes. One read of x
    where the two kernels make two. Into bad[0] the number of blocks holding a NaN or an Inf: where it is not
    0, the outputs mean nothing (the caller takes the general path). */
 void lowbit_quantize_fused(const void *x, int bf16, int64_t nblocks, int64_t c, int kind, int rule, int emax,
-                           int el_mbits, float elem_max, int sbits, int smbits, int semin, int sbias, float smax, int pow2,
-                           float target, int has_prescale, float prescale, int integer, int bits, int mbits, int emin,
+                           int el_mbits, float elem_max, int sbits, int smbits, int semin, int sbias, float smax,
+                           int has_global, float g, int pow2, float target, int has_prescale, float prescale,
+                           int integer, int bits, int mbits, int emin,
                            float maxv, int qmin, int qmax, int sr, int64_t offset, uint32_t k0, uint32_t k1,
                            float *decode, float *factor, uint8_t *scale_codes, uint8_t *codes, int64_t *bad,
                            int threads) {
@@ -698,8 +700,8 @@ void lowbit_quantize_fused(const void *x, int bf16, int64_t nblocks, int64_t c, 
         if (kind == 0)
             e8m0_scales(amax, nb, rule, emax, el_mbits, elem_max, decode + b0, factor + b0, scale_codes + b0);
         else if (kind == 1)
-            minifloat_scales(amax, nb, elem_max, sbits, smbits, semin, sbias, smax, 0, 1.0f, decode + b0, factor + b0,
-                             scale_codes + b0);
+            minifloat_scales(amax, nb, elem_max, sbits, smbits, semin, sbias, smax, has_global, g, decode + b0,
+                             factor + b0, scale_codes + b0);
         else
             fp32_scales(amax, nb, pow2, target, decode + b0, factor + b0);
         for (int64_t j = 0; j < nb; j++) {
@@ -737,7 +739,7 @@ _SIGNATURES = {
     "lowbit_quantize_blocks": "pillllpllpiiiiifiiiluuppififpi",
     "lowbit_decode_blocks": "piiiiipllllpllpififpi",
     "lowbit_block_scales": "pliiiifiiiifififpppi",
-    "lowbit_quantize_fused": "pilliiiifiiiifififiiiifiiiluupppppi",
+    "lowbit_quantize_fused": "pilliiiifiiiififififiiiifiiiluupppppi",
 }
 
 
@@ -1168,9 +1170,11 @@ def quantize_fused(
     pow2: bool = False,
     target: float = 0.0,
     prescale: float = 1.0,
+    global_encode: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
     """``block_scales`` and ``quantize_blocks`` in one read of contiguous float32 or BFloat16 ``x`` with 1-D
-    blocks of ``cols`` (at most 4,096) elements along its flat order, without a global scale or zero point:
+    blocks of ``cols`` (at most 4,096) elements along its flat order, without a zero point (a minifloat scale
+    format may take NVFP4's ``global_encode``, finite and positive):
     (codes like x, decode scales, encode factors (before ``prescale``), scale codes or None for FP32), the
     per-block ones flat; None where the kernel does not run or a block holds a NaN or an Inf."""
     lib = _library() if x.device.type == "cpu" else None
@@ -1186,10 +1190,12 @@ def quantize_fused(
     scale_codes = torch.empty(n_blocks, dtype=torch.uint8) if kind != 2 else None
     bad = torch.zeros(1, dtype=torch.int64)
     s = scale or Codec(False, 8, 0, 0, 0, 0, 1.0, 0, 0, torch.empty(0))
+    g = 1.0 if global_encode is None else float(global_encode)
     offset, (k0, k1) = (0, (0, 0)) if sr is None else (int(sr[0]), (int(k) & 0xFFFFFFFF for k in sr[1].tolist()))
     lib.lowbit_quantize_fused(
         x.data_ptr(), int(x.dtype == torch.bfloat16), n_blocks, cols,
-        kind, rule, emax, mbits, elem_max, s.bits, s.mbits, s.emin, s.bias, s.max, int(pow2), target,
+        kind, rule, emax, mbits, elem_max, s.bits, s.mbits, s.emin, s.bias, s.max, int(global_encode is not None), g,
+        int(pow2), target,
         int(prescale != 1.0), prescale,
         int(codec.integer), codec.bits, codec.mbits, codec.emin, codec.max, codec.qmin, codec.qmax,
         int(sr is not None), offset, k0, k1,

@@ -515,21 +515,25 @@ def _quantize(
 
 
 def _fused_quantize(x: torch.Tensor, spec: QuantSpec, rng: RandomBits | None) -> QTensor | None:
-    """``quantize`` of ``x`` on CPU with 1-D blocks of at most 4,096 elements and one level of symmetric
-    scales (no RHT, global scale or zero points): each block's amax, scales and codes in one C pass over x
-    (``_fast.quantize_fused``), the same codes and scales as the plan's passes; None where that does not
-    apply or a block holds a NaN or an Inf (the caller plans it with the same SR bits)."""
+    """``quantize`` of ``x`` on CPU with 1-D blocks of at most 4,096 elements and symmetric scales (no RHT
+    or zero points; NVFP4's global scale from the tensor amax, measured first): each block's amax, scales
+    and codes in one C pass over x (``_fast.quantize_fused``), the same codes and scales as the plan's
+    passes; None where that does not apply or a block holds a NaN or an Inf (the caller plans it with the
+    same SR bits)."""
     element, scale_format = _formats(spec)
-    if x.device.type != "cpu" or spec.rht_size or spec.asymmetric or spec.global_scale:
+    if x.device.type != "cpu" or spec.rht_size or spec.asymmetric:
         return None
     layout = block_layout(x.shape, spec.block)
     if layout.per_tensor or layout.rows != 1 or not _fast.supported(element, spec.saturating):
         return None
     options = {"rule": spec.scale_rule, "pow2": spec.pow2_scale, "target": spec.amax_target}
     x = x if x.is_contiguous() else x.contiguous()
+    # the plan's global encode scale from max |x| (there: the blocks' amax, the same value when all are finite)
+    global_encode = global_encode_scale(tensor_amax(x), element, scale_format) if spec.global_scale else None
     out = _fast.quantize_fused(
-        element, scale_format, x, layout.cols, spec.rounding, rng, prescale=spec.sr_prescale, **options
-    )
+        element, scale_format, x, layout.cols, spec.rounding, rng, prescale=spec.sr_prescale,
+        global_encode=global_encode, **options,
+    )  # fmt: skip
     if out is None:
         return None
     codes, decode, scale_codes = out
@@ -538,7 +542,7 @@ def _fused_quantize(x: torch.Tensor, spec: QuantSpec, rng: RandomBits | None) ->
         codes=codes.view(x.shape),
         scales=decode.reshape(scale_shape),
         scale_codes=(decode.view(torch.int32) if scale_codes is None else scale_codes).reshape(scale_shape),
-        global_scale=None,
+        global_scale=None if global_encode is None else torch.reciprocal(global_encode).reshape(()),
         zero_points=None,
         spec=spec,
         shape=tuple(x.shape),

@@ -349,7 +349,7 @@ def test_block_kernels_give_the_reference_codes_scales_and_values(monkeypatch, n
     q, values = quantize(x, spec, seed=11), fake_quantize(x, spec, seed=11)
     out = dequantize(q)
     layout = block_layout(x.shape, spec.block)
-    fused = not (layout.per_tensor or layout.rows > 1 or spec.rht_size or spec.asymmetric or spec.global_scale)
+    fused = not (layout.per_tensor or layout.rows > 1 or spec.rht_size or spec.asymmetric)
     assert calls["quantize_fused"] == fused and calls["quantize_blocks"] == 2 - fused  # quantize, fake_quantize
     assert calls["decode_blocks"] == 1 and calls["block_extrema"] == (0 if layout.per_tensor else 2 - fused)
     monkeypatch.undo()
