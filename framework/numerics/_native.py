@@ -369,6 +369,21 @@ static inline uint32_t bits_at(const void *x, int bf16, int64_t k) {
    below +0); the map is its own inverse. */
 static inline int32_t ordered(uint32_t u) { return (int32_t)(u ^ ((uint32_t)((int32_t)u >> 31) & 0x7FFFFFFFu)); }
 
+/* The largest |x| bits of top and the c elements from at (one loop per dtype, no flag tested inside). */
+static inline uint32_t absmax_bits(const void *x, int bf16, int64_t at, int64_t c, uint32_t top) {
+    if (bf16)
+        for (int64_t k = 0; k < c; k++) {
+            uint32_t a = bits_at(x, 1, at + k) & 0x7FFFFFFFu;
+            top = a > top ? a : top;
+        }
+    else
+        for (int64_t k = 0; k < c; k++) {
+            uint32_t a = bits_at(x, 0, at + k) & 0x7FFFFFFFu;
+            top = a > top ? a : top;
+        }
+    return top;
+}
+
 /* Every block's max |x| (with minmax: min x into out0 and max x into out1), float32, from the bits: the bits
    of |x| order as its values, and ordered(x) as x. Into bad[0] the number of blocks holding a NaN or an
    Inf, whose results mean nothing (the caller takes the tensor ops for them, which say which NaN). */
@@ -398,16 +413,8 @@ void lowbit_block_extrema(const void *x, int bf16, int64_t B, int64_t r, int64_t
                         lo = o < lo ? o : lo;
                         hi = o > hi ? o : hi;
                     }
-                else if (bf16)
-                    for (int64_t k = 0; k < c; k++) {
-                        uint32_t a = bits_at(x, 1, at + k) & 0x7FFFFFFFu;
-                        top = a > top ? a : top;
-                    }
                 else
-                    for (int64_t k = 0; k < c; k++) {
-                        uint32_t a = bits_at(x, 0, at + k) & 0x7FFFFFFFu;
-                        top = a > top ? a : top;
-                    }
+                    top = absmax_bits(x, bf16, at, c, top);
             }
             nonfinite += top >= 0x7F800000u;
             uint32_t first = minmax ? (uint32_t)ordered((uint32_t)lo) : top, second = (uint32_t)ordered((uint32_t)hi);
@@ -682,18 +689,7 @@ void lowbit_quantize_fused(const void *x, int bf16, int64_t nblocks, int64_t c, 
         int32_t rbits[QTILE];
         int64_t b0 = t * per, nb = b0 + per < nblocks ? per : nblocks - b0, lo = b0 * c;
         for (int64_t j = 0; j < nb; j++) {
-            uint32_t top = 0;
-            int64_t at = lo + j * c;
-            if (bf16)
-                for (int64_t k = 0; k < c; k++) {
-                    uint32_t a = bits_at(x, 1, at + k) & 0x7FFFFFFFu;
-                    top = a > top ? a : top;
-                }
-            else
-                for (int64_t k = 0; k < c; k++) {
-                    uint32_t a = bits_at(x, 0, at + k) & 0x7FFFFFFFu;
-                    top = a > top ? a : top;
-                }
+            uint32_t top = absmax_bits(x, bf16, lo + j * c, c, 0);
             nonfinite += top >= 0x7F800000u;
             memcpy(amax + j, &top, sizeof top);
         }
@@ -973,6 +969,10 @@ class Codec(NamedTuple):
     table: torch.Tensor
 
 
+# what the kernels read of a scale format where the scales are not a minifloat's (E8M0, FP32): unused
+_NO_SCALE_FORMAT = Codec(False, 8, 0, 0, 0, 0, 1.0, 0, 0, torch.empty(0))
+
+
 def _blocks(rows: torch.Tensor, cols: int, dtypes: tuple[torch.dtype, ...]) -> tuple[int, int, int, int] | None:
     """(B, r, C, c) of contiguous CPU block rows (B, r, C) of a dtype in ``dtypes`` with blocks c wide; None
     where the kernels do not apply."""
@@ -1013,6 +1013,17 @@ def block_extrema(rows: torch.Tensor, cols: int, signed: bool = False) -> tuple[
     return None if int(bad) else tuple(out)
 
 
+def _sr_args(sr: tuple[int, torch.Tensor] | None) -> tuple[int, int, int] | None:
+    """(flat index offset, key 0, key 1) of SR bits given as (offset, int32 keys (2,) on CPU), zeros without
+    SR; None where the keys are not that."""
+    if sr is None:
+        return 0, 0, 0
+    if sr[1].device.type != "cpu" or sr[1].numel() != 2:
+        return None
+    k0, k1 = (int(k) & 0xFFFFFFFF for k in sr[1].tolist())
+    return int(sr[0]), k0, k1
+
+
 def _unscale_args(global_scale: torch.Tensor | None, prescale: float) -> tuple[int, float, int, float]:
     has_global = global_scale is not None
     return int(has_global), float(global_scale) if has_global else 0.0, int(prescale != 1.0), float(prescale)
@@ -1045,9 +1056,9 @@ def quantize_blocks(
         return None
     if unscale is not None and _per_block(unscale[0], shape, torch.float32) != strides:
         return None
-    if sr is not None and (sr[1].device.type != "cpu" or sr[1].numel() != 2):
+    if (sr_args := _sr_args(sr)) is None:
         return None
-    offset, (k0, k1) = (0, (0, 0)) if sr is None else (int(sr[0]), (int(k) & 0xFFFFFFFF for k in sr[1].tolist()))
+    offset, k0, k1 = sr_args
     out = _empty(rows.shape, torch.uint8) if codes else None
     values = _empty(rows.shape, torch.float32) if unscale is not None else None
     scales, global_scale, prescale = unscale if unscale is not None else (None, None, 1.0)
@@ -1142,7 +1153,7 @@ def block_scales(
         return None
     decode, factor = torch.empty_like(amax), torch.empty_like(amax)
     codes = torch.empty(amax.shape, dtype=torch.uint8) if kind != 2 else None
-    s = scale or Codec(False, 8, 0, 0, 0, 0, 1.0, 0, 0, torch.empty(0))
+    s = scale or _NO_SCALE_FORMAT
     g = 1.0 if global_encode is None else float(global_encode)
     lib.lowbit_block_scales(
         amax.data_ptr(), amax.numel(), kind, rule, emax, mbits, elem_max,
@@ -1182,16 +1193,16 @@ def quantize_fused(
         return None
     if not 1 <= cols <= _QTILE or x.numel() % cols or (kind == 1 and scale is None):
         return None
-    if sr is not None and (sr[1].device.type != "cpu" or sr[1].numel() != 2):
+    if (sr_args := _sr_args(sr)) is None:
         return None
     n_blocks = x.numel() // cols
     codes = _empty(x.shape, torch.uint8)
     decode, factor = torch.empty(n_blocks, dtype=torch.float32), torch.empty(n_blocks, dtype=torch.float32)
     scale_codes = torch.empty(n_blocks, dtype=torch.uint8) if kind != 2 else None
     bad = torch.zeros(1, dtype=torch.int64)
-    s = scale or Codec(False, 8, 0, 0, 0, 0, 1.0, 0, 0, torch.empty(0))
+    s = scale or _NO_SCALE_FORMAT
     g = 1.0 if global_encode is None else float(global_encode)
-    offset, (k0, k1) = (0, (0, 0)) if sr is None else (int(sr[0]), (int(k) & 0xFFFFFFFF for k in sr[1].tolist()))
+    offset, k0, k1 = sr_args
     lib.lowbit_quantize_fused(
         x.data_ptr(), int(x.dtype == torch.bfloat16), n_blocks, cols,
         kind, rule, emax, mbits, elem_max, s.bits, s.mbits, s.emin, s.bias, s.max, int(global_encode is not None), g,
