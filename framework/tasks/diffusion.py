@@ -201,11 +201,13 @@ class Diffusion(Task):
             self._grid_evals, self._grid_path = float(stats.block_evals), path
             if self.trainer.is_global_zero:
                 self._save_grid(images, path)
+        # every rank samples the same labels from the same EMA weights and seeds, so each holds the same
+        # value: sync_dist averages equal numbers (and Lightning does not warn that an epoch-end value is unsynced)
         if self._grid_evals is not None:
-            self.log("val/sample_block_evals", self._grid_evals)
+            self.log("val/sample_block_evals", self._grid_evals, sync_dist=True)
         final = self.trainer.state.fn == "validate"  # run.train's closing trainer.validate, not a validation during fit
         if self.fid_samples > 0 and (self.fid_during_fit or final):
-            self.log("val/fid", self.fid(self.fid_samples))
+            self.log("val/fid", self.fid(self.fid_samples), sync_dist=True)
 
     # ---- sampling ------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -65,11 +65,12 @@ def with_deq_terms(task: L.LightningModule, model: nn.Module, loss: torch.Tensor
 
 
 def log_val_deq_stats(task: L.LightningModule, model: nn.Module) -> None:
-    """``val/deq_iters`` and ``val/deq_rel_res`` of the last forward, as epoch means over validation batches."""
+    """``val/deq_iters`` and ``val/deq_rel_res`` of the last forward, as epoch means over validation batches
+    (over every rank's batches in a multi-process run)."""
     stats = getattr(model, "deq_stats", dict)()
     if stats:
-        task.log("val/deq_iters", stats["deq/iters"], on_epoch=True)
-        task.log("val/deq_rel_res", stats["deq/rel_res"], on_epoch=True)
+        task.log("val/deq_iters", stats["deq/iters"], on_epoch=True, sync_dist=True)
+        task.log("val/deq_rel_res", stats["deq/rel_res"], on_epoch=True, sync_dist=True)
 
 
 class FallbackNotice:

@@ -15,13 +15,19 @@ def _rows(text: str) -> list[list[str]]:
 TRAIN, VAL, FIRST, RSS, SAVED = 2, 4, 6, 7, 9
 
 
-def test_rows_ratios_and_saved_memory(tmp_path, capsys):
+def test_rows_ratios_saved_memory_and_the_profile(tmp_path, capfd):
+    """One bench run (each bench run compiles and trains its configurations in processes of their own):
+    the table's rows and ratios, the saved-for-backward bytes, and ``--profile``'s traces and top ops."""
+    import json
+
     out = tmp_path / "speed.md"
     argv = ["--precisions", "bf16,nvfp4", "--steps", "2", "--warmup", "1", "--rounds", "2"]
+    argv += ["--out", str(out), "--profile", str(tmp_path / "profile")]
     # BF16 autocast on every CPU: where autocast falls back to FP32 (no fast BF16), the FP32 layer saves its
     # weight parameter (not counted) and QuantLinear its Q(W) in FP32 beside it, which a smoke model shows
-    assert bench.main([*argv, "--out", str(out), "debug=smoke", "precision.mode=bf16"]) == 0
-    text = capsys.readouterr().out
+    assert bench.main([*argv, "debug=smoke", "precision.mode=bf16"]) == 0
+    captured = capfd.readouterr()
+    text, err = captured.out, captured.err  # the configurations' processes print the profiles
     assert out.read_text() in text and "lowbit bench speed --precisions bf16,nvfp4" in text
     rows = _rows(text)
     assert [r[:2] for r in rows] == [["bf16", "rope"], ["nvfp4", "rope"]]
@@ -34,6 +40,15 @@ def test_rows_ratios_and_saved_memory(tmp_path, capsys):
     assert all(float(r[FIRST]) > 0 for r in rows)
     # QuantLinear saves no more for backward than the high-precision layer does
     assert float(rows[1][SAVED]) <= float(rows[0][SAVED])
+
+    for name in ("bf16-rope", "nvfp4-rope"):  # the first round only: one trace each
+        events = json.loads((tmp_path / "profile" / f"{name}.json").read_text())["traceEvents"]
+        steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
+        assert len(steps) == 2  # the two timed steps, not the warm-up
+    assert err.count("profile of ") == 2 and err.count("Self CPU time total") == 2
+    table = err.split("profile of recipe=bf16_llm precision=nvfp4")[1].split("Self CPU time total")[0]
+    rows = [line for line in table.splitlines()[4:] if line.strip() and not line.startswith("---")]
+    assert len(rows) == 15 and "_QuantLinearFn" in table  # the quantized layers' own time shows
 
 
 def test_a_vit_recipe_is_measured_too(tmp_path, capsys):
@@ -95,22 +110,6 @@ def test_two_fsdp_processes_train_every_configuration_and_rank_zero_reports(tmp_
     assert result.stdout.count("| precision |") == 1  # one table: rank 0's
     assert [r[0] for r in _rows((tmp_path / "t.md").read_text())] == ["bf16", "nvfp4"]
     assert result.stderr.count("round 1/1 precision=nvfp4") == 1
-
-
-def test_profile_writes_a_trace_per_configuration_and_prints_the_top_ops(tmp_path, capfd):
-    import json
-
-    argv = ["--precisions", "bf16,nvfp4", "--steps", "2", "--warmup", "1", "--rounds", "1"]
-    assert bench.main([*argv, "--profile", str(tmp_path), "debug=smoke"]) == 0
-    err = capfd.readouterr().err  # the configurations' processes print the profiles
-    for name in ("bf16-rope", "nvfp4-rope"):  # the first round only: one trace each
-        events = json.loads((tmp_path / f"{name}.json").read_text())["traceEvents"]
-        steps = {e["name"] for e in events if e.get("name", "").startswith("ProfilerStep#")}
-        assert len(steps) == 2  # the two timed steps, not the warm-up
-    assert err.count("profile of ") == 2 and err.count("Self CPU time total") == 2
-    table = err.split("profile of recipe=bf16_llm precision=nvfp4")[1].split("Self CPU time total")[0]
-    rows = [line for line in table.splitlines()[4:] if line.strip() and not line.startswith("---")]
-    assert len(rows) == 15 and "_QuantLinearFn" in table  # the quantized layers' own time shows
 
 
 def test_cold_cache_gives_each_process_empty_compile_caches(tmp_path, monkeypatch):

@@ -22,6 +22,11 @@ from lowbit.numerics.formats import E2M1, E4M3, UE5M3
 from lowbit.numerics.hadamard import _butterfly, _butterfly_by_output, random_signs, rht, rotate_columns
 from lowbit.numerics.quantize import _fake_quantize, fake_quantize_columns, keep_columns
 
+# Each variant compiles its own kernels (10-40 s on an empty inductor cache). The default run keeps the
+# shipped recipes' operand specs and one case of each code path; the other variants are marked slow
+# (``make test-all`` runs them).
+SLOW = pytest.mark.slow
+
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
     return t.view(torch.int32) if t.dtype == torch.float32 else t.view(torch.int16)
@@ -71,16 +76,16 @@ def test_columns_rotation_is_the_rht_of_the_transpose():
     ("preset", "changes", "dtype"),
     [
         ("nvfp4", {}, torch.float32),
-        ("nvfp4", {"rounding": "sr"}, torch.bfloat16),
+        pytest.param("nvfp4", {"rounding": "sr"}, torch.bfloat16, marks=SLOW),
         ("nvfp4_2d", {}, torch.bfloat16),
         ("nvfp4", {"rounding": "sr", "rht_size": 16}, torch.float32),
-        ("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.bfloat16),
+        pytest.param("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.bfloat16, marks=SLOW),
         ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75}, torch.float32),  # the MXFP4 recipe's gradients
         ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75, "rht_size": 32}, torch.bfloat16),
         ("fp8_e5m2_tensor", {}, torch.float32),
         ("int8_channel", {"rounding": "sr"}, torch.float32),
         ("nvfp4", {"scale_format": "ue5m3", "global_scale": False, "rounding": "sr"}, torch.bfloat16),
-        ("nvfp4", {"scale_format": "ue5m3"}, torch.float32),  # UE5M3 under an FP32 tensor scale
+        pytest.param("nvfp4", {"scale_format": "ue5m3"}, torch.float32, marks=SLOW),  # UE5M3 under an FP32 tensor scale
     ],
 )
 def test_compiled_fake_quantize_has_the_eager_bits(preset, changes, dtype):
@@ -112,9 +117,14 @@ def test_a_tensor_with_nan_rows_falls_back_and_matches():
     [
         ("nvfp4", {"rounding": "sr", "rht_size": 16}, torch.bfloat16),
         ("nvfp4", {}, torch.float32),
-        ("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.float32),
+        pytest.param("mxfp4", {"rounding": "sr", "rht_size": 32}, torch.float32, marks=SLOW),
         ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75, "rht_size": 32}, torch.bfloat16),
-        ("nvfp4", {"scale_format": "ue5m3", "global_scale": False, "rounding": "sr", "rht_size": 16}, torch.bfloat16),
+        pytest.param(
+            "nvfp4",
+            {"scale_format": "ue5m3", "global_scale": False, "rounding": "sr", "rht_size": 16},
+            torch.bfloat16,
+            marks=SLOW,
+        ),
     ],
 )
 def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes, dtype):
@@ -133,22 +143,28 @@ def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes
     assert _same(rotated, rotated_reference)
 
 
+KEPT = [  # (preset, changes, the compute dtype the default run checks it in; the other one is slow)
+    ("nvfp4", {"rht_size": 16}, torch.bfloat16),  # NVFP4's wgrad x: E4M3 scales kept as FP8, FP32 global scale
+    ("nvfp4", {}, torch.float32),
+    ("mxfp4", {"rht_size": 32}, torch.bfloat16),  # E8M0 scales kept as torch's E8M0
+    ("mxfp4", {"sr_prescale": 0.75}, torch.float32),
+    ("mxfp8_e4m3", {}, torch.bfloat16),
+    ("mxfp8_e5m2", {}, None),
+    ("mxfp6_e3m2", {}, None),
+    ("int4_group32", {}, torch.float32),
+    ("fp8_e4m3_tensor", {}, torch.bfloat16),  # per-tensor: kept from a copy of tᵀ, as the reference quantizes it
+    ("fp8_e5m2_tensor", {}, torch.float32),
+]
+
+
 @pytest.mark.parametrize(
-    ("preset", "changes"),
+    ("preset", "changes", "dtype"),
     [
-        ("nvfp4", {"rht_size": 16}),  # NVFP4's wgrad x: E4M3 scales kept as FP8, FP32 global scale
-        ("nvfp4", {}),
-        ("mxfp4", {"rht_size": 32}),  # E8M0 scales kept as torch's E8M0
-        ("mxfp4", {"sr_prescale": 0.75}),
-        ("mxfp8_e4m3", {}),
-        ("mxfp8_e5m2", {}),
-        ("mxfp6_e3m2", {}),
-        ("int4_group32", {}),
-        ("fp8_e4m3_tensor", {}),  # per-tensor: kept from a copy of tᵀ, as the reference quantizes it
-        ("fp8_e5m2_tensor", {}),
+        pytest.param(preset, changes, dtype, marks=() if dtype is default else SLOW)
+        for preset, changes, default in KEPT
+        for dtype in (torch.bfloat16, torch.float32)
     ],
 )
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_a_kept_operand_restores_to_the_fake_quantized_bits_and_layout(preset, changes, dtype):
     """``keep_columns`` then ``restore`` is ``fake_quantize_columns(compile=True, rotated=True)``: the same
     bits (ties, zeros of both signs, underflowing blocks, 2^±100 columns) and the same strides (a GEMM
@@ -214,7 +230,9 @@ def test_compiled_minifloat_block_scales_are_the_eager_scales(global_scale, scal
 
 
 @pytest.mark.parametrize("rule", ["floor", "ceil", "even", "nearest"])
-@pytest.mark.parametrize("element", ["e2m1", "e4m3", "e5m2", "e3m2", "e2m3"])
+@pytest.mark.parametrize(
+    "element", ["e2m1", "e4m3", pytest.param("e5m2", marks=SLOW), pytest.param("e3m2", marks=SLOW), "e2m3"]
+)
 def test_compiled_e8m0_block_scales_are_the_eager_scales(rule, element):
     """MX scales in one compiled graph: the eager ``mx_scale_codes`` codes and ``e8m0_scales`` bits for
     every block amax (0, float32 subnormals, exact powers of two, just below them, the extremes)."""
@@ -306,7 +324,7 @@ def _counting_run_compiled(monkeypatch) -> list[str]:
     [
         ("nvfp4", {"rounding": "sr", "sr_prescale": 0.7}),  # a prescale float32 rounds: folded as the plan folds it
         ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75}),
-        ("nvfp4", {"scale_format": "ue5m3", "global_scale": False}),
+        pytest.param("nvfp4", {"scale_format": "ue5m3", "global_scale": False}, marks=SLOW),
     ],
 )
 def test_scales_and_elements_are_one_compiled_call_with_the_eager_bits(monkeypatch, preset, changes):
@@ -342,7 +360,7 @@ def _same_qtensor(a, b) -> bool:
 @pytest.mark.parametrize(
     ("preset", "dtype"),
     [(p, torch.float32) for p in preset_names()]
-    + [(p, torch.bfloat16) for p in ("nvfp4", "mxfp8_e4m3", "fp8_e4m3_row", "int4_group32")],
+    + [pytest.param(p, torch.bfloat16, marks=SLOW) for p in ("nvfp4", "mxfp8_e4m3", "fp8_e4m3_row", "int4_group32")],
 )
 def test_compiled_quantize_and_dequantize_give_the_eager_codes_scales_and_values(preset, dtype):
     x = _adversarial(512, 256, dtype)
@@ -356,18 +374,18 @@ def test_compiled_quantize_and_dequantize_give_the_eager_codes_scales_and_values
 @pytest.mark.parametrize(
     ("preset", "changes"),
     [
-        ("nvfp4", {"rounding": "sr"}),
+        pytest.param("nvfp4", {"rounding": "sr"}, marks=SLOW),
         ("nvfp4", {"rounding": "sr", "rht_size": 16}),
         ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75, "rht_size": 32}),
-        ("mxfp8_e5m2", {"rounding": "sr"}),
-        ("int8_channel", {"rounding": "sr"}),
-        ("int4_group32", {"asymmetric": True}),
+        pytest.param("mxfp8_e5m2", {"rounding": "sr"}, marks=SLOW),
+        pytest.param("int8_channel", {"rounding": "sr"}, marks=SLOW),
+        pytest.param("int4_group32", {"asymmetric": True}, marks=SLOW),
         ("int4_group32", {"asymmetric": True, "rounding": "sr"}),
-        ("nvfp4", {"scale_format": "ue5m3", "global_scale": False}),
+        pytest.param("nvfp4", {"scale_format": "ue5m3", "global_scale": False}, marks=SLOW),
         ("mxfp6_e3m2", {"rounding": "ta"}),
         ("fp8_e4m3_row", {"pow2_scale": True}),
         ("fp8_e5m2_tensor", {"block": [1, 64], "amax_target": 240.0}),
-        ("int8_channel", {"rounding": "sr", "pow2_scale": True}),
+        pytest.param("int8_channel", {"rounding": "sr", "pow2_scale": True}, marks=SLOW),
     ],
 )
 def test_compiled_quantize_takes_the_same_sr_bits_and_variants(preset, changes):

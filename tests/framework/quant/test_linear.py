@@ -480,16 +480,27 @@ _MXFP8_ALL = {
 }
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+KEPT_INPUT = [  # name, recipe, scale bytes, the dtypes the default run checks (each compiles its kernels)
+    ("nvfp4", NVFP4, lambda n: n // 16 + 4, ("bf16", "fp32")),  # E4M3 block scales, an FP32 global scale
+    ("mxfp4", MXFP4, lambda n: n // 32 * 4, ("bf16",)),  # E8M0 block scales, held as float32 (a vectorized restore)
+    ("mxfp8", _MXFP8_ALL, lambda n: n // 32 * 4, ()),
+    ("fp8", FP8, lambda n: 4, ("fp32",)),  # one FP32 tensor scale; kept from a copy of xᵀ (the reference's layout)
+]
+
+
 @pytest.mark.parametrize(
-    ("recipe", "scale_bytes"),
+    ("recipe", "scale_bytes", "dtype"),
     [
-        (NVFP4, lambda n: n // 16 + 4),  # E4M3 block scales, an FP32 global scale
-        (MXFP4, lambda n: n // 32 * 4),  # E8M0 block scales, held as float32 (a vectorized restore)
-        (_MXFP8_ALL, lambda n: n // 32 * 4),
-        (FP8, lambda n: 4),  # one FP32 tensor scale; kept from a copy of xᵀ (the reference's layout)
+        pytest.param(
+            recipe,
+            scale_bytes,
+            dtype,
+            id=f"{name}-{dtype_name}",
+            marks=() if dtype_name in default else pytest.mark.slow,
+        )
+        for name, recipe, scale_bytes, default in KEPT_INPUT
+        for dtype_name, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32))
     ],
-    ids=["nvfp4", "mxfp4", "mxfp8", "fp8"],
 )
 def test_the_input_kept_as_element_values_gives_bit_identical_gradients_from_half_the_bytes(recipe, scale_bytes, dtype):
     """wgrad's Q(xᵀ) quantized in the forward and kept as FP8-held element values and 8-bit scales

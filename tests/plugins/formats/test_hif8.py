@@ -133,17 +133,24 @@ def test_arithmetic_rounding_is_the_codes_values_bit_for_bit(hif8, rounding):
     assert torch.equal(_fast.encode(hif8, x, rounding, torch.Generator().manual_seed(1)), codes)
 
 
+HIF8_SPECS = {
+    "acts": QuantSpec(element="hif8", rounding="ta", pow2_scale=True, amax_target=15.0),
+    "grads": QuantSpec(element="hif8", rounding="ta", pow2_scale=True, amax_target=224.0),
+    "row_sr": QuantSpec(element="hif8", block="row", rounding="sr"),
+    "block_rne": QuantSpec(element="hif8", block=(1, 32), rounding="rne"),
+}
+
+
 @pytest.mark.parametrize(
-    "spec",
+    ("spec", "compile"),
     [
-        QuantSpec(element="hif8", rounding="ta", pow2_scale=True, amax_target=15.0),
-        QuantSpec(element="hif8", rounding="ta", pow2_scale=True, amax_target=224.0),
-        QuantSpec(element="hif8", block="row", rounding="sr"),
-        QuantSpec(element="hif8", block=(1, 32), rounding="rne"),
+        # every spec eagerly; compiled (10-50 s each on an empty inductor cache) the recipe's activations
+        # in the default run, the others in the slow one
+        pytest.param(spec, compile, id=f"{'compiled' if compile else 'eager'}-{name}", marks=slow)
+        for name, spec in HIF8_SPECS.items()
+        for compile, slow in ((False, ()), (True, () if name == "acts" else pytest.mark.slow))
     ],
-    ids=["acts", "grads", "row_sr", "block_rne"],
 )
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 def test_fake_quantize_takes_the_arithmetic_path_with_the_general_paths_bits(spec, compile):
     from lowbit.numerics.quantize import _dequantize, _fake_quantize, _quantize
 
