@@ -143,7 +143,7 @@ def test_quantizing_down_the_columns_is_quantizing_the_transpose(preset, changes
     assert _same(rotated, rotated_reference)
 
 
-KEPT = [  # (preset, changes, the compute dtype the default run checks it in; the other one is slow)
+KEPT = [  # (preset, changes, the compute dtype the default run checks it in, None: neither; the others are slow)
     ("nvfp4", {"rht_size": 16}, torch.bfloat16),  # NVFP4's wgrad x: E4M3 scales kept as FP8, FP32 global scale
     ("nvfp4", {}, torch.float32),
     ("mxfp4", {"rht_size": 32}, torch.bfloat16),  # E8M0 scales kept as torch's E8M0
