@@ -273,11 +273,19 @@ _MX_RULES = {"floor": 0, "ceil": 1, "even": 2, "nearest": 3, "rceil": 4}
 
 
 def _scale_kind(
-    element: ElementFormat, scale_format: ElementFormat, rule: str, pow2: bool, target: float
+    element: ElementFormat,
+    scale_format: ElementFormat,
+    rule: str,
+    pow2: bool,
+    target: float,
+    global_encode: torch.Tensor | None,
 ) -> tuple[int, dict] | None:
-    """The C kind of a block scale (0 E8M0, 1 a signed minifloat, 2 FP32) and its options, or None where the
-    C kernels do not make it."""
+    """The C kind of a block scale (0 E8M0, 1 a signed minifloat, with NVFP4's ``global_encode``, 2 FP32) and
+    its options, or None where the C kernels do not make it or the global encode scale is not finite and
+    positive (e.g. from an amax override of -0)."""
     if type(element) not in (FloatFormat, IntFormat):
+        return None
+    if global_encode is not None and not 0.0 < float(global_encode) < math.inf:
         return None
     if scale_format.name == "e8m0":
         if rule not in _MX_RULES or (rule == "even" and type(element) is not FloatFormat):
@@ -289,7 +297,7 @@ def _scale_kind(
     codec = block_codec(scale_format)
     if codec is None or codec.integer:
         return None
-    return 1, {"elem_max": float(element.max), "scale": codec}
+    return 1, {"elem_max": float(element.max), "scale": codec, "global_encode": global_encode}
 
 
 def block_scales(
@@ -304,13 +312,8 @@ def block_scales(
     """(decode scales, encode factors, scale codes or None for FP32) of finite float32 block ``amax`` as
     ``quantize._scaling_from_amax`` makes them (E8M0 by ``rule``; a signed minifloat scale format, with
     NVFP4's ``global_encode``; FP32 with ``pow2`` and ``target``), in one C pass; None where it does not run."""
-    kind = _scale_kind(element, scale_format, rule, pow2, target) if amax.device.type == "cpu" else None
-    if kind is None:
-        return None
-    if global_encode is not None and not 0.0 < float(global_encode) < math.inf:  # e.g. an amax override of -0
-        return None
-    options = {**kind[1], "global_encode": global_encode} if kind[0] == 1 else kind[1]
-    return _native.block_scales(amax, kind[0], **options)
+    kind = _scale_kind(element, scale_format, rule, pow2, target, global_encode) if amax.device.type == "cpu" else None
+    return None if kind is None else _native.block_scales(amax, kind[0], **kind[1])
 
 
 def quantize_fused(
@@ -332,14 +335,13 @@ def quantize_fused(
     minifloat scale format), each block's amax, scales and codes in one C pass over x
     (``_native.quantize_fused``); None where it does not run or a block is not finite."""
     codec = block_codec(element)
-    kind = _scale_kind(element, scale_format, rule, pow2, target)
+    kind = _scale_kind(element, scale_format, rule, pow2, target, global_encode)
     if codec is None or kind is None or rounding not in ("rne", "sr") or (rounding == "sr") != (rng is not None):
         return None
-    if global_encode is not None and (kind[0] != 1 or not 0.0 < float(global_encode) < math.inf):
+    if global_encode is not None and kind[0] != 1:
         return None
     sr = None if rng is None else (rng.offset, rng.keys)
-    options = {**kind[1], "global_encode": global_encode} if kind[0] == 1 else kind[1]
-    out = _native.quantize_fused(x, cols, kind[0], codec, sr, prescale=prescale, **options)
+    out = _native.quantize_fused(x, cols, kind[0], codec, sr, prescale=prescale, **kind[1])
     if out is None:
         return None
     codes, decode, _, scale_codes = out

@@ -591,6 +591,17 @@ static void unscale_run(float *v, int64_t lo, int64_t hi, int64_t r, int64_t C, 
     }
 }
 
+/* out[k] = x[at + k] * f for k < w (one loop per dtype). */
+static inline void scale_run(const void *x, int bf16, int64_t at, int64_t w, float f, float *out) {
+    if (bf16) {
+        const uint16_t *in = (const uint16_t *)x + at;
+        for (int64_t k = 0; k < w; k++) out[k] = from_bf16(in[k]) * f;
+    } else {
+        const float *in = (const float *)x + at;
+        for (int64_t k = 0; k < w; k++) out[k] = in[k] * f;
+    }
+}
+
 /* The codes of w scaled elements buf (flat indices first, first + 1, ...; see lowbit_quantize_blocks), SR bits
    (rbits: scratch of w) hashed from offset + index: one loop per case. */
 static void code_tile(const float *buf, int64_t w, int64_t first, int integer, int bits, int mbits, int emin, float maxv,
@@ -633,13 +644,7 @@ void lowbit_quantize_blocks(const void *x, int bf16, int64_t B, int64_t r, int64
             int64_t blk = at.b * fb + at.j * fj;
             float f = factor[blk], *out = buf + (p - lo);
             w = run_length(&at, c, p, hi);
-            if (bf16) {
-                const uint16_t *in = (const uint16_t *)x + p;
-                for (int64_t k = 0; k < w; k++) out[k] = from_bf16(in[k]) * f;
-            } else {
-                const float *in = (const float *)x + p;
-                for (int64_t k = 0; k < w; k++) out[k] = in[k] * f;
-            }
+            scale_run(x, bf16, p, w, f, out);
             if (zp) {
                 float z = (float)zp[blk];
                 for (int64_t k = 0; k < w; k++) out[k] = out[k] + z;
@@ -701,14 +706,7 @@ void lowbit_quantize_fused(const void *x, int bf16, int64_t nblocks, int64_t c, 
         else
             fp32_scales(amax, nb, pow2, target, decode + b0, factor + b0);
         for (int64_t j = 0; j < nb; j++) {
-            float f = has_prescale ? factor[b0 + j] * prescale : factor[b0 + j], *out = buf + j * c;
-            if (bf16) {
-                const uint16_t *in = (const uint16_t *)x + lo + j * c;
-                for (int64_t k = 0; k < c; k++) out[k] = from_bf16(in[k]) * f;
-            } else {
-                const float *in = (const float *)x + lo + j * c;
-                for (int64_t k = 0; k < c; k++) out[k] = in[k] * f;
-            }
+            scale_run(x, bf16, lo + j * c, c, has_prescale ? factor[b0 + j] * prescale : factor[b0 + j], buf + j * c);
         }
         code_tile(buf, nb * c, lo, integer, bits, mbits, emin, maxv, qmin, qmax, sr, offset, k0, k1, rbits, codes + lo);
     }
