@@ -33,6 +33,7 @@ import yaml
 from lowbit.errors import LowbitError
 
 __all__ = [
+    "BASELINE_DEPTH",
     "EXPERIMENT_KEYS",
     "Run",
     "baseline_roots",
@@ -370,13 +371,16 @@ def load_run(run_dir: Path) -> Run:
 # --- baselines ------------------------------------------------------------------------------
 
 
-def _candidates(roots: Sequence[Path]) -> Iterator[Path]:
-    """Every run directory under ``roots``: lowbit run dirs, and W&B run dirs that are not inside
-    one (those are the same run twice). Checkpoints, CSV and Hydra folders are not entered."""
+def _candidates(roots: Sequence[Path], max_depth: int | None = None) -> Iterator[Path]:
+    """Every run directory under ``roots`` (at most ``max_depth`` folders down): lowbit run dirs, and
+    W&B run dirs that are not inside one (those are the same run twice). Checkpoints, CSV and Hydra
+    folders are not entered."""
     seen = set()
     for root in roots:
         for top, dirs, files in os.walk(root):
             here = Path(top)
+            if max_depth is not None and len(here.relative_to(root).parts) >= max_depth:
+                dirs[:] = []  # nothing deeper is looked at
             if "config.yaml" in files and not _is_wandb_dir(here.parent):  # not W&B's files/config.yaml
                 key = here.resolve()
                 if key not in seen:
@@ -411,14 +415,20 @@ def _is_bf16_run_of(other: Any, wanted: str) -> bool:
         return False
 
 
+BASELINE_DEPTH = 3
+"""How far below a root ``find_baseline`` looks: the run folders lowbit writes lie at most three
+folders down (``runs/<name>/<time>``, ``runs/multirun/<time>/<job>``), and a root that holds other
+things (a home or scratch folder) is not walked to its bottom at every start."""
+
+
 def find_baseline(cfg: dict[str, Any], roots: Sequence[Path], exclude: Path | None = None) -> Path | None:
     """The run directory of a finished BF16 run of the same experiment (same ``fingerprint``)
-    under ``roots``, searched recursively: the one with the same seed if any, else the newest;
-    ``exclude`` (the run itself) never. None when there is none."""
+    at most ``BASELINE_DEPTH`` folders under ``roots``: the one with the same seed if any, else the
+    newest; ``exclude`` (the run itself) never. None when there is none."""
     wanted, seed = fingerprint(cfg), cfg.get("seed")
     skip = Path(exclude).resolve() if exclude is not None else None
     found = []
-    for run_dir in _candidates([Path(r) for r in roots if Path(r).is_dir()]):
+    for run_dir in _candidates([Path(r) for r in roots if Path(r).is_dir()], BASELINE_DEPTH):
         if skip is not None and run_dir.resolve() == skip:
             continue
         try:
@@ -445,10 +455,12 @@ def describe_run(run: Run | Path) -> str:
 
 def baseline_roots(run_dir: Path) -> list[Path]:
     """Where a run looks for its baseline: the folder holding its name's folder (``runs/`` for
-    ``runs/<name>/<time>``, the sweep folder for ``runs/multirun/<time>/<job>``) and ``./runs``,
-    those that exist, each once, as given (relative paths stay relative, for shorter messages)."""
+    ``runs/<name>/<time>``, the sweep folder for ``runs/multirun/<time>/<job>``; not a filesystem's
+    root, as for ``hydra.run.dir=/tmp/run``) and ``./runs``, those that exist, each once, as given
+    (relative paths stay relative, for shorter messages)."""
     roots: list[Path] = []
     for root in (Path(run_dir).parent.parent, Path("runs")):
-        if root.is_dir() and all(root.resolve() != r.resolve() for r in roots):
+        where = root.resolve()
+        if root.is_dir() and where != Path(where.anchor) and all(where != r.resolve() for r in roots):
             roots.append(root)
     return roots

@@ -30,6 +30,12 @@ _LEAFSPEC_MODULE = r"lightning\.pytorch\.utilities\._pytree"
 _CHECKPOINT_DIR_MESSAGES = (r"Checkpoint directory .* exists and is not empty", r"The dirpath has changed from ")
 _CHECKPOINT_MODULE = r"lightning\.pytorch\.callbacks\.model_checkpoint"
 
+# torch's distributed checkpoint (a sharded FSDP2 save) warns that it overwrites a checkpoint folder
+# that exists, and that its default will change: ModelCheckpoint saves ``last.ckpt`` again at every
+# interval, which is meant to replace the previous one (lowbit.rundir guards the run directory).
+_DCP_OVERWRITE_MESSAGE = r"Detected an existing checkpoint in .*, overwriting since self\.overwrite=True"
+_DCP_MODULE = r"torch\.distributed\.checkpoint\.state_dict_saver"
+
 # Lightning logs an advertisement for its LitLogger on every Trainer that has no LitLogger.
 _LITLOGGER_LOGGERS = ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero")
 _LITLOGGER_PREFIX = "💡 Tip: For seamless cloud logging"
@@ -58,10 +64,11 @@ def _add_logging_filter(logger_name: str, prefix: str) -> None:
 
 
 def install_filters() -> None:
-    """Install the filters above: three ``warnings`` filters and two ``logging`` filters, each for one message."""
+    """Install the filters above: four ``warnings`` filters and two ``logging`` filters, each for one message."""
     warnings.filterwarnings("ignore", message=_LEAFSPEC_MESSAGE, category=FutureWarning, module=_LEAFSPEC_MODULE)
     for message in _CHECKPOINT_DIR_MESSAGES:
         warnings.filterwarnings("ignore", message=message, module=_CHECKPOINT_MODULE)
+    warnings.filterwarnings("ignore", message=_DCP_OVERWRITE_MESSAGE, module=_DCP_MODULE)
     for name in _LITLOGGER_LOGGERS:
         _add_logging_filter(name, _LITLOGGER_PREFIX)
     _add_logging_filter(_CUDA_HOME_LOGGER, _CUDA_HOME_PREFIX)

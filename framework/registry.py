@@ -99,10 +99,17 @@ class Registry:
         if self._infos is not None:
             return self._infos
         infos: dict[str, dict[str, PluginInfo]] = {g: {} for g in GROUPS}
+        installed = md.entry_points()  # every distribution's entry points, read once for all groups
+        origins: dict[int, tuple[str, str]] = {}  # id(distribution) -> (name, version): one metadata parse each
         for group in GROUPS:
-            for ep in md.entry_points(group=f"lowbit.{group}"):
-                dist = ep.dist.metadata["Name"] if ep.dist is not None else "unknown"
-                version = ep.dist.version if ep.dist is not None else "unknown"
+            for ep in installed.select(group=f"lowbit.{group}"):
+                if ep.dist is None:
+                    dist, version = "unknown", "unknown"
+                else:
+                    if id(ep.dist) not in origins:
+                        meta = ep.dist.metadata
+                        origins[id(ep.dist)] = (meta["Name"], meta["Version"])
+                    dist, version = origins[id(ep.dist)]
                 info = PluginInfo(group, ep.name, ep.value, dist, version)
                 seen = infos[group].get(ep.name)
                 if seen is None:

@@ -224,6 +224,15 @@ def test_find_baseline_matches_the_experiment_not_the_group(tmp_path):
     assert find_baseline(quant, [runs]) == older
 
 
+def test_find_baseline_looks_three_folders_down_and_no_deeper(tmp_path):
+    bf16 = _with(**{"precision.name": "bf16"})
+    job = _write_run(tmp_path / "runs" / "multirun" / "20261204-101500" / "0-bf16", bf16, [5.5, 5.4, 5.3])
+    assert find_baseline(CFG, [tmp_path / "runs"]) == job  # a sweep's job: the deepest layout lowbit writes
+    (tmp_path / "deep").mkdir()
+    (tmp_path / "runs").rename(tmp_path / "deep" / "runs")
+    assert find_baseline(CFG, [tmp_path / "deep"]) is None  # four folders down: not walked
+
+
 def test_baseline_roots_are_the_runs_folder_beside_the_run(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "nvfp4_llm-nvfp4-1337" / "20261204-101500"
@@ -233,6 +242,7 @@ def test_baseline_roots_are_the_runs_folder_beside_the_run(tmp_path, monkeypatch
     sweep_job.mkdir(parents=True)
     assert baseline_roots(sweep_job) == [tmp_path / "multirun", Path("runs")]
     assert baseline_roots(Path("runs/x/20261204-101500")) == [Path("runs")]  # relative stays relative
+    assert baseline_roots(Path("/run")) == [Path("runs")]  # hydra.run.dir=/run: not the whole filesystem
 
 
 def test_health_nan_rows_only_leave_snr_out(tmp_path):

@@ -1,7 +1,8 @@
-"""``train`` as a Hydra application, run as a user types it (a subprocess each): Hydra's flags,
-output directories and ``.hydra/``, sweeps with the basic, joblib and submitit launchers and the
-Optuna sweeper, one W&B run per job with its name, group and tags, resume continuing the W&B run,
-and a default run that prints no warning."""
+"""``train`` as a Hydra application, run as a user types it (a process each, forked by
+``trainproc.run_train`` with its imports done; the default run's, which must print no warning,
+started as a shell starts it): Hydra's flags, output directories and ``.hydra/``, sweeps with the
+basic, joblib and submitit launchers and the Optuna sweeper, one W&B run per job with its name,
+group and tags, resume continuing the W&B run, and a default run that prints no warning."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from trainproc import run_train
 
 from lowbit.experiment import experiment_name, read_config, wandb_run_record
 
@@ -19,15 +21,18 @@ BIN = Path(sys.executable).parent
 TINY = ["debug=smoke", "posenc=none", "trainer.max_steps=2", "checkpoint.every_n_steps=2"]
 
 
-def _env(**extra: str) -> dict[str, str]:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "WANDB_MODE", "WANDB_SILENT")}
-    return {**env, "WANDB_MODE": "offline", **extra}
+    return {**env, "WANDB_MODE": "offline"}
 
 
-def _train(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(
-        [str(BIN / "train"), *args], cwd=cwd, env=_env(**env), capture_output=True, text=True, timeout=600
-    )
+def _train(args: list[str], cwd: Path, *, console: bool = False) -> subprocess.CompletedProcess:
+    """``train *args``; ``console``: the console script itself (a fresh interpreter: its imports' output too)."""
+    if console:
+        cmd = [str(BIN / "train"), *args]
+        result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    else:
+        result = run_train(args, cwd=cwd, env=_env())
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 
@@ -184,6 +189,7 @@ def test_a_default_run_prints_no_warning(tmp_path):
             "model.n_layers=2",
         ],
         tmp_path,
+        console=True,
     )
     lines = (result.stdout + result.stderr).splitlines()
     noisy = [line for line in lines if any(w in line.lower() for w in ("warn", "tip:", "deprecat"))]

@@ -60,3 +60,21 @@ def test_the_litlogger_tip_and_the_cuda_home_note_are_dropped_and_nothing_else(c
     logging.getLogger(quiet._CUDA_HOME_LOGGER).warning("something else")
     assert not any("litlogger" in m or "No CUDA runtime" in m for m in collect.messages)
     assert any(m.startswith("GPU available") for m in collect.messages) and "something else" in collect.messages
+
+
+def test_a_sharded_checkpoint_saved_again_in_place_warns_nothing_else_does(tmp_path):
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    state = {"w": torch.zeros(4)}
+    dcp.save(state, checkpoint_id=tmp_path / "last.ckpt", no_dist=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dcp.save(state, checkpoint_id=tmp_path / "last.ckpt", no_dist=True)  # ModelCheckpoint's next `last`
+        assert any("Detected an existing checkpoint" in str(w.message) for w in caught)  # without the filter
+        caught.clear()
+        quiet.install_filters()
+        dcp.save(state, checkpoint_id=tmp_path / "last.ckpt", no_dist=True)
+        message = "Detected an existing checkpoint in x, overwriting since self.overwrite=True."
+        warnings.warn_explicit(message, UserWarning, "elsewhere.py", 1, module="mycode.saver")
+    assert [str(w.message) for w in caught if "existing checkpoint" in str(w.message)] == [message]

@@ -10,12 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
+from trainproc import run_train
 
 import lowbit.logging as lg
 from lowbit.config import compose
@@ -26,8 +26,6 @@ from lowbit.models.gpt import GPT
 from lowbit.models.vit import ViT
 from lowbit.tasks.equilibrium import FallbackNotice
 from lowbit.validate import check_config
-
-BIN = Path(sys.executable).parent
 
 
 # ---- check_config ------------------------------------------------------------------------------
@@ -268,14 +266,7 @@ def test_deq_fallbacks_are_one_notice_per_interval(caplog):
 # ---- the console script ------------------------------------------------------------------------
 def _train(args: list[str], cwd: Path, **env: str) -> subprocess.CompletedProcess:
     base = {k: v for k, v in os.environ.items() if k not in ("PYTHONWARNINGS", "WANDB_API_KEY")}
-    return subprocess.run(
-        [str(BIN / "train"), "debug=smoke", "posenc=none", *args],
-        cwd=cwd,
-        env={**base, "WANDB_MODE": "disabled", **env},
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_train(["debug=smoke", "posenc=none", *args], cwd=cwd, env={**base, "WANDB_MODE": "disabled", **env})
 
 
 CLI_CASES = [

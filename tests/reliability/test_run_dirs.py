@@ -1,6 +1,7 @@
-"""Run directories and preemption, as a user and a scheduler meet them (subprocesses, real signals):
+"""Run directories and preemption, as a user and a scheduler meet them (processes, real signals):
 nothing of an earlier run is lost or changed, a preempted run resumes in place bit for bit, a live
-run's directory is refused, a stale lock is taken over."""
+run's directory is refused, a stale lock is taken over. The runs that get a signal, and the printed
+resume command, start as a shell starts them; the others are forked by ``trainproc.run_train``."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from trainproc import run_train
 
 BIN = Path(sys.executable).parent
 TINY = ["debug=smoke", "posenc=none", "logger=csv", "trainer.val_check_interval=7", "checkpoint.every_n_steps=5"]
@@ -25,7 +27,7 @@ def _env() -> dict[str, str]:
 
 
 def _train(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "train"), *args], cwd=cwd, env=_env(), capture_output=True, text=True, timeout=600)
+    return run_train(args, cwd=cwd, env=_env())
 
 
 def _hashes(folder: Path) -> dict[str, str]:
