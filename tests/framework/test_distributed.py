@@ -2,11 +2,15 @@
 sharded checkpoints resume on 2 processes and on 1, and every rank holds the same tensor scales.
 
 Each run is the ``train`` command in a process of its own (``trainproc.run_train``; Lightning launches
-the second process by re-running the command); a tiny GPT, 5 steps, losses read from the run's CSV. Runs are cached per module.
+the second process by re-running the command); a tiny GPT, 5 steps, losses read from the run's CSV.
+Each run is trained once a session, by whichever worker asks first.
 """
 
 import csv
+import fcntl
+import hashlib
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -71,20 +75,35 @@ def _losses(run_dir: Path) -> dict[int, float]:
     return _column(run_dir, "train/loss")
 
 
+def _shared_root(tmp_path_factory) -> Path:
+    """A folder all of this session's xdist workers see: tests of this module that land on different
+    workers need the same runs (a two-process run costs ~20-60 s), and one worker trains each."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "distributed-runs"
+    root.mkdir(exist_ok=True)
+    return root
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """``runs(recipe, layout, *extra)`` -> the run directory of a finished run, each run once per module."""
-    root, done = tmp_path_factory.mktemp("dist"), {}
+    """``runs(recipe, layout, *extra)`` -> the run directory of a finished run, each run once per session:
+    the first worker to ask trains it under a lock on the run's name, another waits and reads it."""
+    root = _shared_root(tmp_path_factory)
 
     def run(recipe: str, layout: str, *extra: str) -> Path:
         key = (recipe, layout, *extra)
-        if key not in done:
-            run_dir = root / f"{recipe}-{layout}-{len(done)}"
-            result = _train(run_dir, [*RECIPES[recipe], *COMMON, *LAYOUTS[layout], *extra])
-            assert result.returncode == 0, result.stderr[-3000:]
-            done[key] = run_dir
-            run.stderr[run_dir] = result.stderr
-        return done[key]
+        run_dir = root / f"{recipe}-{layout}-{hashlib.sha1(repr(key).encode()).hexdigest()[:10]}"
+        if run_dir not in run.stderr:
+            stderr = run_dir.with_suffix(".stderr")  # written once the run has finished well
+            with open(run_dir.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                if not stderr.exists():
+                    shutil.rmtree(run_dir, ignore_errors=True)  # a failed try's leftovers
+                    result = _train(run_dir, [*RECIPES[recipe], *COMMON, *LAYOUTS[layout], *extra])
+                    assert result.returncode == 0, result.stderr[-3000:]
+                    stderr.write_text(result.stderr)
+            run.stderr[run_dir] = stderr.read_text()
+        return run_dir
 
     run.stderr = {}  # a run directory's stderr
     return run
