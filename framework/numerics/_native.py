@@ -583,6 +583,10 @@ static void unscale_run(float *v, int64_t lo, int64_t hi, int64_t r, int64_t C, 
             float z = (float)zp[blk];
             for (int64_t k = 0; k < w; k++) u[k] = u[k] - z;
         }
+        if (has_global && !has_prescale) { /* NVFP4: both products in one loop */
+            for (int64_t k = 0; k < w; k++) u[k] = (u[k] * s) * global;
+            continue;
+        }
         for (int64_t k = 0; k < w; k++) u[k] = u[k] * s;
         if (has_global)
             for (int64_t k = 0; k < w; k++) u[k] = u[k] * global;

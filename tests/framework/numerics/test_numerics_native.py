@@ -5,6 +5,7 @@ ops' counts and max exactly and their sums to the last digits, independent of th
 minifloat encode gives the format's codes (RNE and SR) and the decode table every code's value; the block
 kernels (extrema, quantize, dequantize) give the formats' own codes, scales and values for every preset."""
 
+import dataclasses
 import math
 import shutil
 
@@ -361,6 +362,26 @@ def test_block_kernels_give_the_reference_codes_scales_and_values(monkeypatch, n
     assert _same(out.float(), expected.float()) and out.dtype == dtype
     assert _same(values.float(), _fake_quantize(x, spec, None, 11, None, None, fast=False).float())
     assert values.dtype == dtype
+
+
+@pytest.mark.parametrize(
+    "name, options",
+    [("mxfp8_e4m3", {}), ("mxfp8_e5m2", {}), ("fp8_e5m2_tensor", {}), ("mxfp6_e3m2", {}), ("nvfp4", {}),
+     ("mxfp4", {"rounding": "sr", "sr_prescale": 0.75}), ("int4_group32", {"asymmetric": True}), ("int8_channel", {})],
+)  # fmt: skip
+def test_dequantize_gives_every_code_its_formats_value_unscaled(monkeypatch, name, options):
+    """Every code of the format (Inf and NaN codes too) in every block position: the C decode's value of each
+    with the zero point, scale, global scale and prescale applied in the reference's order, bit for bit."""
+    spec = get_spec(name).replace(**options)
+    q = quantize(_block_input((40, 320), torch.float32, seed=5), spec, seed=3)
+    fmt = get_format(spec.element)
+    bits = 8 if isinstance(fmt, IntFormat) else fmt.bits  # an integer's every byte: its two's complement values
+    codes = torch.arange(q.codes.numel(), dtype=torch.int64).mul_(7).remainder_(1 << bits).to(torch.uint8)
+    q = dataclasses.replace(q, codes=codes.view(q.codes.dtype).view(q.codes.shape))
+    calls = _count_c_calls(monkeypatch)
+    out = dequantize(q)
+    assert calls["decode_blocks"] == 1
+    assert _same(out, _dequantize(q, fast=False))
 
 
 def test_block_kernels_leave_non_finite_blocks_and_scales_to_the_tensor_ops(monkeypatch):
