@@ -100,16 +100,13 @@ class Registry:
             return self._infos
         infos: dict[str, dict[str, PluginInfo]] = {g: {} for g in GROUPS}
         installed = md.entry_points()  # every distribution's entry points, read once for all groups
-        origins: dict[int, tuple[str, str]] = {}  # id(distribution) -> (name, version): one metadata parse each
+        origins: dict[Any, tuple[str, str]] = {None: ("unknown", "unknown")}  # distribution -> (name, version)
         for group in GROUPS:
             for ep in installed.select(group=f"lowbit.{group}"):
-                if ep.dist is None:
-                    dist, version = "unknown", "unknown"
-                else:
-                    if id(ep.dist) not in origins:
-                        meta = ep.dist.metadata
-                        origins[id(ep.dist)] = (meta["Name"], meta["Version"])
-                    dist, version = origins[id(ep.dist)]
+                if ep.dist not in origins:  # one metadata parse per distribution (an object per distribution)
+                    meta = ep.dist.metadata
+                    origins[ep.dist] = (meta["Name"], meta["Version"])
+                dist, version = origins[ep.dist]
                 info = PluginInfo(group, ep.name, ep.value, dist, version)
                 seen = infos[group].get(ep.name)
                 if seen is None:

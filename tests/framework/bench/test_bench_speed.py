@@ -107,17 +107,8 @@ def test_two_fsdp_processes_train_every_configuration_and_rank_zero_reports(tmp_
     lowbit = str(Path(sys.executable).with_name("lowbit"))
     # two configurations in BF16 (quantized layers under FSDP2 are tests/framework/test_distributed.py's)
     args = ["--precisions", "bf16", "--posencs", "rope,none", "--steps", "2", "--warmup", "1", "--rounds", "1"]
-    cmd = [
-        lowbit,
-        "bench",
-        "speed",
-        *args,
-        "--out",
-        "t.md",
-        "debug=smoke",
-        "trainer.devices=2",
-        "trainer.strategy=fsdp",
-    ]
+    overrides = ["debug=smoke", "trainer.devices=2", "trainer.strategy=fsdp"]
+    cmd = [lowbit, "bench", "speed", *args, "--out", "t.md", *overrides]
     result = subprocess.run(cmd, env={**env, "WANDB_MODE": "disabled"}, capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("| precision |") == 1  # one table: rank 0's
