@@ -43,7 +43,7 @@ from typing import NamedTuple
 
 import torch
 
-from lowbit.numerics import _native
+from lowbit.numerics import _graphs, _native
 from lowbit.numerics.blocks import (
     _block_scale_target,
     _element_encode_factor,
@@ -674,6 +674,15 @@ def _compiled(fn, **bound):
     return torch.compile(namespace["compiled_variant"], fullgraph=True)
 
 
+@functools.cache
+def _variant(fn, **bound) -> _graphs.Variant:
+    """``_compiled(fn, **bound)`` with its graphs compiled ahead and kept on disk (lowbit.numerics._graphs)."""
+    compiled = _compiled(fn, **bound)
+    key = _graphs.variant_key(fn, bound)
+    folder = None if key is None else _graphs.graph_folder() / key
+    return _graphs.Variant(compiled, compiled.__wrapped__.__globals__, folder, _RECOMPILE_LIMIT)
+
+
 _RECOMPILE_LIMIT = 64  # graphs per variant: size-1 dims, dtypes and strides each specialize one
 _compile_failed: list[str] = []  # the first failure's message: compiling is off for the process
 
@@ -683,25 +692,23 @@ def run_compiled(fn, tensors: tuple[torch.Tensor | None, ...], dynamic: tuple[tu
     when torch.compile cannot build it here (no C++ compiler: a warning once, then the callers
     run their eager code, the same numbers). ``dynamic``: per tensor, the dims that vary from
     call to call (numbers of blocks: symbolic from the first call); the others (a block's own
-    shape) stay constants, so the kernel's inner loop is one whole block."""
+    shape) stay constants, so the kernel's inner loop is one whole block. Each graph is compiled
+    ahead and kept on disk with its guards (lowbit.numerics._graphs): a later process calls it
+    without tracing it again."""
     if _compile_failed:
         return None
     # one context for every call, so its guards see one: no autograd (a weight's requires_grad, the
     # forward's grad mode against the backward's) and autocast off (on in the forward, off in the
     # backward); each difference would compile the same kernel again
     tensors = tuple(None if t is None else t.detach() for t in tensors)
-    for t, dims in zip(tensors, dynamic, strict=True):
-        for dim in dims:
-            if t is not None and t.dim() > dim:
-                torch._dynamo.maybe_mark_dynamic(t, dim)
     device = next(t.device.type for t in tensors if t is not None)
     config = torch._dynamo.config
     limit = config.recompile_limit  # set and restored by hand: config.patch costs a class per call
     config.recompile_limit = max(limit, _RECOMPILE_LIMIT)
     try:
         with torch.no_grad(), torch.autocast(device, enabled=False):
-            return _compiled(fn, **bound)(*tensors)
-    except torch._dynamo.exc.FailOnRecompileLimitHit:
+            return _variant(fn, **bound)(tensors, dynamic)
+    except (_graphs.GraphLimit, torch._dynamo.exc.FailOnRecompileLimitHit):
         return None  # this variant has seen too many shape/dtype/stride mixes: eager from here on
     except Exception as err:  # noqa: BLE001 - any compile failure falls back to the same numbers, eagerly
         _compile_failed.append(f"{type(err).__name__}: {err}".splitlines()[0])

@@ -260,7 +260,7 @@ def test_without_a_compiler_it_warns_once_and_gives_the_same_numbers(monkeypatch
         raise RuntimeError("no C++ compiler")
 
     monkeypatch.setattr(fast, "_compile_failed", [])
-    monkeypatch.setattr(fast, "_compiled", broken)
+    monkeypatch.setattr(fast, "_variant", broken)
     spec = get_spec("nvfp4").replace(rounding="sr")
     x = _adversarial(512, 256, torch.float32)
     with warnings.catch_warnings(record=True) as caught:
@@ -273,37 +273,57 @@ def test_without_a_compiler_it_warns_once_and_gives_the_same_numbers(monkeypatch
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: nothing compiles, so no limit to reach")
-def test_a_variant_past_its_recompile_limit_runs_eagerly_and_compiling_stays_on(monkeypatch):
-    monkeypatch.setattr(fast, "_RECOMPILE_LIMIT", 1)
+@pytest.mark.parametrize("ahead", ["1", "0"])
+def test_a_variant_past_its_recompile_limit_runs_eagerly_and_compiling_stays_on(monkeypatch, tmp_path, ahead):
+    """Past its limit of graphs a variant runs eagerly, with graphs compiled ahead (none saved yet: a limit of
+    0 traces none) and on torch.compile's own path (a limit of 1: dynamo's recompile limit)."""
+    monkeypatch.setenv("LOWBIT_AHEAD", ahead)
+    monkeypatch.setattr(fast, "_RECOMPILE_LIMIT", int(ahead == "0"))
     monkeypatch.setattr(fast, "_compile_failed", [])
+    monkeypatch.setattr(fast._graphs, "graph_folder", lambda: tmp_path)
     fast._compiled.cache_clear()
+    fast._variant.cache_clear()
+    traced = _counting_traces(monkeypatch)
     spec = get_spec("nvfp4")
     for rows, dtype in ((512, torch.float32), (512, torch.bfloat16), (1024, torch.float16)):
         x = _adversarial(rows, 256, dtype)
         compiled = _fake_quantize(x, spec, None, None, None, None, compile=True)
         assert _same(compiled, _fake_quantize(x, spec, None, None, None, None))
-    assert fast._compile_failed == []
+    assert fast._compile_failed == [] and traced == []
     fast._compiled.cache_clear()
+    fast._variant.cache_clear()
 
 
-def test_one_compiled_kernel_serves_the_forward_backward_and_evaluation_contexts():
+def _counting_traces(monkeypatch) -> list[int]:
+    """The graphs compiled ahead from here on, one entry each (graphs loaded from disk are not counted)."""
+    traced = []
+    real = fast._graphs.Variant._trace
+
+    def counting(self, tensors):
+        graph = real(self, tensors)
+        traced.append(id(graph))
+        return graph
+
+    monkeypatch.setattr(fast._graphs.Variant, "_trace", counting)
+    return traced
+
+
+def test_one_compiled_kernel_serves_the_forward_backward_and_evaluation_contexts(monkeypatch):
     """A weight (requires_grad), an activation under autocast and a gradient under no_grad hit one compiled
     graph per spec: each context used to compile the same kernel again (26 graphs per nvfp4 run, now 6)."""
-    from torch._dynamo.utils import counters
-
     from lowbit.numerics import fake_quantize
 
     spec = get_spec("nvfp4").replace(block=(1, 48))  # a block size no other test compiles
     x = torch.randn(512, 480, generator=torch.Generator().manual_seed(3))
-    expected = fake_quantize(x, spec, compile=True)
-    graphs = counters["stats"]["unique_graphs"]
+    expected = fake_quantize(x, spec, compile=True)  # traced, or loaded as another process saved it
+    traced = _counting_traces(monkeypatch)
     weight = x.clone().requires_grad_()
     assert _same(fake_quantize(weight, spec, compile=True), expected)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert _same(fake_quantize(x, spec, compile=True), expected)
     with torch.no_grad():
         assert _same(fake_quantize(x, spec, compile=True), expected)
-    assert counters["stats"]["unique_graphs"] == graphs
+    assert traced == []
     assert _same(expected, fake_quantize(x, spec))  # and the eager reference's bits
 
 
