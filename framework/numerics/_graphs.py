@@ -127,7 +127,7 @@ class Variant:
     def __init__(self, compiled: Callable, namespace: dict[str, Any], folder: Path | None, limit: int) -> None:
         self.compiled, self.namespace, self.folder, self.limit = compiled, namespace, folder, limit
         # False where turned off or once compiling ahead failed: torch.compile's own path
-        self.ahead = os.environ.get("LOWBIT_AHEAD", "1") != "0" and hasattr(compiled, "aot_compile")
+        self.ahead = os.environ.get("LOWBIT_GRAPH_CACHE", "1") != "0" and hasattr(compiled, "aot_compile")
         self.traced = 0
         self.graphs: list[Any] = []
         self.files: set[tuple[str, int]] = set()  # (name, mtime) of the files looked at

@@ -273,12 +273,10 @@ def test_without_a_compiler_it_warns_once_and_gives_the_same_numbers(monkeypatch
 
 
 @pytest.mark.skipif(shutil.which("c++") is None, reason="no C++ compiler: nothing compiles, so no limit to reach")
-@pytest.mark.parametrize("ahead", ["1", "0"])
-def test_a_variant_past_its_recompile_limit_runs_eagerly_and_compiling_stays_on(monkeypatch, tmp_path, ahead):
-    """Past its limit of graphs a variant runs eagerly, with graphs compiled ahead (none saved yet: a limit of
-    0 traces none) and on torch.compile's own path (a limit of 1: dynamo's recompile limit)."""
-    monkeypatch.setenv("LOWBIT_AHEAD", ahead)
-    monkeypatch.setattr(fast, "_RECOMPILE_LIMIT", int(ahead == "0"))
+def test_a_variant_past_its_recompile_limit_runs_eagerly_and_compiling_stays_on(monkeypatch, tmp_path):
+    """Past its limit of graphs a variant runs eagerly (a limit of 0, no graph saved: none is traced), and
+    compiling stays on for the others."""
+    monkeypatch.setattr(fast, "_RECOMPILE_LIMIT", 0)
     monkeypatch.setattr(fast, "_compile_failed", [])
     monkeypatch.setattr(fast._graphs, "graph_folder", lambda: tmp_path)
     fast._compiled.cache_clear()

@@ -96,7 +96,7 @@ def test_past_its_limit_a_variant_stops_tracing(tmp_path):
 
 
 def test_turned_off_it_is_torch_compiles_own_path(tmp_path, monkeypatch):
-    monkeypatch.setenv("LOWBIT_AHEAD", "0")
+    monkeypatch.setenv("LOWBIT_GRAPH_CACHE", "0")
     variant = _variant(tmp_path)
     x, s = _inputs(64)
     assert not variant.ahead and _same(_call(variant, x, s), _round_scaled(x, s, limit=6.0))
