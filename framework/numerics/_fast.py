@@ -670,7 +670,11 @@ def _compiled(fn, **bound):
     one cache per code object and checks its entries' guards in turn, so variants sharing ``fn``'s
     would slow every call down (and hit the recompile limit)."""
     namespace = {"_fn": functools.partial(fn, **bound)}
-    exec("def compiled_variant(*args):\n    return _fn(*args)\n", namespace)  # noqa: S102 - a fresh code object
+    # a file name of its own too: dynamo's automatic dynamic shapes keep what they saw per (file, line, name),
+    # so variants sharing one made each other's static dims (a block's shape) symbolic
+    name = f"<lowbit {fn.__qualname__} {_graphs.variant_key(fn, bound) or id(namespace)}>"
+    code = compile("def compiled_variant(*args):\n    return _fn(*args)\n", name, "exec")
+    exec(code, namespace)  # noqa: S102 - a fresh code object
     return torch.compile(namespace["compiled_variant"], fullgraph=True)
 
 

@@ -190,8 +190,9 @@ class Variant:
         for _ in range(_ATTEMPTS):
             try:
                 # floats (the bound constants) as constants, not symbolic inputs: a symbolic float's guard
-                # names the variant's function, which a loaded graph cannot check
-                with _cache_key_without_backend_name(), torch._dynamo.config.patch(specialize_float=True):
+                # names the variant's function, which a loaded graph cannot check; only the marked dims vary
+                config = torch._dynamo.config.patch(specialize_float=True, automatic_dynamic_shapes=False)
+                with _cache_key_without_backend_name(), config:
                     graph = self.compiled.aot_compile((tensors, {}))
             except restart:  # dynamo asks to trace again (its own path retries too)
                 continue
