@@ -7,7 +7,7 @@ run's first step with every cache warm. Here each graph is compiled ahead of tim
 (``aot_compile``: the same dynamo trace and inductor kernels, with its guards) and saved
 (``save_compiled_function``) in the folder of lowbit's C kernels in inductor's cache directory; a later
 process loads it, checks its guards on every call (dtypes, static sizes and strides, symbolic-size
-relations, grad mode) and calls its kernels. The folder's key holds torch's version, lowbit's
+relations, grad mode) and calls its kernels. The folder's key holds torch's version, the CPU's features, lowbit's
 numerics sources, the function's name and its bound constants; a graph is also checked against the
 current source of every module it traced. Where a graph cannot be compiled ahead, saved or loaded, the
 variant falls back to ``torch.compile``'s own path (the same kernels and numbers, traced each process).
