@@ -664,15 +664,14 @@ def _block_amax(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.float().abs().amax(dim=(1, 3) if blocks.dim() == 4 else 1)
 
 
-@functools.cache
-def _compiled(fn, **bound):
+def _compiled(fn, key: str | None, **bound):
     """``torch.compile(fn)`` with the ``bound`` keywords, under a code object of its own: dynamo keeps
     one cache per code object and checks its entries' guards in turn, so variants sharing ``fn``'s
-    would slow every call down (and hit the recompile limit)."""
+    would slow every call down (and hit the recompile limit). ``key``: the variant's (``variant_key``)."""
     namespace = {"_fn": functools.partial(fn, **bound)}
     # a file name of its own too: dynamo's automatic dynamic shapes keep what they saw per (file, line, name),
     # so variants sharing one made each other's static dims (a block's shape) symbolic
-    name = f"<lowbit {fn.__qualname__} {_graphs.variant_key(fn, bound) or id(namespace)}>"
+    name = f"<lowbit {fn.__qualname__} {key or id(namespace)}>"
     code = compile("def compiled_variant(*args):\n    return _fn(*args)\n", name, "exec")
     exec(code, namespace)  # noqa: S102 - a fresh code object
     return torch.compile(namespace["compiled_variant"], fullgraph=True)
@@ -680,9 +679,10 @@ def _compiled(fn, **bound):
 
 @functools.cache
 def _variant(fn, **bound) -> _graphs.Variant:
-    """``_compiled(fn, **bound)`` with its graphs compiled ahead and kept on disk (lowbit.numerics._graphs)."""
-    compiled = _compiled(fn, **bound)
+    """``fn`` with its ``bound`` keywords compiled (``_compiled``), its graphs compiled ahead and kept on disk
+    (lowbit.numerics._graphs); the variant's key computed once for both."""
     key = _graphs.variant_key(fn, bound)
+    compiled = _compiled(fn, key, **bound)
     folder = None if key is None else _graphs.graph_folder() / key
     return _graphs.Variant(compiled, compiled.__wrapped__.__globals__, folder, _RECOMPILE_LIMIT)
 

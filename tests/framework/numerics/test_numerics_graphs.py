@@ -24,7 +24,7 @@ def _round_scaled(x: torch.Tensor, s: torch.Tensor, *, limit: float) -> torch.Te
 
 def _variant(folder, limit: int = 8, **bound) -> _graphs.Variant:
     bound = bound or {"limit": 6.0}
-    compiled = fast._compiled.__wrapped__(_round_scaled, **bound)  # not the process's cached one
+    compiled = fast._compiled(_round_scaled, _graphs.variant_key(_round_scaled, bound), **bound)  # a fresh one
     return _graphs.Variant(compiled, compiled.__wrapped__.__globals__, folder, limit)
 
 
